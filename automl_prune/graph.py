@@ -1,0 +1,353 @@
+"""LayerGraph: a model's prunable groups with per-layer FLOPs and parameters.
+
+Groups come from Torch-Pruning's :class:`~torch_pruning.DependencyGraph`, so channels
+coupled by residual adds, depthwise convolutions, concatenations and flattening are pruned
+together. The classifier head (the last conv/linear executed) is never a group root: its
+outputs are the classes.
+
+FLOPs here, as in most of the pruning literature, means multiply-accumulates (MACs) of the
+conv and linear layers for one input sample: ``k_h * k_w * C_in / groups * C_out * H_out * W_out``
+for a convolution and ``in * out`` for a linear layer. BatchNorm, activations, pooling and
+additions are not counted. Parameters are all learnable parameters (BatchNorm included).
+
+Given a :class:`~automl_prune.types.Plan`, :meth:`LayerGraph.cost` predicts the FLOPs and
+parameters of the pruned model exactly (the channel counts are integers computed the same
+way :func:`automl_prune.pruning.apply` computes them), without building the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.pruning import channels_to_keep
+from automl_prune.types import GroupInfo, LayerInfo, Plan
+
+logger = logging.getLogger(__name__)
+
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs (MACs per sample) and parameters of a model."""
+
+    flops: int
+    params: int
+
+
+@dataclass
+class _Dims:
+    """How one parametrised module's channel dims depend on the groups."""
+
+    module: nn.Module
+    out_total: int
+    in_total: int
+    out_deps: list[tuple[int, int]] = field(default_factory=list)  # (group index, channels of this module)
+    in_deps: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _layer_flops(module: nn.Module, c_in: int, c_out: int, out_size: tuple[int, int], positions: int) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        per_out = 1 if _is_depthwise(module) else c_in // module.groups
+        return kh * kw * per_out * c_out * out_size[0] * out_size[1]
+    return c_in * c_out * positions
+
+
+def _module_params(module: nn.Module, c_in: int, c_out: int) -> int:
+    """Parameters of ``module`` with ``c_in``/``c_out`` channels kept (exact for conv/linear/BN)."""
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        per_out = 1 if _is_depthwise(module) else c_in // module.groups
+        return c_out * per_out * kh * kw + (c_out if has_bias else 0)
+    if isinstance(module, nn.Linear):
+        return c_in * c_out + (c_out if has_bias else 0)
+    total = sum(p.numel() for p in module.parameters(recurse=False))
+    full = getattr(module, "num_features", None) or getattr(module, "out_channels", None)
+    if full:
+        return total * c_out // int(full)
+    return total
+
+
+class LayerGraph:
+    """Prunable groups, layers, FLOPs and parameters of a model.
+
+    Args:
+        model: The dense model (not modified; it is traced once on ``example_inputs``).
+        example_inputs: An input batch of the right shape (batch size 1 is enough).
+        ignored_layers: Modules never used as group roots. Defaults to the last conv/linear
+            layer executed (the classifier head).
+
+    Attributes:
+        groups: Prunable groups in forward order.
+        layers: Conv and linear layers by name, in forward order.
+        head: Name of the classifier head.
+        dependency_graph: The Torch-Pruning dependency graph built on ``model``.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Sequence[nn.Module] | None = None):
+        self.model = model
+        self.example_inputs = example_inputs
+        self._names = {module: name for name, module in model.named_modules()}
+        order, shapes = self._trace(model, example_inputs)
+        if not order:
+            raise InvalidValueError("the model has no Conv2d or Linear layer to prune")
+        head_module = order[-1]
+        ignored = list(ignored_layers) if ignored_layers is not None else [head_module]
+        self.head = self._names[head_module]
+        self.dependency_graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        self.layers: dict[str, LayerInfo] = {}
+        for module in order:
+            self.layers[self._names[module]] = self._layer_info(module, *shapes[module])
+        self._positions = {m: shapes[m][2] for m in order}
+        self._out_sizes = {m: shapes[m][1] for m in order}
+        self._rank = {m: i for i, m in enumerate(order)}
+        self._dims: dict[nn.Module, _Dims] = {}
+        for module in model.modules():
+            if not list(module.children()) and any(True for _ in module.parameters(recurse=False)):
+                out_total = self._channels(module, out=True)
+                self._dims[module] = _Dims(module, out_total, self._channels(module, out=False))
+        self.groups = self._build_groups(ignored)
+        self._group_index = {g.name: g.index for g in self.groups}
+        base = self.cost(Plan())
+        self.flops = base.flops
+        self.params = sum(p.numel() for p in model.parameters())
+        if base.params != self.params:
+            logger.debug("analytic params %d differ from counted %d (unsupported layer types)", base.params, self.params)
+
+    @staticmethod
+    def _trace(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[nn.Module], dict]:
+        order: list[nn.Module] = []
+        shapes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int], int]] = {}
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if module in shapes:
+                return
+            x = inputs[0]
+            if isinstance(module, nn.Conv2d):
+                shapes[module] = ((x.shape[-2], x.shape[-1]), (output.shape[-2], output.shape[-1]), 1)
+            else:
+                positions = output.numel() // (output.shape[0] * output.shape[-1])
+                shapes[module] = ((1, 1), (1, 1), positions)
+            order.append(module)
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(example_inputs)
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return order, shapes
+
+    def _channels(self, module: nn.Module, out: bool) -> int:
+        if isinstance(module, nn.Conv2d):
+            return module.out_channels if out else module.in_channels
+        if isinstance(module, nn.Linear):
+            return module.out_features if out else module.in_features
+        features = getattr(module, "num_features", None)
+        if features is None:
+            features = next(module.parameters(recurse=False)).shape[0]
+        return int(features)
+
+    def _layer_info(self, module: nn.Module, in_size: tuple[int, int], out_size: tuple[int, int], positions: int) -> LayerInfo:
+        name = self._names[module]
+        if isinstance(module, nn.Conv2d):
+            kind = "dwconv" if _is_depthwise(module) else "conv"
+            c_in, c_out = module.in_channels, module.out_channels
+            kernel, stride, groups = _pair(module.kernel_size), _pair(module.stride), module.groups
+        else:
+            kind, c_in, c_out = "linear", module.in_features, module.out_features
+            kernel, stride, groups = (1, 1), (1, 1), 1
+        return LayerInfo(
+            name=name, kind=kind, in_channels=c_in, out_channels=c_out, kernel=kernel, stride=stride,
+            groups=groups, in_size=in_size, out_size=out_size,
+            flops=_layer_flops(module, c_in, c_out, out_size, positions), params=_module_params(module, c_in, c_out),
+        )
+
+    def _build_groups(self, ignored: list[nn.Module]) -> list[GroupInfo]:
+        dg = self.dependency_graph
+        raw = []
+        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES):
+            members, consumers, items = [], [], []
+            seen = set()
+            for dep, idxs in group:
+                module, handler = dep.target.module, dep.handler
+                if module not in self._dims or (module, handler) in seen:
+                    continue
+                seen.add((module, handler))
+                is_out = dg.is_out_channel_pruning_fn(handler)
+                items.append((module, is_out, len(idxs)))
+                if isinstance(module, PRUNABLE_TYPES):
+                    (members if is_out else consumers).append(module)
+            members = [m for m in members if m in self._rank and m not in ignored]
+            if not members:
+                continue
+            root = min(members, key=self._rank.__getitem__)
+            raw.append((root, members, consumers, items, len(group[0].idxs)))
+        raw.sort(key=lambda r: self._rank[r[0]])
+        groups = []
+        for index, (root, members, consumers, items, channels) in enumerate(raw):
+            for module, is_out, count in items:
+                dims = self._dims[module]
+                (dims.out_deps if is_out else dims.in_deps).append((index, count))
+            touched = {m for m, _, _ in items}
+            groups.append(
+                GroupInfo(
+                    name=self._names[root], index=index, root=self.layers[self._names[root]],
+                    channels=int(root.out_channels if isinstance(root, nn.Conv2d) else root.out_features),
+                    members=tuple(self._names[m] for m in sorted(members, key=self._rank.__getitem__)),
+                    consumers=tuple(self._names[m] for m in sorted(consumers, key=self._rank.__getitem__)),
+                    flops=sum(self.layers[self._names[m]].flops for m in touched if m in self._rank),
+                    params=sum(_module_params(m, self._dims[m].in_total, self._dims[m].out_total) for m in touched),
+                )
+            )
+            del channels
+        return groups
+
+    # ------------------------------------------------------------------ plans
+    def group_names(self) -> list[str]:
+        """Names of the prunable groups in forward order."""
+        return [g.name for g in self.groups]
+
+    def group(self, name: str) -> GroupInfo:
+        """The group called ``name``."""
+        self.validate(Plan({name: 1.0}))
+        return self.groups[self._group_index[name]]
+
+    def validate(self, plan: Plan) -> None:
+        """Check that ``plan`` only names groups of this model.
+
+        Raises:
+            InvalidValueError: Naming the unknown groups and listing valid ones.
+        """
+        unknown = sorted(set(plan.keep_ratios) - set(self._group_index))
+        if unknown:
+            shown = ", ".join(self.group_names()[:12]) + (", ..." if len(self.groups) > 12 else "")
+            raise InvalidValueError(
+                f"plan names groups this model does not have: {', '.join(unknown)}. "
+                f"Prunable groups are: {shown} (see `automl-prune graph --model ...`)"
+            )
+
+    def kept_channels(self, plan: Plan, round_to: int = 1) -> dict[str, int]:
+        """Channels each group keeps under ``plan`` (the counts ``apply`` produces)."""
+        self.validate(plan)
+        return {g.name: channels_to_keep(g.channels, plan.keep_ratio(g.name), round_to) for g in self.groups}
+
+    def cost(self, plan: Plan, round_to: int = 1) -> Cost:
+        """Exact FLOPs and parameters of the model ``apply(model, plan, round_to=...)`` builds."""
+        kept = self.kept_channels(plan, round_to)
+        fraction = [kept[g.name] / g.channels for g in self.groups]
+        flops = params = 0
+        for module, dims in self._dims.items():
+            c_out = dims.out_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.out_deps))
+            c_in = dims.in_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.in_deps))
+            if _is_depthwise(module):
+                c_in = c_out
+            params += _module_params(module, c_in, c_out)
+            if module in self._positions:
+                flops += _layer_flops(module, c_in, c_out, self._out_sizes[module], self._positions[module])
+        return Cost(flops=flops, params=params)
+
+    def flops_ratio(self, plan: Plan, round_to: int = 1) -> float:
+        """FLOPs of the pruned model as a fraction of the dense model's."""
+        return self.cost(plan, round_to).flops / self.flops
+
+    def uniform_plan(self, flops_ratio: float, round_to: int = 1, tolerance: float = 1e-4) -> Plan:
+        """The uniform keep ratio whose pruned model has FLOPs closest to ``flops_ratio``.
+
+        Solved by bisection on the exact cost (monotone in the keep ratio), then the closer
+        of the two bracketing integer channel configurations is taken.
+
+        Args:
+            flops_ratio: Target FLOPs as a fraction of the dense model, in (0, 1].
+            round_to: Round kept channel counts to a multiple of this.
+            tolerance: Bisection stops when the bracket is narrower than this.
+
+        Raises:
+            InvalidValueError: For a target outside (0, 1].
+        """
+        if not 0.0 < flops_ratio <= 1.0:
+            raise InvalidValueError(f"FLOPs target must be a fraction in (0, 1], got {flops_ratio}")
+        names = self.group_names()
+        if flops_ratio >= 1.0:
+            return Plan()
+        lo, hi = 1e-3, 1.0
+        while hi - lo > tolerance:
+            mid = (lo + hi) / 2
+            if self.flops_ratio(Plan.uniform(names, mid), round_to) > flops_ratio:
+                hi = mid
+            else:
+                lo = mid
+        candidates = [Plan.uniform(names, lo), Plan.uniform(names, hi)]
+        return min(candidates, key=lambda p: abs(self.flops_ratio(p, round_to) - flops_ratio))
+
+    def summary_rows(self) -> list[dict[str, object]]:
+        """One row per group for tables: name, type, channels, kernel, stride, output size, FLOPs, params."""
+        return [
+            {
+                "group": g.name, "type": g.root.kind, "in": g.root.in_channels, "out": g.channels,
+                "kernel": f"{g.root.kernel[0]}x{g.root.kernel[1]}", "stride": g.root.stride[0],
+                "out_size": f"{g.root.out_size[0]}x{g.root.out_size[1]}", "coupled": len(g.members),
+                "flops": g.flops, "params": g.params,
+            }
+            for g in self.groups
+        ]
+
+
+def count_cost(model: nn.Module, example_inputs: torch.Tensor) -> Cost:
+    """Count FLOPs (conv/linear MACs per sample) and parameters of ``model`` by running it.
+
+    Independent of :class:`LayerGraph`'s prediction: used to check it and to measure
+    models loaded from files.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        batch = output.shape[0]
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += kh * kw * (module.in_channels // module.groups) * output.numel() // batch
+        else:
+            total += module.in_features * output.numel() // batch
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return Cost(flops=int(total), params=sum(p.numel() for p in model.parameters()))
+
+
+def group_table(graph: LayerGraph, plan: Plan | None = None, round_to: int = 1) -> list[dict[str, object]]:
+    """Per-group rows with kept channels under ``plan`` (for reports and the CLI)."""
+    kept: Mapping[str, int] = graph.kept_channels(plan or Plan(), round_to)
+    rows = graph.summary_rows()
+    for row in rows:
+        row["kept"] = kept[str(row["group"])]
+    return rows

@@ -1,0 +1,139 @@
+"""Apply a :class:`~automl_prune.types.Plan`: build a physically smaller model.
+
+This module is the only place where a *keep ratio* (what plans and searches speak of) is
+turned into channel counts and into what Torch-Pruning removes. For every group the
+criterion scores its channels; the lowest-scoring ones are removed through the
+dependency graph, so coupled layers (residual adds, depthwise convs, BN) stay consistent.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.types import Plan
+
+if TYPE_CHECKING:
+    from automl_prune.criteria import Criterion
+    from automl_prune.graph import LayerGraph
+
+logger = logging.getLogger(__name__)
+
+
+def channels_to_keep(channels: int, keep_ratio: float, round_to: int = 1) -> int:
+    """Channels a group of ``channels`` keeps at ``keep_ratio``.
+
+    The count is ``round(keep_ratio * channels)``, rounded to the nearest multiple of
+    ``round_to`` (never below one multiple, never above ``channels``), and at least 1.
+
+    Args:
+        channels: Channels in the group.
+        keep_ratio: Fraction to keep, in (0, 1].
+        round_to: Multiple to round to (1 = no rounding). Channel counts that are multiples
+            of 8 or 16 often run faster on CPUs and GPUs.
+    """
+    if round_to < 1:
+        raise InvalidValueError(f"round_to must be a positive integer, got {round_to}")
+    keep = max(1, int(math.floor(keep_ratio * channels + 0.5)))
+    if round_to > 1 and channels > round_to:
+        keep = max(round_to, int(math.floor(keep / round_to + 0.5)) * round_to)
+    return min(channels, keep)
+
+
+def prune_ratio(channels: int, keep_ratio: float, round_to: int = 1) -> float:
+    """The fraction of a group's channels removed (Torch-Pruning's pruning ratio)."""
+    return 1.0 - channels_to_keep(channels, keep_ratio, round_to) / channels
+
+
+Selector = Callable[[Any, int, int], list[int]]
+"""(Torch-Pruning group, channels, channels to remove) -> indices to remove."""
+
+
+def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int, select: Selector) -> nn.Module:
+    """Prune a deep copy of ``model`` group by group, choosing channels with ``select``."""
+    graph.validate(plan)
+    pruned = copy.deepcopy(model)
+    dg = tp.DependencyGraph().build_dependency(pruned, graph.example_inputs, verbose=False)
+    modules = dict(pruned.named_modules())
+    for group in graph.groups:
+        n_keep = channels_to_keep(group.channels, plan.keep_ratio(group.name), round_to)
+        n_remove = group.channels - n_keep
+        if n_remove == 0:
+            continue
+        root = modules[group.name]
+        prune_fn = dg.get_pruner_of_module(root).prune_out_channels
+        full = dg.get_pruning_group(root, prune_fn, list(range(group.channels)))
+        idxs = sorted(int(i) for i in select(full, group.channels, n_remove))
+        if len(idxs) != n_remove or len(set(idxs)) != n_remove:
+            raise RuntimeError(f"selector returned {len(set(idxs))} indices for group {group.name}, expected {n_remove}")
+        dg.get_pruning_group(root, prune_fn, idxs).prune()
+    return pruned
+
+
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    criterion: str | Criterion = "l1",
+    *,
+    graph: LayerGraph | None = None,
+    example_inputs: torch.Tensor | None = None,
+    round_to: int = 1,
+    data: Any = None,
+) -> nn.Module:
+    """Return a physically smaller copy of ``model`` pruned as ``plan`` says.
+
+    Args:
+        model: The dense model (left unchanged).
+        plan: Keep ratio per group (groups not named are kept whole).
+        criterion: Importance criterion name or instance; decides *which* channels go.
+        graph: The model's :class:`LayerGraph` (built from ``example_inputs`` when omitted).
+        example_inputs: An input batch, needed only when ``graph`` is omitted.
+        round_to: Round kept channel counts to a multiple of this.
+        data: Batches for data-driven criteria (see :mod:`automl_prune.criteria`).
+
+    Returns:
+        The pruned model, in eval mode, on the same device.
+
+    Raises:
+        InvalidValueError: A plan naming unknown groups or invalid keep ratios.
+        UnknownNameError: An unknown criterion name.
+    """
+    from automl_prune.criteria import get_criterion
+    from automl_prune.graph import LayerGraph
+
+    if graph is None:
+        if example_inputs is None:
+            raise InvalidValueError("apply() needs either a LayerGraph or example_inputs")
+        graph = LayerGraph(model, example_inputs)
+    crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    graph.validate(plan)
+    crit.prepare(model, graph, data)
+    try:
+        def select(group: Any, channels: int, n_remove: int) -> list[int]:
+            scores = crit(group).detach().flatten().cpu().double()
+            if scores.numel() != channels:
+                raise RuntimeError(f"criterion {crit.name} returned {scores.numel()} scores for {channels} channels")
+            order = torch.argsort(scores, stable=True)
+            return order[:n_remove].tolist()
+
+        pruned = _prune_groups(model, graph, plan, round_to, select)
+    finally:
+        crit.release()
+    return pruned.eval()
+
+
+def rebuild_structure(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int = 1) -> nn.Module:
+    """The pruned architecture of ``plan`` without scoring (weights to be loaded afterwards).
+
+    Shapes depend only on the kept channel counts, so any selection gives the same
+    architecture; this one drops each group's last channels.
+    """
+    return _prune_groups(model, graph, plan, round_to, lambda _g, c, n: list(range(c - n, c))).eval()
