@@ -1,0 +1,95 @@
+"""Baseline models: train once, cache by what determines the result, reload instantly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from automl_prune.data import DataSplits
+from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.models import ModelSpec, build_model
+from automl_prune.seeding import seed_everything
+from automl_prune.training import TrainConfig, train
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """The cache directory: ``$AUTOML_PRUNE_CACHE`` or ``~/.cache/automl-prune``."""
+    return Path(os.environ.get("AUTOML_PRUNE_CACHE") or Path.home() / ".cache" / "automl-prune")
+
+
+@dataclass
+class Baseline:
+    """A trained dense model with its checkpoint info and where it is cached."""
+
+    model: nn.Module
+    info: CheckpointInfo
+    path: Path
+    cached: bool
+
+
+def baseline_key(spec: ModelSpec, data: DataSplits, config: TrainConfig) -> str:
+    """A stable key of everything that determines a trained baseline."""
+    blob = json.dumps(
+        {
+            "spec": spec.to_dict(), "dataset": data.name, "input": list(data.input_shape()),
+            "train_size": len(data.train), "val_size": len(data.search_val), "train": config.to_dict(),
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return f"{spec.name.replace(':', '_').replace('.', '_')}-{data.name}-e{config.epochs:g}-s{config.seed}-{digest}"
+
+
+def train_baseline(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache_dir: Path | None = None) -> Baseline:
+    """Return the baseline for (spec, data, config), training it only if it is not cached.
+
+    Args:
+        spec: Model to train.
+        data: Dataset splits.
+        config: Training hyper-parameters (epochs, seed, ...).
+        cache_dir: Cache root (default :func:`cache_root`).
+    """
+    path = (cache_dir or cache_root()) / "baselines" / f"{baseline_key(spec, data, config)}.pt"
+    if path.is_file():
+        model, info = load_checkpoint(path)
+        logger.info("loaded cached baseline %s", path)
+        return Baseline(model, info, path, cached=True)
+    seed_everything(config.seed)
+    model = build_model(spec)
+    result = train(model, data, config, description=f"train {spec.name}")
+    test_acc = evaluate_accuracy(result.model, data.test)
+    info = CheckpointInfo(
+        spec=spec,
+        input_shape=data.input_shape(1),
+        meta={
+            "dataset": data.name, "train": config.to_dict(), "val_accuracy": result.val_accuracy,
+            "test_accuracy": test_acc, "history": result.history,
+        },
+    )
+    save_checkpoint(path, result.model, info)
+    return Baseline(result.model, info, path, cached=False)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """Copy a checkpoint file atomically."""
+    from automl_prune.io import atomic_path
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter."""
+    return next(model.parameters()).device

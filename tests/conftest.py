@@ -1,0 +1,62 @@
+"""Shared fixtures: real data and short-trained real models, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep baselines and latency tables of the test session out of the user's cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["AUTOML_PRUNE_CACHE"] = str(cache)
+    torch.set_num_threads(2)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """Fashion-MNIST splits (the real IDX files), search-val of 2,000 images."""
+    from automl_prune.data import load_dataset
+
+    return load_dataset("fashion-mnist", val_size=2000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fashion_small(fashion):
+    """Fashion-MNIST with a 12k-image train subset and 2k test images, for short training runs."""
+    from automl_prune.data import DataSplits
+
+    return DataSplits(
+        name="fashion-mnist-12k", train=fashion.train.subset(12000, seed=0), search_val=fashion.search_val,
+        test=fashion.test.subset(2000, seed=0), num_classes=fashion.num_classes,
+        in_channels=fashion.in_channels, image_size=fashion.image_size,
+    )
+
+
+def _train(name: str, data, epochs: float, lr: float = 0.05):
+    from automl_prune.baseline import train_baseline
+    from automl_prune.models import ModelSpec
+    from automl_prune.training import TrainConfig
+
+    spec = ModelSpec(name, data.in_channels, data.num_classes)
+    return train_baseline(spec, data, TrainConfig(epochs=epochs, lr=lr, seed=0))
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(fashion_small):
+    """fashion_cnn trained 2 epochs on 12k Fashion-MNIST images (about 10 s here)."""
+    return _train("fashion_cnn", fashion_small, epochs=2)
+
+
+@pytest.fixture(scope="session")
+def trained_resnet20(fashion_small):
+    """resnet20 trained 1 epoch on 12k Fashion-MNIST images."""
+    return _train("resnet20", fashion_small, epochs=1)
