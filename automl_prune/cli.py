@@ -28,7 +28,8 @@ EXIT_USAGE = 2
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    # Pipes and CI logs get a wide fixed width so tables are never squeezed into ellipses.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -36,7 +37,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(columns):
-        numeric = all(isinstance(row[i], (int, float)) for row in rows if i < len(row))
+        numeric = all(isinstance(row[i], (int, float)) for row in rows if i < len(row) and row[i] != "")
         table.add_column(col, justify="right" if numeric and i > 0 else "left")
     for row in rows:
         table.add_row(*[_fmt(v) for v in row])
@@ -46,7 +47,7 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, int) and abs(value) >= 10_000:
+    if isinstance(value, int) and abs(value) >= 1_000:
         return f"{value:,}"
     return str(value)
 
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a baseline (cached by model, dataset, epochs, seed)")
     p.add_argument("--model", default="fashion_cnn")
     _add_data_args(p)
-    _add_train_args(p, epochs=3.0, lr=0.05)
+    _add_train_args(p, epochs=3.0, lr=0.1)
     p.add_argument("--bn-l1", type=float, default=0.0, help="network-slimming L1 penalty on BN scales")
     p.add_argument("--cache-dir", default=None, help="baseline cache (default $AUTOML_PRUNE_CACHE or ~/.cache/automl-prune)")
     p.add_argument("--out", required=True, help="output directory")
@@ -460,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="train -> uniform prune -> fine-tune -> export, with a summary table")
     p.add_argument("--model", default="fashion_cnn")
     _add_data_args(p)
-    _add_train_args(p, epochs=3.0, lr=0.05)
+    _add_train_args(p, epochs=3.0, lr=0.1)
     p.add_argument("--flops", type=_fraction, default=0.5, help="FLOPs target as a fraction of the baseline")
     prune_args(p)
     p.add_argument("--finetune-epochs", type=_positive_float, default=1.0)

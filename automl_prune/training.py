@@ -42,7 +42,7 @@ class TrainConfig:
     """
 
     epochs: float = 3.0
-    lr: float = 0.05
+    lr: float = 0.1
     weight_decay: float = 5e-4
     batch_size: int = 128
     warmup_fraction: float = 0.05

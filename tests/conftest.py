@@ -41,7 +41,7 @@ def fashion_small(fashion):
     )
 
 
-def _train(name: str, data, epochs: float, lr: float = 0.05):
+def _train(name: str, data, epochs: float, lr: float = 0.1):
     from automl_prune.baseline import train_baseline
     from automl_prune.models import ModelSpec
     from automl_prune.training import TrainConfig

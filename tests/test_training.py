@@ -1,0 +1,54 @@
+"""Training loop and cached baselines on real Fashion-MNIST data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automl_prune.baseline import train_baseline
+from automl_prune.errors import InvalidValueError
+from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.models import ModelSpec
+from automl_prune.training import TrainConfig, bn_l1_penalty, train
+
+
+def test_short_training_beats_80_percent(trained_cnn, fashion_small) -> None:
+    assert evaluate_accuracy(trained_cnn.model, fashion_small.test) > 0.80
+    assert trained_cnn.info.meta["test_accuracy"] > 0.80
+    history = trained_cnn.info.meta["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_baseline_is_cached(trained_cnn, fashion_small) -> None:
+    again = train_baseline(
+        ModelSpec("fashion_cnn", 1, 10), fashion_small, TrainConfig(**trained_cnn.info.meta["train"])
+    )
+    assert again.cached and again.path == trained_cnn.path
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), trained_cnn.model(x))
+
+
+def test_fractional_epoch_runs_that_many_steps(fashion_small) -> None:
+    from automl_prune.models import build_model
+
+    model = build_model(ModelSpec("fashion_cnn", 1, 10))
+    result = train(model, fashion_small, TrainConfig(epochs=0.05, batch_size=100, eval_every_epoch=False))
+    assert result.steps == round(0.05 * (len(fashion_small.train) // 100))
+    assert "val_accuracy" in result.history[-1]
+
+
+def test_bn_l1_penalty_shrinks_gammas(fashion_small) -> None:
+    from automl_prune.models import build_model
+
+    plain, sparse = build_model(ModelSpec("fashion_cnn", 1, 10)), build_model(ModelSpec("fashion_cnn", 1, 10))
+    config = dict(epochs=0.1, eval_every_epoch=False)
+    train(plain, fashion_small, TrainConfig(**config))
+    train(sparse, fashion_small, TrainConfig(**config, bn_l1=1e-3))
+    assert float(bn_l1_penalty(sparse)) < float(bn_l1_penalty(plain))
+
+
+@pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": -1}, {"batch_size": 0}, {"bn_l1": -1}])
+def test_bad_hyperparameters_are_rejected(kwargs) -> None:
+    with pytest.raises(InvalidValueError):
+        TrainConfig(**kwargs)
