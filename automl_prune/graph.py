@@ -53,6 +53,19 @@ class _Dims:
     in_deps: list[tuple[int, int]] = field(default_factory=list)
 
 
+def is_skippable(module: nn.Module) -> bool:
+    """True for a residual block whose shortcut is the identity (so ``block(x)`` can become ``x``).
+
+    Recognises the zoo's ``BasicBlock`` and ``InvertedResidual`` and torchvision's
+    ``BasicBlock``, ``Bottleneck`` and ``InvertedResidual``.
+    """
+    if getattr(module, "use_residual", False) or getattr(module, "use_res_connect", False):
+        return True
+    if isinstance(getattr(module, "shortcut", None), nn.Identity):
+        return True
+    return type(module).__name__ in {"BasicBlock", "Bottleneck"} and hasattr(module, "downsample") and module.downsample is None
+
+
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
@@ -125,6 +138,8 @@ class LayerGraph:
                 self._dims[module] = _Dims(module, out_total, self._channels(module, out=False))
         self.groups = self._build_groups(ignored)
         self._group_index = {g.name: g.index for g in self.groups}
+        self.blocks: list[str] = [name for name, m in model.named_modules() if name and is_skippable(m)]
+        self._block_set = set(self.blocks)
         base = self.cost(Plan())
         self.flops = base.flops
         self.params = sum(p.numel() for p in model.parameters())
@@ -240,6 +255,12 @@ class LayerGraph:
         Raises:
             InvalidValueError: Naming the unknown groups and listing valid ones.
         """
+        unknown_blocks = sorted(set(plan.skip) - self._block_set)
+        if unknown_blocks:
+            raise InvalidValueError(
+                f"plan skips blocks that are not skippable residual blocks of this model: {', '.join(unknown_blocks)}. "
+                f"Skippable blocks: {', '.join(self.blocks) or 'none'}"
+            )
         unknown = sorted(set(plan.keep_ratios) - set(self._group_index))
         if unknown:
             shown = ", ".join(self.group_names()[:12]) + (", ..." if len(self.groups) > 12 else "")
@@ -257,8 +278,11 @@ class LayerGraph:
         """Exact FLOPs and parameters of the model ``apply(model, plan, round_to=...)`` builds."""
         kept = self.kept_channels(plan, round_to)
         fraction = [kept[g.name] / g.channels for g in self.groups]
+        skipped = tuple(f"{b}." for b, on in plan.skip.items() if on)
         flops = params = 0
         for module, dims in self._dims.items():
+            if skipped and self._names[module].startswith(skipped):
+                continue
             c_out = dims.out_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.out_deps))
             c_in = dims.in_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.in_deps))
             if _is_depthwise(module):
@@ -267,6 +291,10 @@ class LayerGraph:
             if module in self._positions:
                 flops += _layer_flops(module, c_in, c_out, self._out_sizes[module], self._positions[module])
         return Cost(flops=flops, params=params)
+
+    def skipped_blocks(self, plan: Plan) -> list[str]:
+        """Names of the blocks ``plan`` removes, in model order."""
+        return [b for b in self.blocks if plan.skip.get(b, False)]
 
     def flops_ratio(self, plan: Plan, round_to: int = 1) -> float:
         """FLOPs of the pruned model as a fraction of the dense model's."""

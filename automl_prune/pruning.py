@@ -61,14 +61,18 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
     """Prune a deep copy of ``model`` group by group, choosing channels with ``select``."""
     graph.validate(plan)
     pruned = copy.deepcopy(model)
+    for block in graph.skipped_blocks(plan):
+        parent_name, _, child = block.rpartition(".")
+        setattr(pruned.get_submodule(parent_name) if parent_name else pruned, child, nn.Identity())
     dg = tp.DependencyGraph().build_dependency(pruned, graph.example_inputs, verbose=False)
     modules = dict(pruned.named_modules())
     for group in graph.groups:
         n_keep = channels_to_keep(group.channels, plan.keep_ratio(group.name), round_to)
         n_remove = group.channels - n_keep
-        if n_remove == 0:
+        alive = [name for name in group.members if name in modules]
+        if n_remove == 0 or not alive:  # nothing to remove, or the group lived in skipped blocks only
             continue
-        root = modules[group.name]
+        root = modules[alive[0]]
         prune_fn = dg.get_pruner_of_module(root).prune_out_channels
         full = dg.get_pruning_group(root, prune_fn, list(range(group.channels)))
         idxs = sorted(int(i) for i in select(full, group.channels, n_remove))
@@ -125,6 +129,7 @@ def apply(
             return order[:n_remove].tolist()
 
         pruned = _prune_groups(model, graph, plan, round_to, select)
+        crit.after_prune(pruned)  # e.g. reconstruction criteria refit the consumers' weights
     finally:
         crit.release()
     return pruned.eval()

@@ -136,3 +136,115 @@ class Plan:
         if not isinstance(keep, Mapping):
             raise InvalidValueError("plan 'keep_ratios' must map group names to keep ratios")
         return cls(dict(keep), dict(data.get("skip") or {}))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A deployment budget: any combination of FLOPs, parameters and latency.
+
+    Attributes:
+        flops: FLOPs (MACs per sample) limit; a value <= 1 is a fraction of the dense
+            model's, a larger value an absolute count.
+        params: Parameter limit, fraction (<= 1) or absolute like ``flops``.
+        latency_ms: Latency limit in milliseconds on ``device`` (lookup-table prediction
+            during the search, measured end to end at the end).
+        device: ``"cpu"`` or ``"cuda"``, for latency.
+        batch_size: Batch size latency is measured at.
+        threads: CPU threads latency is measured with (None = torch's current setting).
+    """
+
+    flops: float | None = None
+    params: float | None = None
+    latency_ms: float | None = None
+    device: str = "cpu"
+    batch_size: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("flops", "params", "latency_ms"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+                raise InvalidValueError(f"budget {name} must be a positive number, got {value!r}")
+        if self.flops is None and self.params is None and self.latency_ms is None:
+            raise InvalidValueError("a budget needs at least one of flops, params or latency_ms")
+        if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
+            raise InvalidValueError("budget batch_size and threads must be >= 1")
+
+    @staticmethod
+    def absolute(limit: float | None, dense: int) -> float | None:
+        """``limit`` as an absolute count (fractions <= 1 are relative to ``dense``)."""
+        if limit is None:
+            return None
+        return limit * dense if limit <= 1.0 else float(limit)
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``flops<=50%, latency<=3ms (cpu, b=1)``."""
+        parts = []
+        for name, value in (("flops", self.flops), ("params", self.params)):
+            if value is not None:
+                parts.append(f"{name}<={value:.0%}" if value <= 1 else f"{name}<={value:,.0f}")
+        if self.latency_ms is not None:
+            parts.append(f"latency<={self.latency_ms:g}ms ({self.device}, b={self.batch_size})")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {k: getattr(self, k) for k in ("flops", "params", "latency_ms", "device", "batch_size", "threads")}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The score of one plan (no fine-tuning).
+
+    Attributes:
+        accuracy: Top-1 accuracy on the search-val subset (NaN when it failed).
+        flops: FLOPs (MACs per sample) of the pruned model.
+        params: Parameters of the pruned model.
+        latency_ms: Predicted latency (lookup table), when the budget has a latency term.
+        measured_latency_ms: End-to-end measured latency, when asked for.
+        flops_ratio: ``flops`` over the dense model's.
+        reward: The reward the strategies maximise.
+        feasible: True when the plan meets every term of the budget and evaluated cleanly.
+        reason: Why it is infeasible ("" when feasible).
+        seconds: Wall time of the evaluation.
+        cached: True when it was served from the evaluator's cache.
+    """
+
+    accuracy: float
+    flops: int
+    params: int
+    latency_ms: float | None
+    measured_latency_ms: float | None
+    flops_ratio: float
+    reward: float
+    feasible: bool
+    reason: str = ""
+    seconds: float = 0.0
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class SearchResult:
+    """What a strategy returns.
+
+    Attributes:
+        strategy: Registry name of the strategy.
+        best_plan: The best feasible plan found (by reward).
+        best_evaluation: Its evaluation.
+        history: Every (plan, evaluation) in the order made.
+        wall_time: Seconds the search took.
+        evaluations: Evaluations used (cache hits included: they count against the budget).
+        seed: The seed it ran with.
+    """
+
+    strategy: str
+    best_plan: Plan
+    best_evaluation: Evaluation
+    history: list[tuple[Plan, Evaluation]]
+    wall_time: float
+    evaluations: int
+    seed: int
