@@ -157,6 +157,10 @@ class Evaluator:
         self.context = RewardContext(dense_acc, self.graph.flops, self.graph.params, budget.latency_ms)
         self.dense = self._score(Plan(), dense_acc, self.cost(Plan()), None, 0.0)
 
+    def __deepcopy__(self, memo: dict) -> "Evaluator":
+        """Shared, not copied: envs and wrappers that deep-copy their kwargs keep using this instance."""
+        return self
+
     # ------------------------------------------------------------------ costs
     def _setup_latency(self) -> None:
         shape = self.latency_shape

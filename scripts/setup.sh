@@ -28,6 +28,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PYTHON" -c 'import au
   exit 0
 fi
 echo "setup: pip install -e .[dev] (constraints: $CONSTRAINTS)"
-"$PYTHON" -m pip install --quiet --constraint "$CONSTRAINTS" -e ".[dev]"
+"$PYTHON" -m pip install --quiet --root-user-action=ignore --constraint "$CONSTRAINTS" -e ".[dev]"
 mkdir -p "$stamp_dir"
 echo "$want" > "$stamp"

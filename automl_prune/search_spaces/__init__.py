@@ -83,6 +83,10 @@ class SearchSpace:
                 + "; lower min_keep or relax the budget"
             )
 
+    def __deepcopy__(self, memo: dict) -> "SearchSpace":
+        """Shared, not copied: envs and wrappers that deep-copy their kwargs keep using this instance."""
+        return self
+
     # ------------------------------------------------------------------ conversions
     @property
     def dim(self) -> int:

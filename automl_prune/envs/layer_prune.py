@@ -1,0 +1,103 @@
+"""``LayerPrune-v0``: AMC's layer-wise pruning environment.
+
+One episode walks the prunable groups in forward order. The observation is the group's
+normalised embedding (AMC, He et al. ECCV 2018): index, layer type, input and output
+channels, stride, kernel size, FLOPs, FLOPs reduced so far, FLOPs remaining after this
+group, and the previous action. The action, in ``Box(-1, 1, (1,))``, is mapped to a keep
+ratio by the search space and clipped into its budget-feasible interval, so every
+episode ends inside the budget. The reward is 0 until the last step, then the evaluated
+plan's reward; ``info`` carries the plan and the :class:`~automl_prune.types.Evaluation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.types import Evaluation, Plan
+
+KIND_CODE = {"conv": 0.0, "dwconv": 0.5, "linear": 1.0}
+OBS_FEATURES = (
+    "index", "kind", "in_channels", "out_channels", "stride", "kernel",
+    "flops", "flops_reduced", "flops_rest", "previous_action",
+)
+
+
+class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
+    """One step per prunable group; action = keep ratio; reward at the end.
+
+    Args:
+        space: The search space (its evaluator defines the budget and the reward).
+        evaluate: Function scoring a plan; defaults to ``space.evaluator.evaluate``
+            (strategies pass their session's, so evaluations are counted).
+        render_mode: Only ``None`` or ``"ansi"``.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, space: SearchSpace, evaluate: Callable[[Plan], Evaluation] | None = None, render_mode: str | None = None):
+        self.space = space
+        self.evaluate_fn = evaluate or space.evaluator.evaluate
+        self.render_mode = render_mode
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (len(OBS_FEATURES),), dtype=np.float32)
+        groups = space.graph.groups
+        static = np.array(
+            [
+                [i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops]
+                for i, g in enumerate(groups)
+            ],
+            dtype=np.float64,
+        )
+        scale = static.max(axis=0)
+        scale[scale == 0] = 1.0
+        self._static = static / scale
+        self._static[:, 1] = static[:, 1]  # the layer-type code is already in [0, 1]
+        self._dense_flops = float(space.graph.flops)
+        self._decided: list[float] = []
+        self._last_action = 1.0
+        self.last_plan: Plan | None = None
+        self.last_evaluation: Evaluation | None = None
+
+    def _observation(self) -> np.ndarray:
+        index = len(self._decided)
+        n = self.space.dim
+        row = self._static[min(index, n - 1)]
+        decided = self.space.plan_from_keeps(self._decided + [1.0] * (n - index))
+        reduced = 1.0 - self.space.evaluator.cost(decided).flops / self._dense_flops
+        rest_groups = self.space.graph.groups[index + 1:]
+        rest = sum(g.flops for g in rest_groups) / max(1.0, sum(g.flops for g in self.space.graph.groups))
+        obs = np.concatenate([row, [reduced, rest, self._last_action]]).astype(np.float32)
+        return np.clip(obs, 0.0, 1.0)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._decided = []
+        self._last_action = 1.0
+        return self._observation(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        index = len(self._decided)
+        if index >= self.space.dim:
+            raise RuntimeError("episode is over; call reset()")
+        requested = self.space.action_to_keep(float(np.asarray(action).reshape(-1)[0]), index)
+        keep = self.space.clip(index, requested, self._decided)
+        self._decided.append(keep)
+        self._last_action = keep
+        info: dict[str, Any] = {"group": self.space.groups[index], "requested_keep": requested, "keep": keep}
+        if len(self._decided) < self.space.dim:
+            return self._observation(), 0.0, False, False, info
+        plan = self.space.plan_from_keeps(self._decided)
+        evaluation = self.evaluate_fn(plan)
+        self.last_plan, self.last_evaluation = plan, evaluation
+        info.update(plan=plan, evaluation=evaluation)
+        return self._observation(), float(evaluation.reward), True, False, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        return " ".join(f"{g}:{k:.2f}" for g, k in zip(self.space.groups, self._decided))
