@@ -237,6 +237,10 @@ class RandomStrategy(AskTellStrategy):
 STRATEGIES: Registry[Any] = Registry("strategy")
 STRATEGIES.register("uniform", UniformStrategy, "the uniform plan that meets the budget (baseline)")
 STRATEGIES.register("random", RandomStrategy, "uniformly random feasible plans (control)")
+STRATEGIES.register("ddpg", "automl_prune.agents.sb3:DDPGStrategy", "AMC: DDPG on LayerPrune-v0 (stable-baselines3)")
+STRATEGIES.register("ppo", "automl_prune.agents.sb3:PPOStrategy", "PPO on LayerPrune-v0 (stable-baselines3)")
+STRATEGIES.register("reinforce", "automl_prune.agents.policy_gradient:ReinforceStrategy", "N2N: LSTM policies trained with REINFORCE")
+STRATEGIES.register("skipnet", "automl_prune.agents.policy_gradient:SkipNetStrategy", "SkipNet-style policy gradient over residual-block skip gates")
 
 
 def get_strategy(name: str, **kwargs: Any) -> Strategy:

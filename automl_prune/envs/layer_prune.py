@@ -91,7 +91,7 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         info: dict[str, Any] = {"group": self.space.groups[index], "requested_keep": requested, "keep": keep}
         if len(self._decided) < self.space.dim:
             return self._observation(), 0.0, False, False, info
-        plan = self.space.plan_from_keeps(self._decided)
+        plan = self.space.repair(self.space.plan_from_keeps(self._decided))  # no-op unless latency noise broke the bounds
         evaluation = self.evaluate_fn(plan)
         self.last_plan, self.last_evaluation = plan, evaluation
         info.update(plan=plan, evaluation=evaluation)

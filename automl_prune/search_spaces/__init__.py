@@ -9,7 +9,10 @@ are rescaled), and provides AMC's budget-feasible action bounds:
 :meth:`SearchSpace.feasible_interval` gives, for the next group, the largest keep ratio
 that still lets the budget be met if every later group went to ``min_keep``, and the
 smallest keep ratio that does not over-prune needlessly (below it the budget would be
-undershot even if every later group were kept whole).
+undershot even if every later group were kept whole). The bounds assume cost grows with
+every keep ratio, which holds exactly for FLOPs and parameters; measured latencies can
+break it by noise, so finished plans pass through :meth:`SearchSpace.repair` (a no-op for a
+feasible plan).
 """
 
 from __future__ import annotations
@@ -223,4 +226,4 @@ class SearchSpace:
             low, high = self.feasible_interval(decided, skip)
             decided.append(self.snap(rng.uniform(low, high), len(decided)) if high > low else high)
             decided[-1] = min(max(decided[-1], low), high)
-        return self.plan_from_keeps(decided, skip)
+        return self.repair(self.plan_from_keeps(decided, skip))

@@ -1,0 +1,158 @@
+"""Search core: budgets, rewards, the evaluator, search spaces and the Gymnasium envs."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import automl_prune.envs
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.reward import REWARDS, RewardContext
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.types import Budget, Plan
+
+CONFIG = EvaluatorConfig(eval_size=500, recalibration_batches=4)
+
+
+@pytest.fixture(scope="module")
+def cnn_evaluator(trained_cnn, fashion_small):
+    return Evaluator(trained_cnn.model, fashion_small, Budget(flops=0.5), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def resnet_evaluator(trained_resnet20, fashion_small):
+    return Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.5), CONFIG)
+
+
+# ------------------------------------------------------------------------- budget and rewards
+@pytest.mark.parametrize("kwargs", [{}, {"flops": -0.5}, {"flops": math.nan}, {"latency_ms": 0}, {"flops": 0.5, "batch_size": 0}])
+def test_bad_budgets_are_rejected(kwargs) -> None:
+    with pytest.raises(InvalidValueError):
+        Budget(**kwargs)
+
+
+def test_budget_fraction_or_absolute() -> None:
+    assert Budget.absolute(0.5, 1000) == 500
+    assert Budget.absolute(300, 1000) == 300
+    assert Budget(flops=0.5, latency_ms=3).describe() == "flops<=50%, latency<=3ms (cpu, b=1)"
+
+
+def test_reward_formulas() -> None:
+    ctx = RewardContext(dense_accuracy=0.9, dense_flops=1000, dense_params=100, latency_target_ms=2.0)
+    assert REWARDS.get("acc")(0.8, 500, 50, None, ctx) == pytest.approx(-0.2)
+    assert REWARDS.get("acc_log_flops")(0.8, 500, 50, None, ctx) == pytest.approx(-0.2 * math.log(500))
+    assert REWARDS.get("acc_latency")(0.8, 500, 50, 2.0, ctx) == pytest.approx(0.8)
+    assert REWARDS.get("acc_latency")(0.8, 500, 50, 4.0, ctx) < 0.8
+    c = 1 - 50 / 100
+    assert REWARDS.get("n2n")(0.8, 500, 50, None, ctx) == pytest.approx(c * (2 - c) * 0.8 / 0.9)
+
+
+# ------------------------------------------------------------------------- evaluator
+def test_reported_accuracy_is_the_built_models(cnn_evaluator, fashion_small) -> None:
+    plan = cnn_evaluator.graph.uniform_plan(0.5)
+    evaluation = cnn_evaluator.evaluate(plan)
+    assert evaluation.accuracy == evaluate_accuracy(cnn_evaluator.build(plan), cnn_evaluator.val)
+    assert evaluation.feasible and evaluation.flops_ratio <= 0.5
+    again = cnn_evaluator.evaluate(Plan(dict(plan.keep_ratios)))
+    assert again.cached and again.accuracy == evaluation.accuracy
+
+
+def test_bn_recalibration_rescues_pruned_accuracy(trained_resnet20, fashion_small, resnet_evaluator) -> None:
+    """Adaptive BN: at 50% FLOPs a pruned ResNet-20 scores far better after re-estimating BN statistics."""
+    raw = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.5), EvaluatorConfig(eval_size=500, bn_recalibration=False))
+    plan = resnet_evaluator.graph.uniform_plan(0.5)
+    assert resnet_evaluator.evaluate(plan).accuracy > raw.evaluate(plan).accuracy + 0.10
+
+
+def test_failed_evaluation_is_recorded_not_raised(cnn_evaluator, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cnn_evaluator, "build", broken)
+    evaluation = cnn_evaluator.evaluate(Plan({"features.0": 0.3}))
+    assert not evaluation.feasible and "boom" in evaluation.reason and evaluation.reward < -1
+
+
+# ------------------------------------------------------------------------- search space
+def test_unreachable_budget_names_smallest_cost(trained_cnn, fashion_small) -> None:
+    evaluator = Evaluator(trained_cnn.model, fashion_small, Budget(flops=0.01), CONFIG)
+    with pytest.raises(InvalidValueError, match=r"cannot be met.*FLOPs \(4\.\d%\)"):
+        SearchSpace(evaluator, min_keep=0.2)
+
+
+def test_encode_decode_round_trip(resnet_evaluator) -> None:
+    space = SearchSpace(resnet_evaluator, skip_gates=True)
+    plan = space.sample(np.random.default_rng(3))
+    decoded = space.decode(space.encode(plan))
+    assert decoded.skip == plan.skip
+    assert np.allclose(space.keeps(decoded), space.keeps(plan))
+
+
+def test_discrete_levels(resnet_evaluator) -> None:
+    space = SearchSpace(resnet_evaluator, levels=10)
+    plan = space.sample(np.random.default_rng(0))
+    assert all(abs(k * 10 - round(k * 10)) < 1e-9 for k in plan.keep_ratios.values())
+    assert space.is_feasible(plan)
+
+
+@pytest.mark.parametrize("flops", [0.5, 0.25])
+def test_every_random_episode_ends_inside_a_flops_budget(trained_resnet20, fashion_small, flops: float) -> None:
+    evaluator = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=flops), CONFIG)
+    space = SearchSpace(evaluator, min_keep=0.1, skip_gates=True)
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(60):
+        decided: list[float] = []
+        skip = {b: bool(rng.random() < 0.3) for b in space.blocks}
+        for i in range(space.dim):
+            decided.append(space.clip(i, space.action_to_keep(rng.uniform(-1, 1), i), decided, skip))
+        ratios.append(evaluator.graph.flops_ratio(space.plan_from_keeps(decided, skip)))
+    assert max(ratios) <= flops + 1e-9
+    assert np.median(ratios) > flops - 0.05  # the lower bound keeps plans from being needlessly small
+
+
+def test_every_random_episode_ends_inside_a_latency_budget(trained_cnn, fashion_small) -> None:
+    probe = Evaluator(trained_cnn.model, fashion_small, Budget(latency_ms=1e6, threads=1), CONFIG)
+    dense_ms = probe.predict_latency(Plan())
+    budget = Budget(latency_ms=0.6 * dense_ms, threads=1)
+    evaluator = Evaluator(trained_cnn.model, fashion_small, budget, CONFIG, latency_table=probe.latency_table)
+    evaluator.latency_scale = probe.latency_scale  # same table, same calibration: a deterministic test
+    space = SearchSpace(evaluator, min_keep=0.1)
+    rng = np.random.default_rng(1)
+    for _ in range(15):
+        plan = space.sample(rng)
+        assert evaluator.predict_latency(plan) <= budget.latency_ms + 1e-9
+
+
+# ------------------------------------------------------------------------- envs
+@pytest.mark.parametrize("env_id", automl_prune.envs.ENV_IDS)
+def test_registered_envs_pass_check_env_and_are_deterministic(env_id: str, resnet_evaluator) -> None:
+    space = SearchSpace(resnet_evaluator, skip_gates=True)
+    env = gymnasium.make(env_id, space=space)
+    check_env(env.unwrapped, skip_render_check=True)
+
+    def episode(seed: int) -> tuple[list, float]:
+        env.action_space.seed(seed)
+        obs, _ = env.reset(seed=seed)
+        observations, done, reward = [obs], False, 0.0
+        while not done:
+            obs, reward, done, _, info = env.step(env.action_space.sample())
+            observations.append(obs)
+        assert info["evaluation"].feasible
+        return observations, reward
+
+    first, second = episode(5), episode(5)
+    assert all(np.array_equal(a, b) for a, b in zip(first[0], second[0])) and first[1] == second[1]
+
+
+def test_layer_prune_env_reward_only_at_the_end(cnn_evaluator) -> None:
+    env = gymnasium.make("LayerPrune-v0", space=SearchSpace(cnn_evaluator))
+    env.reset(seed=0)
+    rewards = [env.step(np.array([0.0], dtype=np.float32))[1] for _ in range(3)]
+    assert rewards[:2] == [0.0, 0.0] and rewards[2] < 0
