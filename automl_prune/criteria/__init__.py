@@ -2,8 +2,18 @@
 
 A criterion is a callable ``(group) -> 1-D tensor`` with one score per channel of a
 Torch-Pruning group (the shape of Torch-Pruning's ``Importance``); higher scores are kept.
-Scoring a whole group keeps residual-coupled layers consistent. Data-driven criteria
-collect what they need in :meth:`Criterion.prepare` and free it in :meth:`Criterion.release`.
+Scoring a whole group keeps residual-coupled layers consistent: every criterion scores each
+layer the group touches and combines the per-layer scores (see each class). Data-driven
+criteria collect what they need in :meth:`Criterion.prepare` (on the dense model, from the
+batches passed to :func:`automl_prune.pruning.apply`) and free it in
+:meth:`Criterion.release`; reconstruction criteria also refit weights in
+:meth:`Criterion.after_prune`.
+
+Registered criteria (``automl-prune list criteria``):
+
+* data-free: ``l1``, ``l2``, ``fpgm``, ``slimming``, ``random``;
+* data-driven: ``apoz``, ``hrank``, ``entropy``, ``taylor``, ``snip``;
+* reconstruction-based (data-driven): ``thinet``, ``lasso``.
 """
 
 from __future__ import annotations
@@ -11,96 +21,65 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-from torch import nn
-
+from automl_prune.criteria.base import Criterion, GroupLayout, LayerSlice, build_layouts, member_weights
+from automl_prune.criteria.weight import FPGMCriterion, NormCriterion, RandomCriterion, SlimmingCriterion
 from automl_prune.registry import Registry
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "CRITERIA",
+    "Criterion",
+    "FPGMCriterion",
+    "GroupLayout",
+    "LayerSlice",
+    "NormCriterion",
+    "RandomCriterion",
+    "SlimmingCriterion",
+    "build_layouts",
+    "get_criterion",
+    "member_weights",
+]
 
-class Criterion:
-    """Base class: scores the channels of a pruning group.
-
-    Attributes:
-        name: Registry name.
-        needs_data: True when :meth:`prepare` must be given batches.
-        needs_grad: True when it back-propagates through the model.
-        reference: The paper it implements.
-    """
-
-    name: str = ""
-    needs_data: bool = False
-    needs_grad: bool = False
-    reference: str = ""
-
-    def prepare(self, model: nn.Module, graph: Any, data: Any = None) -> None:  # noqa: B027 - optional hook
-        """Collect what scoring needs (activations, gradients) from ``model`` on ``data``."""
-
-    def release(self) -> None:  # noqa: B027 - optional hook
-        """Free what :meth:`prepare` collected."""
-
-    def __call__(self, group: Any) -> torch.Tensor:
-        """One score per channel of ``group`` (higher = more important)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
-
-
-def member_weights(group: Any) -> list[tuple[nn.Module, torch.Tensor]]:
-    """(module, out-channel-major weight rows) for each conv/linear whose outputs ``group`` prunes.
-
-    Rows are reordered so that row ``j`` belongs to the group's channel ``j``.
-    """
-    rows = []
-    for dep, idxs in group:
-        module = dep.target.module
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
-        if dep.handler.__name__ != "prune_out_channels":
-            continue
-        index = torch.as_tensor(list(idxs), dtype=torch.long)
-        rows.append((module, module.weight.detach().flatten(1)[index]))
-    return rows
-
-
-class NormCriterion(Criterion):
-    """Filter norm (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017).
-
-    Per layer the score of a filter is its Lp norm; over a coupled group (e.g. all convs
-    feeding one residual add) the scores of the member layers are averaged.
-    """
-
-    reference = "Li et al., Pruning Filters for Efficient ConvNets, ICLR 2017"
-
-    def __init__(self, p: int = 1):
-        self.p = p
-        self.name = f"l{p}"
-
-    def __call__(self, group: Any) -> torch.Tensor:
-        rows = member_weights(group)
-        return torch.stack([w.norm(p=self.p, dim=1) for _, w in rows]).mean(0)
-
-
-class RandomCriterion(Criterion):
-    """Random scores: the control every comparison of criteria needs.
-
-    Args:
-        seed: Seed of its own generator (scores do not depend on the global RNG).
-    """
-
-    name = "random"
-    reference = "control"
-
-    def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, group: Any) -> torch.Tensor:
-        return torch.rand(len(group[0].idxs), generator=self.generator)
-
+_ACT = "automl_prune.criteria.activation"
+_REC = "automl_prune.criteria.reconstruction"
 
 CRITERIA: Registry[Any] = Registry("criterion")
 CRITERIA.register("l1", lambda **kw: NormCriterion(1, **kw), "L1 norm of each filter (Li et al., ICLR 2017)")
 CRITERIA.register("l2", lambda **kw: NormCriterion(2, **kw), "L2 norm of each filter (Li et al., ICLR 2017)")
+CRITERIA.register(
+    "fpgm", FPGMCriterion,
+    "filters nearest the layer's geometric median go first: most redundant, not smallest (He et al., CVPR 2019)",
+)
+CRITERIA.register(
+    "slimming", SlimmingCriterion, "|gamma| of the BatchNorm after each channel; BN models only (Liu et al., ICCV 2017)"
+)
 CRITERIA.register("random", RandomCriterion, "random scores, the control for every comparison")
+CRITERIA.register(
+    "apoz", f"{_ACT}:APoZCriterion", "data-driven: 1 - average percentage of zeros after ReLU (Hu et al., Network Trimming 2016)"
+)
+CRITERIA.register(
+    "hrank", f"{_ACT}:HRankCriterion", "data-driven: average rank of each channel's feature maps (Lin et al., CVPR 2020)"
+)
+CRITERIA.register(
+    "entropy", f"{_ACT}:EntropyCriterion",
+    "data-driven: entropy of each channel's pooled-response histogram (Luo & Wu, 2017)",
+)
+CRITERIA.register(
+    "taylor", f"{_ACT}:TaylorCriterion",
+    "data-driven, gradients: |activation x gradient| of the loss, first-order Taylor (Molchanov et al., ICLR 2017/CVPR 2019)",
+)
+CRITERIA.register(
+    "snip", f"{_ACT}:SNIPCriterion", "data-driven, gradients: |w x dL/dw| summed per filter (Lee et al., SNIP, ICLR 2019)"
+)
+CRITERIA.register(
+    "thinet", f"{_REC}:ThiNetCriterion",
+    "data-driven: greedy input channels of the next layer that best rebuild its output, + rescaling (Luo et al., ICCV 2017)",
+)
+CRITERIA.register(
+    "lasso", f"{_REC}:LassoCriterion",
+    "data-driven: LASSO channel selection + least-squares refit of the next layer (He, Zhang & Sun, ICCV 2017)",
+)
 
 
 def get_criterion(name: str, **kwargs: Any) -> Criterion:
