@@ -152,6 +152,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         from automl_prune.data import DATASETS
 
         rows = [(n, DATASETS.describe(n)) for n in DATASETS.names()]
+    elif args.kind == "strategies":
+        from automl_prune.strategy import STRATEGIES
+
+        rows = [(n, STRATEGIES.describe(n)) for n in STRATEGIES.names()]
+    elif args.kind == "envs":
+        from automl_prune.envs import list_envs
+
+        rows = list_envs()
+    elif args.kind == "rewards":
+        from automl_prune.reward import REWARDS
+
+        rows = [(n, REWARDS.describe(n)) for n in REWARDS.names()]
     else:
         from automl_prune.criteria import CRITERIA
 
@@ -326,6 +338,82 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_from_args(args: argparse.Namespace) -> Any:
+    from automl_prune.types import Budget
+
+    flops = args.flops
+    if flops is None and args.params is None and args.latency_ms is None:
+        flops = 0.5
+    return Budget(
+        flops=flops, params=args.params, latency_ms=args.latency_ms, device=args.device,
+        batch_size=args.latency_batch_size, threads=args.threads,
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search the best plan for a budget with one strategy; write plan.json and result.json."""
+    from automl_prune.baseline import train_baseline
+    from automl_prune.checkpoint import load_checkpoint
+    from automl_prune.evaluator import Evaluator, EvaluatorConfig
+    from automl_prune.io import write_json
+    from automl_prune.models import ModelSpec
+    from automl_prune.search_spaces import SearchSpace
+    from automl_prune.strategy import STRATEGIES, get_strategy
+
+    _set_threads(args)
+    if args.strategy not in STRATEGIES:
+        STRATEGIES.get(args.strategy)
+    budget = _budget_from_args(args)
+    data = _load_data(args)
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint)
+    else:
+        spec = ModelSpec(args.model, data.in_channels, data.num_classes)
+        model = train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None).model
+    config = EvaluatorConfig(
+        criterion=args.criterion, reward=args.reward, eval_size=args.eval_size, bn_recalibration=not args.no_bn_recalibration,
+        round_to=args.round_to, seed=args.seed,
+    )
+    evaluator = Evaluator(model, data, budget, config)
+    space = SearchSpace(evaluator, min_keep=args.min_keep, skip_gates=args.skip_gates or args.strategy == "skipnet")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.evaluations, desc=f"search {args.strategy}", unit="eval", disable=None)
+
+    def progress(session: Any, plan: Any, evaluation: Any) -> None:
+        best = session.best()
+        bar.update(1)
+        if best is not None:
+            bar.set_postfix(best_acc=f"{best[1].accuracy:.4f}")
+
+    try:
+        result = get_strategy(args.strategy).search(evaluator, space, args.evaluations, seed=args.seed, callbacks=[progress])
+    finally:
+        bar.close()
+    out = _prepare_out(Path(args.out), overwrite=True)
+    write_json(out / "plan.json", result.best_plan.to_dict())
+    write_json(
+        out / "result.json",
+        {
+            "strategy": result.strategy, "seed": result.seed, "budget": budget.to_dict(), "evaluations": result.evaluations,
+            "wall_time": result.wall_time, "dense": evaluator.dense.to_dict(), "best_plan": result.best_plan.to_dict(),
+            "best": result.best_evaluation.to_dict(),
+            "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in result.history],
+        },
+    )
+    best = result.best_evaluation
+    _table(
+        f"{args.strategy}: best of {result.evaluations} evaluations under {budget.describe()} -> {out / 'plan.json'}",
+        ["model", "search-val acc", "FLOPs", "params", "FLOPs ratio", "feasible"],
+        [["dense", evaluator.dense.accuracy, evaluator.dense.flops, evaluator.dense.params, 1.0, True],
+         ["best plan", best.accuracy, best.flops, best.params, best.flops_ratio, best.feasible]],
+    )
+    kept = evaluator.graph.kept_channels(result.best_plan, config.round_to)
+    _table("kept channels per group", ["group", "channels", "kept", "keep ratio"],
+           [[g.name, g.channels, kept[g.name], kept[g.name] / g.channels] for g in evaluator.graph.groups])
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Train (cached) -> uniform FLOPs prune -> fine-tune -> export, then print a table."""
     import torch
@@ -399,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list models, datasets or criteria")
-    p.add_argument("kind", choices=["models", "datasets", "criteria"])
+    p.add_argument("kind", choices=["models", "datasets", "criteria", "strategies", "envs", "rewards"])
     p.set_defaults(func=cmd_list)
 
     def model_args(p: argparse.ArgumentParser) -> None:
@@ -457,6 +545,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_positive_int, default=30)
     p.add_argument("--channels-last", action="store_true", help="measure in channels_last memory format")
     p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("search", help="search the best plan for a budget with one strategy")
+    p.add_argument("--strategy", default="ddpg", help="search strategy (see `list strategies`)")
+    p.add_argument("--checkpoint", default=None, help="dense checkpoint to prune (default: train/load --model)")
+    p.add_argument("--model", default="fashion_cnn")
+    _add_data_args(p)
+    _add_train_args(p, epochs=3.0, lr=0.1)
+    p.add_argument("--flops", type=_positive_float, default=None, help="FLOPs budget: fraction (<=1) or absolute (default 0.5)")
+    p.add_argument("--params", type=_positive_float, default=None, help="parameter budget: fraction (<=1) or absolute")
+    p.add_argument("--latency-ms", type=_positive_float, default=None, help="latency budget in ms on --device")
+    p.add_argument("--device", default="cpu", help="device the latency budget is for")
+    p.add_argument("--latency-batch-size", type=_positive_int, default=1, help="batch size of the latency budget")
+    p.add_argument("--evaluations", type=_positive_int, default=50, help="evaluation budget of the search")
+    p.add_argument("--reward", default="acc", help="reward (see `list rewards`)")
+    p.add_argument("--eval-size", type=_positive_int, default=2000, help="search-val images scored per plan")
+    p.add_argument("--no-bn-recalibration", action="store_true", help="score without re-estimating BN statistics")
+    p.add_argument("--min-keep", type=_fraction, default=0.2, help="smallest keep ratio of any group")
+    p.add_argument("--skip-gates", action="store_true", help="also search skip gates of residual blocks")
+    p.add_argument("--criterion", default="l1", help="importance criterion used when scoring plans")
+    p.add_argument("--round-to", type=_positive_int, default=1)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="runs/search")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("pipeline", help="train -> uniform prune -> fine-tune -> export, with a summary table")
     p.add_argument("--model", default="fashion_cnn")

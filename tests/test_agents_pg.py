@@ -1,0 +1,186 @@
+"""Mechanics of the policy-gradient strategies (REINFORCE / N2N and SkipNet).
+
+A random-init resnet20 on synthetic data is enough here: these tests check budget
+accounting, feasibility, seeding and that the policies learn, not accuracy. The learning
+tests replace the scorer by a cheap synthetic reward (real cost model, no network run).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from automl_prune.agents.policy_gradient import (
+    ReinforceStrategy,
+    SkipNetStrategy,
+    block_embeddings,
+    group_embeddings,
+)
+from automl_prune.data import load_dataset
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.models import ModelSpec, build_model
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.types import Budget, Evaluation, Plan
+
+BUDGET = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared CPU, OpenMP contention makes these tiny models several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def evaluator() -> Evaluator:
+    data = load_dataset("synthetic")
+    model = build_model(ModelSpec("resnet20", data.in_channels, data.num_classes))
+    return Evaluator(model, data, Budget(flops=BUDGET), EvaluatorConfig(eval_size=64, recalibration_batches=1, batch_size=64))
+
+
+@pytest.fixture(scope="module")
+def space(evaluator: Evaluator) -> SearchSpace:
+    return SearchSpace(evaluator, skip_gates=True)
+
+
+class ToyEvaluator:
+    """The real evaluator's cost model with a synthetic reward: closeness to a target plan.
+
+    ``reward = -keep_weight * mean |keep - target keep| - mean [skip != target skip]``; no
+    network is run. Everything but ``evaluate`` is delegated to the real evaluator (graph,
+    cost model, budget), so a :class:`SearchSpace` built on it has the real constraints.
+    """
+
+    def __init__(self, real: Evaluator, target: Plan, keep_weight: float = 1.0):
+        self._real = real
+        self.target = target
+        self.keep_weight = keep_weight
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        groups = self._real.graph.group_names()
+        blocks = self._real.graph.blocks
+        keep_error = np.mean([abs(plan.keep_ratio(g) - self.target.keep_ratio(g)) for g in groups])
+        skip_error = np.mean([plan.skip.get(b, False) != self.target.skip.get(b, False) for b in blocks])
+        cost = self._real.cost(plan)
+        excess = self._real.excess(cost.flops, cost.params, None)
+        return Evaluation(
+            accuracy=math.nan, flops=cost.flops, params=cost.params, latency_ms=None, measured_latency_ms=None,
+            flops_ratio=cost.flops / self._real.graph.flops, reward=float(-self.keep_weight * keep_error - skip_error),
+            feasible=excess <= 1e-9,
+        )
+
+
+def _plans(result) -> list[dict]:
+    return [plan.to_dict() for plan, _ in result.history]
+
+
+def _assert_clip_fixed_point(space: SearchSpace, plan: Plan) -> None:
+    """Every keep ratio of ``plan`` is where sequential ``space.clip`` would leave it."""
+    keeps = space.keeps(plan)
+    for i, keep in enumerate(keeps):
+        assert space.clip(i, float(keep), list(keeps[:i]), plan.skip) == pytest.approx(keep)
+
+
+def test_embeddings_are_normalised(space: SearchSpace) -> None:
+    groups, blocks = group_embeddings(space), block_embeddings(space)
+    assert groups.shape == (space.dim, 7) and blocks.shape == (len(space.blocks), 4)
+    for features in (groups, blocks):
+        assert np.all(features >= 0.0) and np.all(features <= 1.0)
+
+
+@pytest.mark.parametrize("factory", [ReinforceStrategy, SkipNetStrategy], ids=["reinforce", "skipnet"])
+def test_budget_feasibility_and_seeding(factory, evaluator: Evaluator, space: SearchSpace) -> None:
+    first = factory().search(evaluator, space, max_evaluations=10, seed=0)
+    assert first.evaluations == 10 and len(first.history) == 10
+    assert first.best_evaluation.feasible
+    assert first.best_evaluation.flops_ratio <= BUDGET + 1e-9
+    for plan, evaluation in first.history:
+        assert evaluation.flops_ratio <= BUDGET + 1e-9 and space.is_feasible(plan)
+        assert set(plan.skip) == set(space.blocks)
+    if factory is ReinforceStrategy:
+        for plan, _ in first.history:
+            _assert_clip_fixed_point(space, plan)
+    # same seed: the same plans (re-scored from the evaluator's cache, so this is cheap)
+    again = factory().search(evaluator, space, max_evaluations=10, seed=0)
+    assert _plans(again) == _plans(first)
+    assert [e.reward for _, e in again.history] == [e.reward for _, e in first.history]
+
+
+@pytest.mark.parametrize("factory", [ReinforceStrategy, SkipNetStrategy], ids=["reinforce", "skipnet"])
+def test_seeds(factory, evaluator: Evaluator, space: SearchSpace) -> None:
+    toy = ToyEvaluator(evaluator, space.plan_from_keeps(np.full(space.dim, 0.5)))  # cheap scorer, real constraints
+    toy_space = SearchSpace(toy, skip_gates=True)
+    runs = {seed: factory(episodes_per_update=2).search(toy, toy_space, max_evaluations=6, seed=seed) for seed in (0, 1)}
+    assert _plans(factory(episodes_per_update=2).search(toy, toy_space, max_evaluations=6, seed=0)) == _plans(runs[0])
+    assert _plans(runs[0]) != _plans(runs[1])
+
+
+def test_reinforce_without_skip_gates_shrinks_only(evaluator: Evaluator) -> None:
+    space = SearchSpace(evaluator)  # no skip gates: stage 1 is off
+    toy = ToyEvaluator(evaluator, space.plan_from_keeps(np.full(space.dim, 0.5)))
+    toy_space = SearchSpace(toy)
+    strategy = ReinforceStrategy()
+    result = strategy.search(toy, toy_space, max_evaluations=4, seed=0)
+    assert result.evaluations == 4
+    assert all(not plan.skip for plan, _ in result.history)
+    assert all(toy_space.is_feasible(plan) for plan, _ in result.history)
+
+
+def test_reinforce_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> None:
+    target_skip = {b: i % 3 == 0 for i, b in enumerate(space.blocks)}
+    target = space.repair(space.plan_from_keeps(np.full(space.dim, 0.7), target_skip))
+    assert space.is_feasible(target)
+    toy = ToyEvaluator(evaluator, target)
+    toy_space = SearchSpace(toy, skip_gates=True)
+    strategy = ReinforceStrategy()  # default hyper-parameters
+    result = strategy.search(toy, toy_space, max_evaluations=150, seed=0)
+    rewards = np.array(strategy.episode_rewards)
+    assert len(rewards) == result.evaluations == 150
+    early, late = rewards[:25].mean(), rewards[-25:].mean()
+    assert late > early + 0.1, (early, late)
+    assert result.best_evaluation.reward > rewards[:25].max()
+
+
+def test_skipnet_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> None:
+    target = Plan(skip={b: i < 3 for i, b in enumerate(space.blocks)})  # skip the first three blocks
+    toy = ToyEvaluator(evaluator, target, keep_weight=0.0)  # the env repairs keep ratios itself
+    strategy = SkipNetStrategy(compute_penalty=0.0)
+    result = strategy.search(toy, SearchSpace(toy, skip_gates=True), max_evaluations=150, seed=0)
+    rewards = np.array(strategy.episode_rewards)
+    assert len(rewards) == result.evaluations == 150
+    early, late = rewards[:25].mean(), rewards[-25:].mean()
+    assert late > early + 0.1, (early, late)
+    assert result.best_plan.skip == target.skip
+
+
+def test_skipnet_needs_skip_gates(evaluator: Evaluator) -> None:
+    with pytest.raises(InvalidValueError, match="skip_gates=True"):
+        SkipNetStrategy().search(evaluator, SearchSpace(evaluator), max_evaluations=2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs"),
+    [
+        (ReinforceStrategy, {"levels": 1}),
+        (ReinforceStrategy, {"learning_rate": 0.0}),
+        (ReinforceStrategy, {"baseline_decay": 1.0}),
+        (SkipNetStrategy, {"episodes_per_update": 0}),
+        (SkipNetStrategy, {"initial_skip_prob": 1.0}),
+        (SkipNetStrategy, {"compute_penalty": -0.1}),
+    ],
+)
+def test_bad_hyper_parameters(factory, kwargs: dict) -> None:
+    with pytest.raises(InvalidValueError):
+        factory(**kwargs)
