@@ -42,8 +42,12 @@ def baseline_key(spec: ModelSpec, data: DataSplits, config: TrainConfig) -> str:
     """A stable key of everything that determines a trained baseline."""
     blob = json.dumps(
         {
-            "spec": spec.to_dict(), "dataset": data.name, "input": list(data.input_shape()),
-            "train_size": len(data.train), "val_size": len(data.search_val), "train": config.to_dict(),
+            "spec": spec.to_dict(),
+            "dataset": data.name,
+            "input": list(data.input_shape()),
+            "train_size": len(data.train),
+            "val_size": len(data.search_val),
+            "train": config.to_dict(),
         },
         sort_keys=True,
     )
@@ -73,8 +77,11 @@ def train_baseline(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache
         spec=spec,
         input_shape=data.input_shape(1),
         meta={
-            "dataset": data.name, "train": config.to_dict(), "val_accuracy": result.val_accuracy,
-            "test_accuracy": test_acc, "history": result.history,
+            "dataset": data.name,
+            "train": config.to_dict(),
+            "val_accuracy": result.val_accuracy,
+            "test_accuracy": test_acc,
+            "history": result.history,
         },
     )
     save_checkpoint(path, result.model, info)

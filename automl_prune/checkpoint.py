@@ -80,7 +80,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[CheckpointInfo, dict[
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"checkpoint '{path}' is corrupt or not a torch file ({type(exc).__name__}); re-create it") from exc
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupt or not a torch file ({type(exc).__name__}); re-create it"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not an automl-prune checkpoint (no '{FORMAT}' header)")
     if payload.get("version") != VERSION:

@@ -122,8 +122,12 @@ def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
     from automl_prune.training import TrainConfig
 
     return TrainConfig(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-        seed=args.seed, **extra,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        **extra,
     )
 
 
@@ -198,7 +202,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     cols = ["group", "type", "in", "out", "kernel", "stride", "out_size", "coupled", "flops", "params"]
     _table(
         f"{len(graph.groups)} prunable groups, {_human(graph.flops)} FLOPs (MACs), {_human(graph.params)} params",
-        cols, [[r[c] for c in cols] for r in rows],
+        cols,
+        [[r[c] for c in cols] for r in rows],
     )
     return 0
 
@@ -220,7 +225,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     _table(
         f"baseline {spec.name} on {data.name}" + (" (cached)" if baseline.cached else ""),
         ["model", "epochs", "val acc", "test acc", "seconds", "checkpoint"],
-        [[spec.name, config.epochs, meta["val_accuracy"], meta["test_accuracy"], time.perf_counter() - start, str(out / "model.pt")]],
+        [
+            [
+                spec.name,
+                config.epochs,
+                meta["val_accuracy"],
+                meta["test_accuracy"],
+                time.perf_counter() - start,
+                str(out / "model.pt"),
+            ]
+        ],
     )
     return 0
 
@@ -273,7 +287,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = _load_data(args) if args.dataset else None
     pruned, plan, graph = _prune_checkpoint(args, model, info, data)
     out = _prepare_out(Path(args.out), overwrite=True)
-    new_info = CheckpointInfo(info.spec, info.input_shape, plan, args.round_to, {**info.meta, "criterion": args.criterion})
+    new_info = CheckpointInfo(
+        info.spec, info.input_shape, plan, args.round_to, {**info.meta, "criterion": args.criterion}
+    )
     save_checkpoint(out / "model.pt", pruned, new_info)
     write_json(out / "plan.json", plan.to_dict())
     cost = count_cost(pruned, info.example_inputs())
@@ -283,7 +299,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         rows[0].append(evaluate_accuracy(model, data.test))
         rows[1].append(evaluate_accuracy(pruned, data.test))
-    _table(f"pruned with {args.criterion} -> {out / 'model.pt'}", ["model", "FLOPs", "params", "FLOPs ratio", "test acc"][: len(rows[0])], rows)
+    _table(
+        f"pruned with {args.criterion} -> {out / 'model.pt'}",
+        ["model", "FLOPs", "params", "FLOPs ratio", "test acc"][: len(rows[0])],
+        rows,
+    )
     return 0
 
 
@@ -301,8 +321,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     after = evaluate_accuracy(result.model, data.test)
     out = _prepare_out(Path(args.out), overwrite=True)
     meta = {**info.meta, "finetune": {"epochs": args.epochs, "lr": args.lr, "test_before": before, "test_after": after}}
-    save_checkpoint(out / "model.pt", result.model, CheckpointInfo(info.spec, info.input_shape, info.plan, info.round_to, meta))
-    _table("fine-tune", ["test acc before", "test acc after", "best val acc", "checkpoint"], [[before, after, result.val_accuracy, str(out / "model.pt")]])
+    save_checkpoint(
+        out / "model.pt", result.model, CheckpointInfo(info.spec, info.input_shape, info.plan, info.round_to, meta)
+    )
+    _table(
+        "fine-tune",
+        ["test acc before", "test acc after", "best val acc", "checkpoint"],
+        [[before, after, result.val_accuracy, str(out / "model.pt")]],
+    )
     return 0
 
 
@@ -316,7 +342,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, info = load_checkpoint(args.checkpoint)
     paths = export_model(model, info, Path(args.out))
     diff = check_onnx(model, paths.onnx, torch.randn(8, *info.input_shape[1:]))
-    _table("export", ["format", "file"], [["checkpoint", paths.checkpoint], ["TorchScript", paths.torchscript], ["ONNX", paths.onnx], ["ONNX max |diff| vs torch", f"{diff:.2e}"]])
+    _table(
+        "export",
+        ["format", "file"],
+        [
+            ["checkpoint", paths.checkpoint],
+            ["TorchScript", paths.torchscript],
+            ["ONNX", paths.onnx],
+            ["ONNX max |diff| vs torch", f"{diff:.2e}"],
+        ],
+    )
     return 0
 
 
@@ -326,7 +361,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     model, x, _ = _model_and_input(args)
     shape = (args.batch_size, *x.shape[1:])
-    stats = measure_latency(model, shape, device=args.device, threads=args.threads, runs=args.runs, channels_last=args.channels_last)
+    stats = measure_latency(
+        model, shape, device=args.device, threads=args.threads, runs=args.runs, channels_last=args.channels_last
+    )
     table = LatencyTable(device=args.device, threads=stats.threads, batch_size=args.batch_size)
     predicted = table.predict(model, shape)
     error = (predicted - stats.median_ms) / stats.median_ms
@@ -345,8 +382,12 @@ def _budget_from_args(args: argparse.Namespace) -> Any:
     if flops is None and args.params is None and args.latency_ms is None:
         flops = 0.5
     return Budget(
-        flops=flops, params=args.params, latency_ms=args.latency_ms, device=args.device,
-        batch_size=args.latency_batch_size, threads=args.threads,
+        flops=flops,
+        params=args.params,
+        latency_ms=args.latency_ms,
+        device=args.device,
+        batch_size=args.latency_batch_size,
+        threads=args.threads,
     )
 
 
@@ -371,8 +412,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         spec = ModelSpec(args.model, data.in_channels, data.num_classes)
         model = train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None).model
     config = EvaluatorConfig(
-        criterion=args.criterion, reward=args.reward, eval_size=args.eval_size, bn_recalibration=not args.no_bn_recalibration,
-        round_to=args.round_to, seed=args.seed,
+        criterion=args.criterion,
+        reward=args.reward,
+        eval_size=args.eval_size,
+        bn_recalibration=not args.no_bn_recalibration,
+        round_to=args.round_to,
+        seed=args.seed,
     )
     evaluator = Evaluator(model, data, budget, config)
     space = SearchSpace(evaluator, min_keep=args.min_keep, skip_gates=args.skip_gates or args.strategy == "skipnet")
@@ -387,7 +432,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             bar.set_postfix(best_acc=f"{best[1].accuracy:.4f}")
 
     try:
-        result = get_strategy(args.strategy).search(evaluator, space, args.evaluations, seed=args.seed, callbacks=[progress])
+        result = get_strategy(args.strategy).search(
+            evaluator, space, args.evaluations, seed=args.seed, callbacks=[progress]
+        )
     finally:
         bar.close()
     out = _prepare_out(Path(args.out), overwrite=True)
@@ -395,8 +442,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     write_json(
         out / "result.json",
         {
-            "strategy": result.strategy, "seed": result.seed, "budget": budget.to_dict(), "evaluations": result.evaluations,
-            "wall_time": result.wall_time, "dense": evaluator.dense.to_dict(), "best_plan": result.best_plan.to_dict(),
+            "strategy": result.strategy,
+            "seed": result.seed,
+            "budget": budget.to_dict(),
+            "evaluations": result.evaluations,
+            "wall_time": result.wall_time,
+            "dense": evaluator.dense.to_dict(),
+            "best_plan": result.best_plan.to_dict(),
             "best": result.best_evaluation.to_dict(),
             "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in result.history],
         },
@@ -405,18 +457,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     _table(
         f"{args.strategy}: best of {result.evaluations} evaluations under {budget.describe()} -> {out / 'plan.json'}",
         ["model", "search-val acc", "FLOPs", "params", "FLOPs ratio", "feasible"],
-        [["dense", evaluator.dense.accuracy, evaluator.dense.flops, evaluator.dense.params, 1.0, True],
-         ["best plan", best.accuracy, best.flops, best.params, best.flops_ratio, best.feasible]],
+        [
+            ["dense", evaluator.dense.accuracy, evaluator.dense.flops, evaluator.dense.params, 1.0, True],
+            ["best plan", best.accuracy, best.flops, best.params, best.flops_ratio, best.feasible],
+        ],
     )
     kept = evaluator.graph.kept_channels(result.best_plan, config.round_to)
-    _table("kept channels per group", ["group", "channels", "kept", "keep ratio"],
-           [[g.name, g.channels, kept[g.name], kept[g.name] / g.channels] for g in evaluator.graph.groups])
+    _table(
+        "kept channels per group",
+        ["group", "channels", "kept", "keep ratio"],
+        [[g.name, g.channels, kept[g.name], kept[g.name] / g.channels] for g in evaluator.graph.groups],
+    )
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Train (cached) -> uniform FLOPs prune -> fine-tune -> export, then print a table."""
-    import torch
 
     from automl_prune.baseline import train_baseline
     from automl_prune.checkpoint import CheckpointInfo
@@ -449,7 +505,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     pruned = train(pruned, data, ft, description="fine-tune").model
     console.print("[4/4] export")
-    info = CheckpointInfo(spec, tuple(x.shape), plan, args.round_to, {"dataset": data.name, "criterion": args.criterion})
+    info = CheckpointInfo(
+        spec, tuple(x.shape), plan, args.round_to, {"dataset": data.name, "criterion": args.criterion}
+    )
     paths = export_model(pruned, info, out)
     onnx_diff = check_onnx(pruned, paths.onnx, data.test.images[:8])
     write_json(out / "plan.json", plan.to_dict())
@@ -461,14 +519,21 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         lat1 = measure_latency(model, (1, *x.shape[1:]), threads=args.threads).median_ms
         lat64 = measure_latency(model, (64, *x.shape[1:]), threads=args.threads, runs=10, warmup=3).median_ms
         rows.append([label, acc, cost.flops, cost.params, lat1, lat64])
-        summary[label] = {"test_accuracy": acc, "flops": cost.flops, "params": cost.params, "latency_ms_b1": lat1, "latency_ms_b64": lat64}
+        summary[label] = {
+            "test_accuracy": acc,
+            "flops": cost.flops,
+            "params": cost.params,
+            "latency_ms_b1": lat1,
+            "latency_ms_b64": lat64,
+        }
     rows.insert(1, ["pruned (before fine-tune)", acc_pruned, rows[1][2], rows[1][3], "", ""])
     summary["pruned_before_finetune_accuracy"] = acc_pruned
     summary["onnx_max_abs_diff"] = onnx_diff
     write_json(out / "summary.json", summary)
     _table(
         f"{spec.name} on {data.name}: uniform {args.flops:.0%} FLOPs, {args.criterion} -> {out}",
-        ["model", "test acc", "FLOPs", "params", "ms (b=1)", "ms (b=64)"], rows,
+        ["model", "test acc", "FLOPs", "params", "ms (b=1)", "ms (b=64)"],
+        rows,
     )
     b, p = summary["baseline"], summary["pruned + fine-tuned"]
     console.print(
@@ -481,7 +546,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``automl-prune`` command."""
-    parser = argparse.ArgumentParser(prog="automl-prune", description="Search how to prune a neural network under a budget.")
+    parser = argparse.ArgumentParser(
+        prog="automl-prune", description="Search how to prune a neural network under a budget."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -506,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_train_args(p, epochs=3.0, lr=0.1)
     p.add_argument("--bn-l1", type=float, default=0.0, help="network-slimming L1 penalty on BN scales")
-    p.add_argument("--cache-dir", default=None, help="baseline cache (default $AUTOML_PRUNE_CACHE or ~/.cache/automl-prune)")
+    p.add_argument(
+        "--cache-dir", default=None, help="baseline cache (default $AUTOML_PRUNE_CACHE or ~/.cache/automl-prune)"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_train)
 
@@ -552,7 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="fashion_cnn")
     _add_data_args(p)
     _add_train_args(p, epochs=3.0, lr=0.1)
-    p.add_argument("--flops", type=_positive_float, default=None, help="FLOPs budget: fraction (<=1) or absolute (default 0.5)")
+    p.add_argument(
+        "--flops", type=_positive_float, default=None, help="FLOPs budget: fraction (<=1) or absolute (default 0.5)"
+    )
     p.add_argument("--params", type=_positive_float, default=None, help="parameter budget: fraction (<=1) or absolute")
     p.add_argument("--latency-ms", type=_positive_float, default=None, help="latency budget in ms on --device")
     p.add_argument("--device", default="cpu", help="device the latency budget is for")

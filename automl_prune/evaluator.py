@@ -138,7 +138,9 @@ class Evaluator:
         self.val: TensorData = data.search_val.subset(self.config.eval_size, seed=0)
         self.calibration: list[torch.Tensor] = []
         if self.config.bn_recalibration:
-            calib = data.train.batches(self.config.batch_size, shuffle=True, seed=derive_seed(self.config.seed, "bn-calibration"))
+            calib = data.train.batches(
+                self.config.batch_size, shuffle=True, seed=derive_seed(self.config.seed, "bn-calibration")
+            )
             self.calibration = [x for (x, _), _ in zip(calib, range(self.config.recalibration_batches))]
         self.criterion_data = list(self.val.batches(self.config.batch_size))[: self.config.criterion_batches]
         self.latency_table = latency_table
@@ -157,7 +159,7 @@ class Evaluator:
         self.context = RewardContext(dense_acc, self.graph.flops, self.graph.params, budget.latency_ms)
         self.dense = self._score(Plan(), dense_acc, self.cost(Plan()), None, 0.0)
 
-    def __deepcopy__(self, memo: dict) -> "Evaluator":
+    def __deepcopy__(self, memo: dict) -> Evaluator:
         """Shared, not copied: envs and wrappers that deep-copy their kwargs keep using this instance."""
         return self
 
@@ -165,11 +167,20 @@ class Evaluator:
     def _setup_latency(self) -> None:
         shape = self.latency_shape
         if self.latency_table is None:
-            self.latency_table = LatencyTable(device=self.budget.device, threads=self.budget.threads or torch.get_num_threads(), batch_size=self.budget.batch_size)
+            self.latency_table = LatencyTable(
+                device=self.budget.device,
+                threads=self.budget.threads or torch.get_num_threads(),
+                batch_size=self.budget.batch_size,
+            )
         predicted = self.latency_table.predict(self.model, shape)
         measured = measure_latency(self.model, shape, device=self.budget.device, threads=self.budget.threads).median_ms
         self.latency_scale = measured / predicted if predicted > 0 else 1.0
-        logger.info("latency table predicts %.3f ms for the dense model, measured %.3f ms (scale %.2f)", predicted, measured, self.latency_scale)
+        logger.info(
+            "latency table predicts %.3f ms for the dense model, measured %.3f ms (scale %.2f)",
+            predicted,
+            measured,
+            self.latency_scale,
+        )
 
     @property
     def latency_shape(self) -> tuple[int, ...]:
@@ -198,7 +209,11 @@ class Evaluator:
     def excess(self, flops: float, params: float, latency_ms: float | None) -> float:
         """Largest relative overshoot of any budget term (<= 0 when within budget)."""
         worst = -math.inf
-        for value, limit in ((flops, self.limits["flops"]), (params, self.limits["params"]), (latency_ms, self.limits["latency_ms"])):
+        for value, limit in (
+            (flops, self.limits["flops"]),
+            (params, self.limits["params"]),
+            (latency_ms, self.limits["latency_ms"]),
+        ):
             if limit is not None and value is not None:
                 worst = max(worst, value / limit - 1.0)
         return worst
@@ -206,21 +221,49 @@ class Evaluator:
     # ------------------------------------------------------------------ scoring
     def build(self, plan: Plan) -> nn.Module:
         """The pruned (and, by default, BN-recalibrated) model that :meth:`evaluate` scores."""
-        pruned = apply(self.model, plan, self.criterion, graph=self.graph, round_to=self.config.round_to, data=self.criterion_data)
+        pruned = apply(
+            self.model, plan, self.criterion, graph=self.graph, round_to=self.config.round_to, data=self.criterion_data
+        )
         if self.calibration:
             recalibrate_batchnorm(pruned, self.calibration)
         return pruned.eval()
 
-    def _score(self, plan: Plan, accuracy: float, cost: Cost, latency: float | None, seconds: float, reason: str = "") -> Evaluation:
+    def _score(
+        self, plan: Plan, accuracy: float, cost: Cost, latency: float | None, seconds: float, reason: str = ""
+    ) -> Evaluation:
         excess = self.excess(cost.flops, cost.params, latency)
         if reason or not math.isfinite(accuracy):
             reason = reason or "accuracy is not a finite number"
-            return Evaluation(accuracy, cost.flops, cost.params, latency, None, cost.flops / self.graph.flops, FAILED_REWARD, False, reason, seconds)
-        reward = self.reward_fn(accuracy, cost.flops, cost.params, latency, self.context) - budget_penalty(max(excess, 0.0))
+            return Evaluation(
+                accuracy,
+                cost.flops,
+                cost.params,
+                latency,
+                None,
+                cost.flops / self.graph.flops,
+                FAILED_REWARD,
+                False,
+                reason,
+                seconds,
+            )
+        reward = self.reward_fn(accuracy, cost.flops, cost.params, latency, self.context) - budget_penalty(
+            max(excess, 0.0)
+        )
         feasible = excess <= 1e-9
         if not feasible:
             reason = f"over budget by {excess:.1%}"
-        return Evaluation(accuracy, cost.flops, cost.params, latency, None, cost.flops / self.graph.flops, reward, feasible, reason, seconds)
+        return Evaluation(
+            accuracy,
+            cost.flops,
+            cost.params,
+            latency,
+            None,
+            cost.flops / self.graph.flops,
+            reward,
+            feasible,
+            reason,
+            seconds,
+        )
 
     def evaluate(self, plan: Plan) -> Evaluation:
         """Score ``plan``; a failure is recorded as an infeasible evaluation with its reason."""
@@ -244,4 +287,6 @@ class Evaluator:
     def measure_latency(self, plan: Plan, runs: int = 30) -> float:
         """End-to-end measured latency (ms) of ``plan``'s model on the budget's device."""
         model = rebuild_structure(self.model, self.graph, plan, self.config.round_to)
-        return measure_latency(model, self.latency_shape, device=self.budget.device, threads=self.budget.threads, runs=runs).median_ms
+        return measure_latency(
+            model, self.latency_shape, device=self.budget.device, threads=self.budget.threads, runs=runs
+        ).median_ms

@@ -48,8 +48,13 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         warnings.simplefilter("ignore")
         onnx_path = tmp.with_suffix(".onnx")
         program = torch.onnx.export(
-            model.eval(), (example_inputs,), dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
-            input_names=["input"], output_names=["logits"],
+            model.eval(),
+            (example_inputs,),
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+            input_names=["input"],
+            output_names=["logits"],
         )
         program.save(str(onnx_path), external_data=False)
         os.replace(onnx_path, tmp)
@@ -68,7 +73,9 @@ def check_onnx(model: nn.Module, path: str | os.PathLike[str], inputs: torch.Ten
     return float(np.abs(ort_out - torch_out).max())
 
 
-def export_model(model: nn.Module, info: CheckpointInfo, out_dir: str | os.PathLike[str], stem: str = "model") -> ExportPaths:
+def export_model(
+    model: nn.Module, info: CheckpointInfo, out_dir: str | os.PathLike[str], stem: str = "model"
+) -> ExportPaths:
     """Write ``stem.pt`` (checkpoint), ``stem.ts`` (TorchScript) and ``stem.onnx`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

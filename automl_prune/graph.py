@@ -63,7 +63,11 @@ def is_skippable(module: nn.Module) -> bool:
         return True
     if isinstance(getattr(module, "shortcut", None), nn.Identity):
         return True
-    return type(module).__name__ in {"BasicBlock", "Bottleneck"} and hasattr(module, "downsample") and module.downsample is None
+    return (
+        type(module).__name__ in {"BasicBlock", "Bottleneck"}
+        and hasattr(module, "downsample")
+        and module.downsample is None
+    )
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
@@ -114,7 +118,9 @@ class LayerGraph:
         dependency_graph: The Torch-Pruning dependency graph built on ``model``.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Sequence[nn.Module] | None = None):
+    def __init__(
+        self, model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Sequence[nn.Module] | None = None
+    ):
         self.model = model
         self.example_inputs = example_inputs
         self._names = {module: name for name, module in model.named_modules()}
@@ -144,7 +150,9 @@ class LayerGraph:
         self.flops = base.flops
         self.params = sum(p.numel() for p in model.parameters())
         if base.params != self.params:
-            logger.debug("analytic params %d differ from counted %d (unsupported layer types)", base.params, self.params)
+            logger.debug(
+                "analytic params %d differ from counted %d (unsupported layer types)", base.params, self.params
+            )
 
     @staticmethod
     def _trace(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[nn.Module], dict]:
@@ -184,7 +192,9 @@ class LayerGraph:
             features = next(module.parameters(recurse=False)).shape[0]
         return int(features)
 
-    def _layer_info(self, module: nn.Module, in_size: tuple[int, int], out_size: tuple[int, int], positions: int) -> LayerInfo:
+    def _layer_info(
+        self, module: nn.Module, in_size: tuple[int, int], out_size: tuple[int, int], positions: int
+    ) -> LayerInfo:
         name = self._names[module]
         if isinstance(module, nn.Conv2d):
             kind = "dwconv" if _is_depthwise(module) else "conv"
@@ -194,9 +204,17 @@ class LayerGraph:
             kind, c_in, c_out = "linear", module.in_features, module.out_features
             kernel, stride, groups = (1, 1), (1, 1), 1
         return LayerInfo(
-            name=name, kind=kind, in_channels=c_in, out_channels=c_out, kernel=kernel, stride=stride,
-            groups=groups, in_size=in_size, out_size=out_size,
-            flops=_layer_flops(module, c_in, c_out, out_size, positions), params=_module_params(module, c_in, c_out),
+            name=name,
+            kind=kind,
+            in_channels=c_in,
+            out_channels=c_out,
+            kernel=kernel,
+            stride=stride,
+            groups=groups,
+            in_size=in_size,
+            out_size=out_size,
+            flops=_layer_flops(module, c_in, c_out, out_size, positions),
+            params=_module_params(module, c_in, c_out),
         )
 
     def _build_groups(self, ignored: list[nn.Module]) -> list[GroupInfo]:
@@ -228,7 +246,9 @@ class LayerGraph:
             touched = {m for m, _, _ in items}
             groups.append(
                 GroupInfo(
-                    name=self._names[root], index=index, root=self.layers[self._names[root]],
+                    name=self._names[root],
+                    index=index,
+                    root=self.layers[self._names[root]],
                     channels=int(root.out_channels if isinstance(root, nn.Conv2d) else root.out_features),
                     members=tuple(self._names[m] for m in sorted(members, key=self._rank.__getitem__)),
                     consumers=tuple(self._names[m] for m in sorted(consumers, key=self._rank.__getitem__)),
@@ -333,10 +353,16 @@ class LayerGraph:
         """One row per group for tables: name, type, channels, kernel, stride, output size, FLOPs, params."""
         return [
             {
-                "group": g.name, "type": g.root.kind, "in": g.root.in_channels, "out": g.channels,
-                "kernel": f"{g.root.kernel[0]}x{g.root.kernel[1]}", "stride": g.root.stride[0],
-                "out_size": f"{g.root.out_size[0]}x{g.root.out_size[1]}", "coupled": len(g.members),
-                "flops": g.flops, "params": g.params,
+                "group": g.name,
+                "type": g.root.kind,
+                "in": g.root.in_channels,
+                "out": g.channels,
+                "kernel": f"{g.root.kernel[0]}x{g.root.kernel[1]}",
+                "stride": g.root.stride[0],
+                "out_size": f"{g.root.out_size[0]}x{g.root.out_size[1]}",
+                "coupled": len(g.members),
+                "flops": g.flops,
+                "params": g.params,
             }
             for g in self.groups
         ]

@@ -77,7 +77,9 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
         full = dg.get_pruning_group(root, prune_fn, list(range(group.channels)))
         idxs = sorted(int(i) for i in select(full, group.channels, n_remove))
         if len(idxs) != n_remove or len(set(idxs)) != n_remove:
-            raise RuntimeError(f"selector returned {len(set(idxs))} indices for group {group.name}, expected {n_remove}")
+            raise RuntimeError(
+                f"selector returned {len(set(idxs))} indices for group {group.name}, expected {n_remove}"
+            )
         dg.get_pruning_group(root, prune_fn, idxs).prune()
     return pruned
 
@@ -121,6 +123,7 @@ def apply(
     graph.validate(plan)
     crit.prepare(model, graph, data)
     try:
+
         def select(group: Any, channels: int, n_remove: int) -> list[int]:
             scores = crit(group).detach().flatten().cpu().double()
             if scores.numel() != channels:

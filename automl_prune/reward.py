@@ -54,7 +54,9 @@ def reward_acc(accuracy: float, flops: int, params: int, latency_ms: float | Non
 
 
 @REWARDS.register("acc_log_flops", description="AMC R_FLOPs = -error * log(FLOPs)")
-def reward_acc_log_flops(accuracy: float, flops: int, params: int, latency_ms: float | None, ctx: RewardContext) -> float:
+def reward_acc_log_flops(
+    accuracy: float, flops: int, params: int, latency_ms: float | None, ctx: RewardContext
+) -> float:
     """AMC's FLOPs-aware reward: ``-(1 - accuracy) * log(FLOPs)``."""
     return -(1.0 - accuracy) * math.log(max(flops, 2))
 

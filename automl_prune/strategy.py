@@ -130,8 +130,13 @@ class SearchSession:
             best = (plan, self.evaluator.evaluate(plan))
             logger.warning("%s found no feasible plan; returning the min-keep plan", self.strategy)
         return SearchResult(
-            strategy=self.strategy, best_plan=best[0], best_evaluation=best[1], history=list(self.history),
-            wall_time=time.perf_counter() - self.start, evaluations=self.used, seed=self.seed,
+            strategy=self.strategy,
+            best_plan=best[0],
+            best_evaluation=best[1],
+            history=list(self.history),
+            wall_time=time.perf_counter() - self.start,
+            evaluations=self.used,
+            seed=self.seed,
         )
 
 
@@ -167,7 +172,9 @@ class Strategy:
             The best feasible plan, the history and the evaluations used.
         """
         seed_everything(seed)
-        session = SearchSession(self.name or type(self).__name__, evaluator, space, max_evaluations, seed, callbacks, evaluate_many)
+        session = SearchSession(
+            self.name or type(self).__name__, evaluator, space, max_evaluations, seed, callbacks, evaluate_many
+        )
         try:
             self._run(session)
         except EvaluationBudgetExhausted:
@@ -239,8 +246,14 @@ STRATEGIES.register("uniform", UniformStrategy, "the uniform plan that meets the
 STRATEGIES.register("random", RandomStrategy, "uniformly random feasible plans (control)")
 STRATEGIES.register("ddpg", "automl_prune.agents.sb3:DDPGStrategy", "AMC: DDPG on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register("ppo", "automl_prune.agents.sb3:PPOStrategy", "PPO on LayerPrune-v0 (stable-baselines3)")
-STRATEGIES.register("reinforce", "automl_prune.agents.policy_gradient:ReinforceStrategy", "N2N: LSTM policies trained with REINFORCE")
-STRATEGIES.register("skipnet", "automl_prune.agents.policy_gradient:SkipNetStrategy", "SkipNet-style policy gradient over residual-block skip gates")
+STRATEGIES.register(
+    "reinforce", "automl_prune.agents.policy_gradient:ReinforceStrategy", "N2N: LSTM policies trained with REINFORCE"
+)
+STRATEGIES.register(
+    "skipnet",
+    "automl_prune.agents.policy_gradient:SkipNetStrategy",
+    "SkipNet-style policy gradient over residual-block skip gates",
+)
 
 
 def get_strategy(name: str, **kwargs: Any) -> Strategy:

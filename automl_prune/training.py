@@ -78,7 +78,11 @@ class TrainResult:
 
 def bn_l1_penalty(model: nn.Module) -> torch.Tensor:
     """Sum of |gamma| over all BatchNorm layers (network slimming's sparsity term)."""
-    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    terms = [
+        m.weight.abs().sum()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+    ]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -129,7 +133,12 @@ def train(
         while step < total_steps:
             model.train()
             running, seen = 0.0, 0
-            batches = data.train.batches(config.batch_size, shuffle=True, seed=derive_seed(config.seed, "epoch", epoch), drop_last=n_train >= config.batch_size)
+            batches = data.train.batches(
+                config.batch_size,
+                shuffle=True,
+                seed=derive_seed(config.seed, "epoch", epoch),
+                drop_last=n_train >= config.batch_size,
+            )
             for x, y in batches:
                 if step >= total_steps:
                     break

@@ -35,9 +35,13 @@ def fashion_small(fashion):
     from automl_prune.data import DataSplits
 
     return DataSplits(
-        name="fashion-mnist-12k", train=fashion.train.subset(12000, seed=0), search_val=fashion.search_val,
-        test=fashion.test.subset(2000, seed=0), num_classes=fashion.num_classes,
-        in_channels=fashion.in_channels, image_size=fashion.image_size,
+        name="fashion-mnist-12k",
+        train=fashion.train.subset(12000, seed=0),
+        search_val=fashion.search_val,
+        test=fashion.test.subset(2000, seed=0),
+        num_classes=fashion.num_classes,
+        in_channels=fashion.in_channels,
+        image_size=fashion.image_size,
     )
 
 

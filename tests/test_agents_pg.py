@@ -44,7 +44,9 @@ def _one_thread() -> Iterator[None]:
 def evaluator() -> Evaluator:
     data = load_dataset("synthetic")
     model = build_model(ModelSpec("resnet20", data.in_channels, data.num_classes))
-    return Evaluator(model, data, Budget(flops=BUDGET), EvaluatorConfig(eval_size=64, recalibration_batches=1, batch_size=64))
+    return Evaluator(
+        model, data, Budget(flops=BUDGET), EvaluatorConfig(eval_size=64, recalibration_batches=1, batch_size=64)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,13 @@ class ToyEvaluator:
         cost = self._real.cost(plan)
         excess = self._real.excess(cost.flops, cost.params, None)
         return Evaluation(
-            accuracy=math.nan, flops=cost.flops, params=cost.params, latency_ms=None, measured_latency_ms=None,
-            flops_ratio=cost.flops / self._real.graph.flops, reward=float(-self.keep_weight * keep_error - skip_error),
+            accuracy=math.nan,
+            flops=cost.flops,
+            params=cost.params,
+            latency_ms=None,
+            measured_latency_ms=None,
+            flops_ratio=cost.flops / self._real.graph.flops,
+            reward=float(-self.keep_weight * keep_error - skip_error),
             feasible=excess <= 1e-9,
         )
 
@@ -122,7 +129,9 @@ def test_budget_feasibility_and_seeding(factory, evaluator: Evaluator, space: Se
 def test_seeds(factory, evaluator: Evaluator, space: SearchSpace) -> None:
     toy = ToyEvaluator(evaluator, space.plan_from_keeps(np.full(space.dim, 0.5)))  # cheap scorer, real constraints
     toy_space = SearchSpace(toy, skip_gates=True)
-    runs = {seed: factory(episodes_per_update=2).search(toy, toy_space, max_evaluations=6, seed=seed) for seed in (0, 1)}
+    runs = {
+        seed: factory(episodes_per_update=2).search(toy, toy_space, max_evaluations=6, seed=seed) for seed in (0, 1)
+    }
     assert _plans(factory(episodes_per_update=2).search(toy, toy_space, max_evaluations=6, seed=0)) == _plans(runs[0])
     assert _plans(runs[0]) != _plans(runs[1])
 

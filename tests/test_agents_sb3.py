@@ -218,7 +218,14 @@ def test_noise_is_seeded_and_handles_edge_cases() -> None:
     assert np.array_equal(DecayingTruncatedNormalNoise(sigma=0.0).sample(np.array([0.3, 2.0])), np.float32([0.3, 1.0]))
     wide = DecayingTruncatedNormalNoise(sigma=1e6, seed=0).sample(np.zeros(100))
     assert wide.min() >= -1.0 and wide.max() <= 1.0
-    for kwargs in ({"sigma": -1.0}, {"decay": 0.0}, {"decay": 1.5}, {"low": 1.0, "high": -1.0}, {"delay": -1}, {"size": 0}):
+    for kwargs in (
+        {"sigma": -1.0},
+        {"decay": 0.0},
+        {"decay": 1.5},
+        {"low": 1.0, "high": -1.0},
+        {"delay": -1},
+        {"size": 0},
+    ):
         with pytest.raises(InvalidValueError):
             DecayingTruncatedNormalNoise(**kwargs)
 
@@ -235,8 +242,12 @@ def _add_episode(buffer: EpisodeRewardReplayBuffer, final: float, steps: int = 3
     for t in range(steps):
         done = t == steps - 1
         buffer.add(
-            np.full((1, 2), t, np.float32), np.full((1, 2), t + 1, np.float32), np.zeros((1, 1), np.float32),
-            np.array([final if done else 0.0], np.float32), np.array([done]), [{}],
+            np.full((1, 2), t, np.float32),
+            np.full((1, 2), t + 1, np.float32),
+            np.zeros((1, 1), np.float32),
+            np.array([final if done else 0.0], np.float32),
+            np.array([done]),
+            [{}],
         )
         if not done:
             assert buffer.pending == t + 1 and buffer.size() == stored
@@ -310,8 +321,13 @@ class ToyEvaluator:
         error = float(np.mean([abs(plan.keep_ratio(g) - self.target.keep_ratio(g)) for g in groups]))
         cost = self._real.cost(plan)
         return Evaluation(
-            accuracy=math.nan, flops=cost.flops, params=cost.params, latency_ms=None, measured_latency_ms=None,
-            flops_ratio=cost.flops / self._real.graph.flops, reward=-error,
+            accuracy=math.nan,
+            flops=cost.flops,
+            params=cost.params,
+            latency_ms=None,
+            measured_latency_ms=None,
+            flops_ratio=cost.flops / self._real.graph.flops,
+            reward=-error,
             feasible=self._real.excess(cost.flops, cost.params, None) <= 1e-9,
         )
 

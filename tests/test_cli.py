@@ -60,13 +60,40 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
 
     plan = {"keep_ratios": {"features.0": 0.5, "features.4": 0.5, "features.8": 0.5}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    run("prune", "--checkpoint", str(ckpt), "--plan", str(tmp_path / "plan.json"), *common, "--out", str(tmp_path / "pruned"))
+    run(
+        "prune",
+        "--checkpoint",
+        str(ckpt),
+        "--plan",
+        str(tmp_path / "plan.json"),
+        *common,
+        "--out",
+        str(tmp_path / "pruned"),
+    )
     bad = {"keep_ratios": {"features.0": 0.5, "nope": 0.5}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    proc = run("prune", "--checkpoint", str(ckpt), "--plan", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x"), check=False)
+    proc = run(
+        "prune",
+        "--checkpoint",
+        str(ckpt),
+        "--plan",
+        str(tmp_path / "bad.json"),
+        "--out",
+        str(tmp_path / "x"),
+        check=False,
+    )
     assert proc.returncode == 2 and "nope" in proc.stderr
 
-    run("finetune", "--checkpoint", str(tmp_path / "pruned" / "model.pt"), *common, "--epochs", "2", "--out", str(tmp_path / "ft"))
+    run(
+        "finetune",
+        "--checkpoint",
+        str(tmp_path / "pruned" / "model.pt"),
+        *common,
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "ft"),
+    )
     out = run("export", "--checkpoint", str(tmp_path / "ft" / "model.pt"), "--out", str(tmp_path / "export")).stdout
     assert "ONNX max |diff|" in out
     for name in ("model.pt", "model.ts", "model.onnx"):
@@ -86,7 +113,19 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
 def test_pipeline_prints_table_and_exports(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run(
-        "pipeline", "--dataset", "digits", "--epochs", "8", "--batch-size", "32", "--finetune-epochs", "2", "--threads", "2", "--out", str(out)
+        "pipeline",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "8",
+        "--batch-size",
+        "32",
+        "--finetune-epochs",
+        "2",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
     )
     assert "pruned + fine-tuned" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

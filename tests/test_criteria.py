@@ -96,7 +96,18 @@ def _hooks(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- registry
 def test_every_criterion_is_described_and_typed() -> None:
     assert set(ALL) == {
-        "l1", "l2", "fpgm", "slimming", "random", "apoz", "hrank", "entropy", "taylor", "snip", "thinet", "lasso",
+        "l1",
+        "l2",
+        "fpgm",
+        "slimming",
+        "random",
+        "apoz",
+        "hrank",
+        "entropy",
+        "taylor",
+        "snip",
+        "thinet",
+        "lasso",
     }
     for name in ALL:
         crit = get_criterion(name)
@@ -170,8 +181,13 @@ def test_contract_prunes_to_target_flops(name: str, model_name: str, trained_cnn
 
 def test_slimming_on_a_model_without_batchnorm_errors() -> None:
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
     ).eval()
     graph = LayerGraph(model, torch.randn(1, 1, 12, 12))
     with pytest.raises(InvalidValueError, match="BatchNorm.*'l1'"):
@@ -210,12 +226,16 @@ def dead_cnn(trained_cnn) -> tuple[nn.Module, LayerGraph]:
     return model, LayerGraph(model, trained_cnn.info.example_inputs())
 
 
-@pytest.mark.parametrize("name", ["l1", "l2", "slimming", "apoz", "hrank", "entropy", "taylor", "snip", "thinet", "lasso"])
+@pytest.mark.parametrize(
+    "name", ["l1", "l2", "slimming", "apoz", "hrank", "entropy", "taylor", "snip", "thinet", "lasso"]
+)
 def test_dead_channels_rank_least_important(name: str, dead_cnn, cnn_batches) -> None:
     model, graph = dead_cnn
     scores = _group_scores(get_criterion(name), model, graph, cnn_batches[:4], "features.4")
     alive = [i for i in range(scores.numel()) if i not in DEAD]
-    assert scores[DEAD].max() < scores[alive].min(), f"{name}: dead {scores[DEAD].tolist()}, alive min {scores[alive].min():.4g}"
+    assert scores[DEAD].max() < scores[alive].min(), (
+        f"{name}: dead {scores[DEAD].tolist()}, alive min {scores[alive].min():.4g}"
+    )
     assert sorted(torch.argsort(scores)[: len(DEAD)].tolist()) == DEAD
 
 
@@ -267,7 +287,9 @@ def next_layer_errors(trained_cnn, fashion, cnn_batches) -> dict[str, float]:
     held_out = [x for x, _ in list(fashion.test.batches(250))[:2]]
 
     def error(crit: Criterion) -> float:
-        return _layer_output_error(model, apply(model, plan, crit, graph=graph, data=cnn_batches), "features.8", held_out)
+        return _layer_output_error(
+            model, apply(model, plan, crit, graph=graph, data=cnn_batches), "features.8", held_out
+        )
 
     with _single_thread():
         errors = {f"random{s}": error(get_criterion("random", seed=s)) for s in range(3)}
@@ -312,7 +334,10 @@ def test_l1_accuracy_after_pruning_beats_random(trained_cnn, fashion_small, cnn_
     graph = LayerGraph(model, trained_cnn.info.example_inputs())
     plan = graph.uniform_plan(0.5)
     l1 = evaluate_accuracy(apply(model, plan, "l1", graph=graph), fashion_small.test)
-    randoms = [evaluate_accuracy(apply(model, plan, get_criterion("random", seed=s), graph=graph), fashion_small.test) for s in range(3)]
+    randoms = [
+        evaluate_accuracy(apply(model, plan, get_criterion("random", seed=s), graph=graph), fashion_small.test)
+        for s in range(3)
+    ]
     random_mean = sum(randoms) / len(randoms)
     logging.getLogger(__name__).info("accuracy at 50%% FLOPs: l1 %.4f, random %s", l1, randoms)
     # Without fine-tuning (or BN re-calibration) every pruned 2-epoch model loses much accuracy,

@@ -61,7 +61,11 @@ def test_user_factory_by_import_path() -> None:
 
 @pytest.mark.parametrize(
     ("name", "match"),
-    [("resnet21", "Did you mean 'resnet20'"), ("tv:not_a_model", "unknown torchvision model"), ("nope.mod:f", "cannot import")],
+    [
+        ("resnet21", "Did you mean 'resnet20'"),
+        ("tv:not_a_model", "unknown torchvision model"),
+        ("nope.mod:f", "cannot import"),
+    ],
 )
 def test_unknown_names_list_valid_ones(name: str, match: str) -> None:
     with pytest.raises(UnknownNameError, match=match):

@@ -7,12 +7,14 @@ import math
 import gymnasium
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 import automl_prune.envs
 from automl_prune.errors import InvalidValueError
-from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.evaluator import Evaluator, EvaluatorConfig, recalibrate_batchnorm
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.pruning import apply
 from automl_prune.reward import REWARDS, RewardContext
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.types import Budget, Plan
@@ -31,7 +33,9 @@ def resnet_evaluator(trained_resnet20, fashion_small):
 
 
 # ------------------------------------------------------------------------- budget and rewards
-@pytest.mark.parametrize("kwargs", [{}, {"flops": -0.5}, {"flops": math.nan}, {"latency_ms": 0}, {"flops": 0.5, "batch_size": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"flops": -0.5}, {"flops": math.nan}, {"latency_ms": 0}, {"flops": 0.5, "batch_size": 0}]
+)
 def test_bad_budgets_are_rejected(kwargs) -> None:
     with pytest.raises(InvalidValueError):
         Budget(**kwargs)
@@ -54,10 +58,13 @@ def test_reward_formulas() -> None:
 
 
 # ------------------------------------------------------------------------- evaluator
-def test_reported_accuracy_is_the_built_models(cnn_evaluator, fashion_small) -> None:
+def test_reported_accuracy_is_the_built_models(cnn_evaluator, trained_cnn) -> None:
+    """The accuracy of a plan is that of the model apply() physically builds (then BN-recalibrated)."""
     plan = cnn_evaluator.graph.uniform_plan(0.5)
     evaluation = cnn_evaluator.evaluate(plan)
-    assert evaluation.accuracy == evaluate_accuracy(cnn_evaluator.build(plan), cnn_evaluator.val)
+    physical = apply(trained_cnn.model, plan, "l1", example_inputs=trained_cnn.info.example_inputs())
+    recalibrate_batchnorm(physical, cnn_evaluator.calibration)
+    assert evaluation.accuracy == evaluate_accuracy(physical, cnn_evaluator.val)
     assert evaluation.feasible and evaluation.flops_ratio <= 0.5
     again = cnn_evaluator.evaluate(Plan(dict(plan.keep_ratios)))
     assert again.cached and again.accuracy == evaluation.accuracy
@@ -65,7 +72,9 @@ def test_reported_accuracy_is_the_built_models(cnn_evaluator, fashion_small) -> 
 
 def test_bn_recalibration_rescues_pruned_accuracy(trained_resnet20, fashion_small, resnet_evaluator) -> None:
     """Adaptive BN: at 50% FLOPs a pruned ResNet-20 scores far better after re-estimating BN statistics."""
-    raw = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.5), EvaluatorConfig(eval_size=500, bn_recalibration=False))
+    raw = Evaluator(
+        trained_resnet20.model, fashion_small, Budget(flops=0.5), EvaluatorConfig(eval_size=500, bn_recalibration=False)
+    )
     plan = resnet_evaluator.graph.uniform_plan(0.5)
     assert resnet_evaluator.evaluate(plan).accuracy > raw.evaluate(plan).accuracy + 0.10
 
@@ -77,6 +86,12 @@ def test_failed_evaluation_is_recorded_not_raised(cnn_evaluator, monkeypatch) ->
     monkeypatch.setattr(cnn_evaluator, "build", broken)
     evaluation = cnn_evaluator.evaluate(Plan({"features.0": 0.3}))
     assert not evaluation.feasible and "boom" in evaluation.reason and evaluation.reward < -1
+
+
+def test_model_without_prunable_groups_is_a_clear_error(fashion_small) -> None:
+    head_only = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    with pytest.raises(InvalidValueError, match="no prunable channel groups"):
+        Evaluator(head_only, fashion_small, Budget(flops=0.5), CONFIG)
 
 
 # ------------------------------------------------------------------------- search space

@@ -21,7 +21,10 @@ EVALUATIONS = 6
 @pytest.fixture(scope="module")
 def problem(trained_resnet20, fashion_small):
     evaluator = Evaluator(
-        trained_resnet20.model, fashion_small, Budget(flops=0.5), EvaluatorConfig(eval_size=300, recalibration_batches=2)
+        trained_resnet20.model,
+        fashion_small,
+        Budget(flops=0.5),
+        EvaluatorConfig(eval_size=300, recalibration_batches=2),
     )
     return evaluator, SearchSpace(evaluator, skip_gates=True)
 

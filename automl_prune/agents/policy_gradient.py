@@ -102,7 +102,10 @@ def group_embeddings(space: SearchSpace) -> np.ndarray:
     """
     groups = space.graph.groups
     raw = np.array(
-        [[i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops] for i, g in enumerate(groups)],
+        [
+            [i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops]
+            for i, g in enumerate(groups)
+        ],
         dtype=np.float64,
     )
     scale = raw.max(axis=0)
@@ -154,7 +157,9 @@ def _skipped_member_fraction(space: SearchSpace, skip: Mapping[str, bool]) -> np
     prefixes = tuple(f"{b}." for b, on in skip.items() if on)
     if not prefixes:
         return np.zeros(space.dim)
-    return np.array([sum(m.startswith(prefixes) for m in g.members) / max(1, len(g.members)) for g in space.graph.groups])
+    return np.array(
+        [sum(m.startswith(prefixes) for m in g.members) / max(1, len(g.members)) for g in space.graph.groups]
+    )
 
 
 # ---------------------------------------------------------------------- policies
@@ -207,7 +212,9 @@ class ShrinkagePolicy(nn.Module):
         self.head = nn.Linear(hidden_size, levels)
         _init_output(self.head)
 
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One step: logits over the levels and the new recurrent state.
 
         Args:
@@ -236,7 +243,9 @@ class RecurrentGatePolicy(nn.Module):
         self.head = nn.Linear(hidden_size, 1)
         _init_output(self.head, bias=math.log(initial_skip_prob / (1.0 - initial_skip_prob)))
 
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One step: the skip logit (a scalar tensor) and the new recurrent state."""
         h, c = self.cell(x.unsqueeze(0), state)
         return self.head(h)[0, 0], (h, c)
@@ -307,8 +316,13 @@ def _categorical(logits: torch.Tensor, generator: torch.Generator) -> tuple[int,
 
 
 def _check_common(
-    learning_rate: float, episodes_per_update: int, baseline_decay: float, hidden_size: int,
-    entropy_coef: float, initial_skip_prob: float, policy_threads: int | None,
+    learning_rate: float,
+    episodes_per_update: int,
+    baseline_decay: float,
+    hidden_size: int,
+    entropy_coef: float,
+    initial_skip_prob: float,
+    policy_threads: int | None,
 ) -> None:
     if not learning_rate > 0:
         raise InvalidValueError(f"learning_rate must be > 0, got {learning_rate}")
@@ -336,10 +350,24 @@ class _PolicyGradientStrategy(Strategy):
     """
 
     def __init__(
-        self, learning_rate: float, episodes_per_update: int, baseline_decay: float, hidden_size: int,
-        entropy_coef: float, initial_skip_prob: float, policy_threads: int | None,
+        self,
+        learning_rate: float,
+        episodes_per_update: int,
+        baseline_decay: float,
+        hidden_size: int,
+        entropy_coef: float,
+        initial_skip_prob: float,
+        policy_threads: int | None,
     ):
-        _check_common(learning_rate, episodes_per_update, baseline_decay, hidden_size, entropy_coef, initial_skip_prob, policy_threads)
+        _check_common(
+            learning_rate,
+            episodes_per_update,
+            baseline_decay,
+            hidden_size,
+            entropy_coef,
+            initial_skip_prob,
+            policy_threads,
+        )
         self.policy_threads = policy_threads
         self.learning_rate = learning_rate
         self.episodes_per_update = episodes_per_update
@@ -387,7 +415,10 @@ class _PolicyGradientStrategy(Strategy):
             advantages = baseline.advantages([e.reward for e in batch])
             with self._policy_threads():
                 loss = torch.stack(
-                    [-float(a) * e.log_prob - self.entropy_coef * e.entropy for a, e in zip(advantages, batch, strict=True)]
+                    [
+                        -float(a) * e.log_prob - self.entropy_coef * e.entropy
+                        for a, e in zip(advantages, batch, strict=True)
+                    ]
                 ).mean()
                 optimizer.zero_grad()
                 loss.backward()
@@ -396,8 +427,13 @@ class _PolicyGradientStrategy(Strategy):
             best = session.best()
             logger.info(
                 "%s update %d: mean reward %.4f, baseline %.4f, best %.4f (%d/%d evaluations)",
-                label, update, float(np.mean([e.reward for e in batch])), baseline.value,
-                best[1].reward if best else float("nan"), session.used, session.max_evaluations,
+                label,
+                update,
+                float(np.mean([e.reward for e in batch])),
+                baseline.value,
+                best[1].reward if best else float("nan"),
+                session.used,
+                session.max_evaluations,
             )
 
 
@@ -455,7 +491,15 @@ class ReinforceStrategy(_PolicyGradientStrategy):
         remove_blocks: bool = True,
         policy_threads: int | None = 1,
     ):
-        super().__init__(learning_rate, episodes_per_update, baseline_decay, hidden_size, entropy_coef, initial_skip_prob, policy_threads)
+        super().__init__(
+            learning_rate,
+            episodes_per_update,
+            baseline_decay,
+            hidden_size,
+            entropy_coef,
+            initial_skip_prob,
+            policy_threads,
+        )
         if levels < 2:
             raise InvalidValueError(f"levels must be >= 2, got {levels}")
         self.levels = levels
@@ -480,7 +524,11 @@ class ReinforceStrategy(_PolicyGradientStrategy):
             policy["remove"] = self._remove
         logger.info(
             "%s: %d groups, %d skippable blocks (stage 1 %s), %d shrinkage levels",
-            self._label(), space.dim, len(space.blocks), "on" if self._remove is not None else "off", self.levels,
+            self._label(),
+            space.dim,
+            len(space.blocks),
+            "on" if self._remove is not None else "off",
+            self.levels,
         )
         return policy
 
@@ -567,7 +615,15 @@ class SkipNetStrategy(_PolicyGradientStrategy):
         initial_skip_prob: float = 0.5,
         policy_threads: int | None = 1,
     ):
-        super().__init__(learning_rate, episodes_per_update, baseline_decay, hidden_size, entropy_coef, initial_skip_prob, policy_threads)
+        super().__init__(
+            learning_rate,
+            episodes_per_update,
+            baseline_decay,
+            hidden_size,
+            entropy_coef,
+            initial_skip_prob,
+            policy_threads,
+        )
         if not compute_penalty >= 0:
             raise InvalidValueError(f"compute_penalty must be >= 0, got {compute_penalty}")
         self.compute_penalty = compute_penalty
@@ -590,7 +646,9 @@ class SkipNetStrategy(_PolicyGradientStrategy):
         self._env = SkipGateEnv(space, evaluate=session.evaluate, compute_penalty=self.compute_penalty)
         self._reset_seed = derive_seed(session.seed, self._label(), "env")
         obs_size = int(np.prod(self._env.observation_space.shape))
-        logger.info("%s: %d skippable blocks, compute penalty %g", self._label(), len(space.blocks), self.compute_penalty)
+        logger.info(
+            "%s: %d skippable blocks, compute penalty %g", self._label(), len(space.blocks), self.compute_penalty
+        )
         self._gate = RecurrentGatePolicy(obs_size, self.hidden_size, self.initial_skip_prob)
         return self._gate
 

@@ -203,13 +203,20 @@ class EpisodeRewardReplayBuffer(ReplayBuffer):
         if baseline_alpha is not None and not 0.0 < baseline_alpha <= 1.0:
             raise InvalidValueError(f"baseline_alpha must be in (0, 1] or None, got {baseline_alpha}")
         super().__init__(
-            buffer_size, observation_space, action_space, device=device, n_envs=n_envs,
-            optimize_memory_usage=optimize_memory_usage, handle_timeout_termination=handle_timeout_termination,
+            buffer_size,
+            observation_space,
+            action_space,
+            device=device,
+            n_envs=n_envs,
+            optimize_memory_usage=optimize_memory_usage,
+            handle_timeout_termination=handle_timeout_termination,
         )
         self.final_reward_to_all = final_reward_to_all
         self.baseline_alpha = baseline_alpha
         self.moving_average: float | None = None
-        self._episode: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]] = []
+        self._episode: list[
+            tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]
+        ] = []
 
     def add(
         self,
@@ -225,8 +232,14 @@ class EpisodeRewardReplayBuffer(ReplayBuffer):
             super().add(obs, next_obs, action, reward, done, infos)
             return
         self._episode.append(
-            (np.array(obs, copy=True), np.array(next_obs, copy=True), np.array(action, copy=True),
-             np.array(reward, copy=True), np.array(done, copy=True), infos)
+            (
+                np.array(obs, copy=True),
+                np.array(next_obs, copy=True),
+                np.array(action, copy=True),
+                np.array(reward, copy=True),
+                np.array(done, copy=True),
+                infos,
+            )
         )
         if bool(np.asarray(done).reshape(-1)[0]):
             final = np.array(reward, copy=True)
@@ -328,15 +341,19 @@ class _SB3Strategy(Strategy):
         model = self._build(env, session, n_groups)
         self.model = model
         stop = StopWhenBudgetSpent(session)
-        logger.info("%s: learning on %d groups until %d evaluations are spent", type(self).__name__, n_groups, session.remaining)
+        logger.info(
+            "%s: learning on %d groups until %d evaluations are spent", type(self).__name__, n_groups, session.remaining
+        )
         first = True
         try:
             while not session.exhausted:
                 used = session.used
                 # One episode per evaluation; one episode of margin.
                 model.learn(
-                    total_timesteps=(session.remaining + 1) * n_groups, callback=stop,
-                    reset_num_timesteps=first, progress_bar=False,
+                    total_timesteps=(session.remaining + 1) * n_groups,
+                    callback=stop,
+                    reset_num_timesteps=first,
+                    progress_bar=False,
                 )
                 first = False
                 if session.used == used:
@@ -348,7 +365,9 @@ class _SB3Strategy(Strategy):
             vec_env = model.get_env()
             if vec_env is not None:
                 vec_env.close()
-        logger.info("%s: done after %d timesteps, %d evaluations", type(self).__name__, model.num_timesteps, session.used)
+        logger.info(
+            "%s: done after %d timesteps, %d evaluations", type(self).__name__, model.num_timesteps, session.used
+        )
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -430,7 +449,9 @@ class DDPGStrategy(_SB3Strategy):
         if batch_size < 1 or buffer_episodes < 1:
             raise InvalidValueError(f"batch_size and buffer_episodes must be >= 1, got {batch_size}, {buffer_episodes}")
         if noise_sigma < 0 or not 0.0 < noise_decay <= 1.0:
-            raise InvalidValueError(f"noise_sigma must be >= 0 and noise_decay in (0, 1], got {noise_sigma}, {noise_decay}")
+            raise InvalidValueError(
+                f"noise_sigma must be >= 0 and noise_decay in (0, 1], got {noise_sigma}, {noise_decay}"
+            )
         if baseline_alpha is not None and not 0.0 < baseline_alpha <= 1.0:
             raise InvalidValueError(f"baseline_alpha must be in (0, 1] or None, got {baseline_alpha}")
         self.warmup_episodes = warmup_episodes
@@ -454,11 +475,15 @@ class DDPGStrategy(_SB3Strategy):
         # every episode end, so during episode e (0-based) it has been reset e + 1 times: a delay
         # of warmup + 1 gives the first episode after the warm-up the initial sigma, as in AMC.
         self.noise = DecayingTruncatedNormalNoise(
-            sigma=self.noise_sigma, decay=self.noise_decay, size=1, delay=self.warmup_episodes + 1,
+            sigma=self.noise_sigma,
+            decay=self.noise_decay,
+            size=1,
+            delay=self.warmup_episodes + 1,
             seed=derive_seed(session.seed, "ddpg-noise"),
         )
         return _AMCDDPG(
-            "MlpPolicy", env,
+            "MlpPolicy",
+            env,
             learning_rate=self.actor_learning_rate,
             critic_learning_rate=self.critic_learning_rate,
             buffer_size=self.buffer_episodes * n_groups,
@@ -470,7 +495,10 @@ class DDPGStrategy(_SB3Strategy):
             gradient_steps=self.gradient_steps,
             action_noise=self.noise,
             replay_buffer_class=EpisodeRewardReplayBuffer,
-            replay_buffer_kwargs={"final_reward_to_all": self.final_reward_to_all, "baseline_alpha": self.baseline_alpha},
+            replay_buffer_kwargs={
+                "final_reward_to_all": self.final_reward_to_all,
+                "baseline_alpha": self.baseline_alpha,
+            },
             policy_kwargs={"net_arch": list(self.net_arch)},
             seed=session.seed,
             device=self.device,
@@ -520,9 +548,13 @@ class PPOStrategy(_SB3Strategy):
     ):
         super().__init__()
         if episodes_per_rollout < 1 or n_epochs < 1:
-            raise InvalidValueError(f"episodes_per_rollout and n_epochs must be >= 1, got {episodes_per_rollout}, {n_epochs}")
+            raise InvalidValueError(
+                f"episodes_per_rollout and n_epochs must be >= 1, got {episodes_per_rollout}, {n_epochs}"
+            )
         if batch_size is not None and batch_size < 2:
-            raise InvalidValueError(f"batch_size must be >= 2 (advantages are normalised per minibatch), got {batch_size}")
+            raise InvalidValueError(
+                f"batch_size must be >= 2 (advantages are normalised per minibatch), got {batch_size}"
+            )
         self.episodes_per_rollout = episodes_per_rollout
         self.learning_rate = learning_rate
         self.batch_size = batch_size
@@ -539,7 +571,8 @@ class PPOStrategy(_SB3Strategy):
         n_steps = max(self.episodes_per_rollout, math.ceil(2 / n_groups)) * n_groups
         batch_size = min(self.batch_size if self.batch_size is not None else max(2, n_steps // 2), n_steps)
         return PPO(
-            "MlpPolicy", env,
+            "MlpPolicy",
+            env,
             learning_rate=self.learning_rate,
             n_steps=n_steps,
             batch_size=batch_size,

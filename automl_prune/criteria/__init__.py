@@ -48,7 +48,8 @@ CRITERIA: Registry[Any] = Registry("criterion")
 CRITERIA.register("l1", lambda **kw: NormCriterion(1, **kw), "L1 norm of each filter (Li et al., ICLR 2017)")
 CRITERIA.register("l2", lambda **kw: NormCriterion(2, **kw), "L2 norm of each filter (Li et al., ICLR 2017)")
 CRITERIA.register(
-    "fpgm", FPGMCriterion,
+    "fpgm",
+    FPGMCriterion,
     "filters nearest the layer's geometric median go first: most redundant, not smallest (He et al., CVPR 2019)",
 )
 CRITERIA.register(
@@ -56,28 +57,38 @@ CRITERIA.register(
 )
 CRITERIA.register("random", RandomCriterion, "random scores, the control for every comparison")
 CRITERIA.register(
-    "apoz", f"{_ACT}:APoZCriterion", "data-driven: 1 - average percentage of zeros after ReLU (Hu et al., Network Trimming 2016)"
+    "apoz",
+    f"{_ACT}:APoZCriterion",
+    "data-driven: 1 - average percentage of zeros after ReLU (Hu et al., Network Trimming 2016)",
 )
 CRITERIA.register(
-    "hrank", f"{_ACT}:HRankCriterion", "data-driven: average rank of each channel's feature maps (Lin et al., CVPR 2020)"
+    "hrank",
+    f"{_ACT}:HRankCriterion",
+    "data-driven: average rank of each channel's feature maps (Lin et al., CVPR 2020)",
 )
 CRITERIA.register(
-    "entropy", f"{_ACT}:EntropyCriterion",
+    "entropy",
+    f"{_ACT}:EntropyCriterion",
     "data-driven: entropy of each channel's pooled-response histogram (Luo & Wu, 2017)",
 )
 CRITERIA.register(
-    "taylor", f"{_ACT}:TaylorCriterion",
+    "taylor",
+    f"{_ACT}:TaylorCriterion",
     "data-driven, gradients: |activation x gradient| of the loss, first-order Taylor (Molchanov et al., ICLR 2017/CVPR 2019)",
 )
 CRITERIA.register(
-    "snip", f"{_ACT}:SNIPCriterion", "data-driven, gradients: |w x dL/dw| summed per filter (Lee et al., SNIP, ICLR 2019)"
+    "snip",
+    f"{_ACT}:SNIPCriterion",
+    "data-driven, gradients: |w x dL/dw| summed per filter (Lee et al., SNIP, ICLR 2019)",
 )
 CRITERIA.register(
-    "thinet", f"{_REC}:ThiNetCriterion",
+    "thinet",
+    f"{_REC}:ThiNetCriterion",
     "data-driven: greedy input channels of the next layer that best rebuild its output, + rescaling (Luo et al., ICCV 2017)",
 )
 CRITERIA.register(
-    "lasso", f"{_REC}:LassoCriterion",
+    "lasso",
+    f"{_REC}:LassoCriterion",
     "data-driven: LASSO channel selection + least-squares refit of the next layer (He, Zhang & Sun, ICCV 2017)",
 )
 

@@ -89,13 +89,17 @@ class ActivationCriterion(Criterion):
         self._layouts = None
         self._scores = {}
 
-    def _collect(self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(
+        self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
         """Per-member channel scores; ``targets`` maps member name -> module whose output to measure."""
         raise NotImplementedError
 
     def __call__(self, group: Any) -> torch.Tensor:
         if self._layouts is None:
-            raise InvalidValueError(data_help(self.name) + f" (prepare() was not called before scoring with '{self.name}')")
+            raise InvalidValueError(
+                data_help(self.name) + f" (prepare() was not called before scoring with '{self.name}')"
+            )
         name = group_name(group)
         layout = self._layouts.get(name)
         if layout is None:
@@ -145,7 +149,9 @@ class APoZCriterion(ActivationCriterion):
     name = "apoz"
     reference = "Hu et al., Network Trimming: A Data-Driven Neuron Pruning Approach, arXiv 2016"
 
-    def _collect(self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(
+        self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
         zeros: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 
@@ -171,7 +177,9 @@ class HRankCriterion(ActivationCriterion):
     name = "hrank"
     reference = "Lin et al., HRank: Filter Pruning using High-Rank Feature Map, CVPR 2020"
 
-    def _collect(self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(
+        self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         sizes: dict[str, int] = {}
@@ -211,7 +219,9 @@ class EntropyCriterion(ActivationCriterion):
             raise InvalidValueError(f"entropy needs at least 2 bins, got {bins}")
         self.bins = bins
 
-    def _collect(self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(
+        self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
         pooled: dict[str, list[torch.Tensor]] = {}
 
         def update(member: str, out: torch.Tensor) -> None:
@@ -248,7 +258,9 @@ class TaylorCriterion(ActivationCriterion):
     normalisation = "l2"
     reference = "Molchanov et al., Pruning CNNs for Resource Efficient Inference, ICLR 2017 (Taylor, CVPR 2019)"
 
-    def _collect(self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(
+        self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
         device = model_device(model)
         sums: dict[str, torch.Tensor] = {}
         images = 0
@@ -257,7 +269,9 @@ class TaylorCriterion(ActivationCriterion):
         for member, module in targets.items():
             channel_last = isinstance(module, nn.Linear)
 
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor, member: str = member, cl: bool = channel_last) -> torch.Tensor:
+            def hook(
+                _m: nn.Module, _i: Any, out: torch.Tensor, member: str = member, cl: bool = channel_last
+            ) -> torch.Tensor:
                 shape = [1] * out.dim()
                 shape[0] = out.shape[0]
                 channel_dim = out.dim() - 1 if cl else 1
@@ -305,7 +319,9 @@ class SNIPCriterion(ActivationCriterion):
     normalisation = "sum"
     reference = "Lee et al., SNIP: Single-shot Network Pruning based on Connection Sensitivity, ICLR 2019"
 
-    def _collect(self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    def _collect(
+        self, model: nn.Module, batches: list[Batch], targets: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
         device = model_device(model)
         modules = dict(model.named_modules())
         names = list(targets)

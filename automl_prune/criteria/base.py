@@ -320,9 +320,13 @@ def require_batches(name: str, data: Any, need_labels: bool = False) -> list[Bat
             x = batch[0]
             y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
         else:
-            raise InvalidValueError(f"criterion '{name}': each batch must be (images, labels), got {type(batch).__name__}")
+            raise InvalidValueError(
+                f"criterion '{name}': each batch must be (images, labels), got {type(batch).__name__}"
+            )
         if need_labels and y is None:
-            raise InvalidValueError(f"criterion '{name}' back-propagates a cross-entropy loss and needs labels in every batch")
+            raise InvalidValueError(
+                f"criterion '{name}' back-propagates a cross-entropy loss and needs labels in every batch"
+            )
         batches.append((x, y))
     if not batches:
         raise InvalidValueError(data_help(name) + " (the data given holds no batch)")

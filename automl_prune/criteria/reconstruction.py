@@ -256,7 +256,9 @@ class ReconstructionCriterion(Criterion):
     # ------------------------------------------------------------------ scoring
     def __call__(self, group: Any) -> torch.Tensor:
         if self._layouts is None:
-            raise InvalidValueError(data_help(self.name) + f" (prepare() was not called before scoring with '{self.name}')")
+            raise InvalidValueError(
+                data_help(self.name) + f" (prepare() was not called before scoring with '{self.name}')"
+            )
         name = group_name(group)
         grams = self._grams.get(name)
         if grams:
@@ -265,7 +267,9 @@ class ReconstructionCriterion(Criterion):
         else:
             logger.warning(
                 "%s: group '%s' has no conv/linear consumer whose output can be reconstructed; "
-                "ranking its channels by L1 norm instead", self.name, name,
+                "ranking its channels by L1 norm instead",
+                self.name,
+                name,
             )
             ranks = to_ranks(self._fallback(group))
         self._ranks[name] = ranks
@@ -290,14 +294,20 @@ class ReconstructionCriterion(Criterion):
                 module = modules.get(name)
                 kept = self._kept_outputs(name, module) if module is not None else None
                 if module is None or kept is None:
-                    logger.warning("%s: cannot match consumer '%s' to the pruned model; left as pruned", self.name, name)
+                    logger.warning(
+                        "%s: cannot match consumer '%s' to the pruned model; left as pruned", self.name, name
+                    )
                     continue
                 rows = sum(t.shape[0] for t in self._consumers[name].targets)
                 needed = self._unknowns(module)
                 if rows < needed:
                     logger.warning(
                         "%s: only %d sampled positions for %d unknowns of '%s'; its weights are left as pruned "
-                        "(pass more batches or raise positions_per_image)", self.name, rows, needed, name,
+                        "(pass more batches or raise positions_per_image)",
+                        self.name,
+                        rows,
+                        needed,
+                        name,
                     )
                     continue
                 self._refit(pruned, name, module, kept)
@@ -405,7 +415,9 @@ class ThiNetCriterion(ReconstructionCriterion):
         generator = torch.Generator().manual_seed(self.seed + 1)
         gram = torch.zeros(units, units, dtype=torch.float64)
         rhs = torch.zeros(units, dtype=torch.float64)
-        for x, (images, places), target in zip(self._pruned_inputs(model, module), consumer.samples, consumer.targets, strict=True):
+        for x, (images, places), target in zip(
+            self._pruned_inputs(model, module), consumer.samples, consumer.targets, strict=True
+        ):
             patch = patches(module, x, images.to(x.device), places.to(x.device)).double().cpu().view(-1, units, area)
             picks = min(self.outputs_per_position, n_out)
             outs = torch.rand(patch.shape[0], n_out, generator=generator).argsort(1)[:, :picks]
@@ -416,7 +428,14 @@ class ThiNetCriterion(ReconstructionCriterion):
         scales = self._solve(gram, rhs)
         new = (w3 * scales.view(1, units, 1)).view_as(module.weight)
         module.weight.copy_(new.to(module.weight.dtype))
-        logger.debug("%s: rescaled %d input channels of %s (scales %.3f..%.3f)", self.name, units, name, float(scales.min()), float(scales.max()))
+        logger.debug(
+            "%s: rescaled %d input channels of %s (scales %.3f..%.3f)",
+            self.name,
+            units,
+            name,
+            float(scales.min()),
+            float(scales.max()),
+        )
 
 
 class LassoCriterion(ReconstructionCriterion):
@@ -459,9 +478,7 @@ class LassoCriterion(ReconstructionCriterion):
         xy = g @ np.ones(channels)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            alphas, _, coefs = lars_path_gram(
-                xy, g, n_samples=1, max_iter=4 * channels, method="lasso", positive=True
-            )
+            alphas, _, coefs = lars_path_gram(xy, g, n_samples=1, max_iter=4 * channels, method="lasso", positive=True)
         active = coefs > 1e-12 * max(float(np.abs(coefs).max()), 1e-30)
         entry = np.where(active, alphas[None, :], 0.0).max(1)
         return torch.from_numpy(entry)
@@ -475,7 +492,9 @@ class LassoCriterion(ReconstructionCriterion):
         dims = flat_weight(module).shape[1]
         gram = torch.zeros(dims, dims, dtype=torch.float64)
         rhs = torch.zeros(dims, kept.numel(), dtype=torch.float64)
-        for x, (images, places), target in zip(self._pruned_inputs(model, module), consumer.samples, consumer.targets, strict=True):
+        for x, (images, places), target in zip(
+            self._pruned_inputs(model, module), consumer.samples, consumer.targets, strict=True
+        ):
             patch = patches(module, x, images.to(x.device), places.to(x.device)).float().cpu()
             y = target[:, kept].float()
             gram += (patch.t() @ patch).double()

@@ -22,8 +22,16 @@ from automl_prune.types import Evaluation, Plan
 
 KIND_CODE = {"conv": 0.0, "dwconv": 0.5, "linear": 1.0}
 OBS_FEATURES = (
-    "index", "kind", "in_channels", "out_channels", "stride", "kernel",
-    "flops", "flops_reduced", "flops_rest", "previous_action",
+    "index",
+    "kind",
+    "in_channels",
+    "out_channels",
+    "stride",
+    "kernel",
+    "flops",
+    "flops_reduced",
+    "flops_rest",
+    "previous_action",
 )
 
 
@@ -39,7 +47,9 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
 
     metadata = {"render_modes": ["ansi"]}
 
-    def __init__(self, space: SearchSpace, evaluate: Callable[[Plan], Evaluation] | None = None, render_mode: str | None = None):
+    def __init__(
+        self, space: SearchSpace, evaluate: Callable[[Plan], Evaluation] | None = None, render_mode: str | None = None
+    ):
         self.space = space
         self.evaluate_fn = evaluate or space.evaluator.evaluate
         self.render_mode = render_mode
@@ -69,12 +79,14 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         row = self._static[min(index, n - 1)]
         decided = self.space.plan_from_keeps(self._decided + [1.0] * (n - index))
         reduced = 1.0 - self.space.evaluator.cost(decided).flops / self._dense_flops
-        rest_groups = self.space.graph.groups[index + 1:]
+        rest_groups = self.space.graph.groups[index + 1 :]
         rest = sum(g.flops for g in rest_groups) / max(1.0, sum(g.flops for g in self.space.graph.groups))
         obs = np.concatenate([row, [reduced, rest, self._last_action]]).astype(np.float32)
         return np.clip(obs, 0.0, 1.0)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self._decided = []
         self._last_action = 1.0
@@ -91,7 +103,9 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         info: dict[str, Any] = {"group": self.space.groups[index], "requested_keep": requested, "keep": keep}
         if len(self._decided) < self.space.dim:
             return self._observation(), 0.0, False, False, info
-        plan = self.space.repair(self.space.plan_from_keeps(self._decided))  # no-op unless latency noise broke the bounds
+        plan = self.space.repair(
+            self.space.plan_from_keeps(self._decided)
+        )  # no-op unless latency noise broke the bounds
         evaluation = self.evaluate_fn(plan)
         self.last_plan, self.last_evaluation = plan, evaluation
         info.update(plan=plan, evaluation=evaluation)

@@ -43,7 +43,9 @@ class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
         render_mode: str | None = None,
     ):
         if not space.blocks:
-            raise InvalidValueError("SkipGate-v0 needs a model with skippable residual blocks and SearchSpace(skip_gates=True)")
+            raise InvalidValueError(
+                "SkipGate-v0 needs a model with skippable residual blocks and SearchSpace(skip_gates=True)"
+            )
         self.space = space
         self.evaluate_fn = evaluate or space.evaluator.evaluate
         self.compute_penalty = compute_penalty
@@ -52,8 +54,12 @@ class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
         self.observation_space = gym.spaces.Box(0.0, 1.0, (6,), dtype=np.float32)
         graph = space.graph
         dense = graph.cost(Plan())
-        self._block_flops = np.array([(dense.flops - graph.cost(Plan(skip={b: True})).flops) / dense.flops for b in space.blocks])
-        self._block_params = np.array([(dense.params - graph.cost(Plan(skip={b: True})).params) / dense.params for b in space.blocks])
+        self._block_flops = np.array(
+            [(dense.flops - graph.cost(Plan(skip={b: True})).flops) / dense.flops for b in space.blocks]
+        )
+        self._block_params = np.array(
+            [(dense.params - graph.cost(Plan(skip={b: True})).params) / dense.params for b in space.blocks]
+        )
         self._gates: list[bool] = []
         self.last_plan: Plan | None = None
         self.last_evaluation: Evaluation | None = None
@@ -61,11 +67,20 @@ class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
     def _observation(self) -> np.ndarray:
         i = min(len(self._gates), len(self.space.blocks) - 1)
         removed = float(sum(f for f, g in zip(self._block_flops, self._gates) if g))
-        rest = float(self._block_flops[len(self._gates) + 1:].sum())
-        obs = [i / max(1, len(self.space.blocks) - 1), self._block_flops[i], self._block_params[i], float(self._gates[-1]) if self._gates else 0.0, removed, rest]
+        rest = float(self._block_flops[len(self._gates) + 1 :].sum())
+        obs = [
+            i / max(1, len(self.space.blocks) - 1),
+            self._block_flops[i],
+            self._block_params[i],
+            float(self._gates[-1]) if self._gates else 0.0,
+            removed,
+            rest,
+        ]
         return np.clip(np.array(obs, dtype=np.float32), 0.0, 1.0)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self._gates = []
         return self._observation(), {}

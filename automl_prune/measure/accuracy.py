@@ -26,8 +26,8 @@ def evaluate_accuracy(model: nn.Module, data: TensorData, batch_size: int = 500,
         if limit is not None:
             images, labels = images[:limit], labels[:limit]
         for start in range(0, len(labels), batch_size):
-            x = images[start:start + batch_size].to(device, non_blocking=True)
-            y = labels[start:start + batch_size].to(device, non_blocking=True)
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            y = labels[start : start + batch_size].to(device, non_blocking=True)
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
     finally:

@@ -61,12 +61,16 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """Inverse of :meth:`to_dict`."""
         try:
-            return cls(str(data["name"]), int(data["in_channels"]), int(data["num_classes"]), dict(data.get("kwargs", {})))
+            return cls(
+                str(data["name"]), int(data["in_channels"]), int(data["num_classes"]), dict(data.get("kwargs", {}))
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model spec {data!r}: {exc}") from exc
 
 
-def _torchvision_model(name: str, in_channels: int, num_classes: int, weights: str | None = None, **kwargs: Any) -> nn.Module:
+def _torchvision_model(
+    name: str, in_channels: int, num_classes: int, weights: str | None = None, **kwargs: Any
+) -> nn.Module:
     tv = import_torchvision()
     available = sorted(tv.models.list_models(module=tv.models))
     if name not in available:
@@ -92,8 +96,14 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 new = nn.Conv2d(
-                    in_channels, child.out_channels, child.kernel_size, child.stride,
-                    child.padding, child.dilation, 1, child.bias is not None,
+                    in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    1,
+                    child.bias is not None,
                 )
                 setattr(parent, child_name, new)
                 return
@@ -107,13 +117,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
         UnknownNameError: For an unknown zoo name, torchvision name or import path.
     """
     if spec.name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_model(spec.name[len(TORCHVISION_PREFIX):], spec.in_channels, spec.num_classes, **spec.kwargs)
+        return _torchvision_model(
+            spec.name[len(TORCHVISION_PREFIX) :], spec.in_channels, spec.num_classes, **spec.kwargs
+        )
     if ":" in spec.name:
         factory = import_object(spec.name)
     else:
         if spec.name not in MODELS:
             raise UnknownNameError(
-                MODELS.unknown_message(spec.name) + " Also accepted: 'tv:NAME' (torchvision) and 'package.module:factory'."
+                MODELS.unknown_message(spec.name)
+                + " Also accepted: 'tv:NAME' (torchvision) and 'package.module:factory'."
             )
         factory = MODELS.get(spec.name)
     if not callable(factory):

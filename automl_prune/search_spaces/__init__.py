@@ -86,7 +86,7 @@ class SearchSpace:
                 + "; lower min_keep or relax the budget"
             )
 
-    def __deepcopy__(self, memo: dict) -> "SearchSpace":
+    def __deepcopy__(self, memo: dict) -> SearchSpace:
         """Shared, not copied: envs and wrappers that deep-copy their kwargs keep using this instance."""
         return self
 
@@ -131,9 +131,11 @@ class SearchSpace:
         """Vector in [-1, 1] -> plan (inverse of :meth:`encode`)."""
         vector = np.asarray(vector, dtype=np.float64)
         if vector.shape != (self.dim + len(self.blocks),):
-            raise InvalidValueError(f"expected a vector of {self.dim + len(self.blocks)} entries, got shape {vector.shape}")
+            raise InvalidValueError(
+                f"expected a vector of {self.dim + len(self.blocks)} entries, got shape {vector.shape}"
+            )
         keeps = [self.action_to_keep(a, i) for i, a in enumerate(vector[: self.dim])]
-        skip = {b: bool(v > 0) for b, v in zip(self.blocks, vector[self.dim:])}
+        skip = {b: bool(v > 0) for b, v in zip(self.blocks, vector[self.dim :])}
         return self.plan_from_keeps(keeps, skip)
 
     # ------------------------------------------------------------------ budget
@@ -167,7 +169,7 @@ class SearchSpace:
         index = len(decided)
         if index >= self.dim:
             raise InvalidValueError("all groups are already decided")
-        rest_min = list(self.min_keep[index + 1:])
+        rest_min = list(self.min_keep[index + 1 :])
         rest_full = [1.0] * (self.dim - index - 1)
 
         def with_rest(rest: list[float]):
