@@ -45,7 +45,7 @@ def test_bn_l1_penalty_shrinks_gammas(fashion_small) -> None:
     config = dict(epochs=0.1, eval_every_epoch=False)
     train(plain, fashion_small, TrainConfig(**config))
     train(sparse, fashion_small, TrainConfig(**config, bn_l1=1e-3))
-    assert float(bn_l1_penalty(sparse)) < float(bn_l1_penalty(plain))
+    assert bn_l1_penalty(sparse).item() < bn_l1_penalty(plain).item()
 
 
 @pytest.mark.parametrize("kwargs", [{"epochs": 0}, {"lr": -1}, {"batch_size": 0}, {"bn_l1": -1}])
