@@ -244,6 +244,17 @@ class RandomStrategy(AskTellStrategy):
 STRATEGIES: Registry[Any] = Registry("strategy")
 STRATEGIES.register("uniform", UniformStrategy, "the uniform plan that meets the budget (baseline)")
 STRATEGIES.register("random", RandomStrategy, "uniformly random feasible plans (control)")
+STRATEGIES.register("abc", "automl_prune.searchers.abc:ABCStrategy", "ABCPruner: artificial bee colony over discrete keep levels")
+STRATEGIES.register(
+    "optuna",
+    "automl_prune.searchers.optuna_search:OptunaStrategy",
+    "Optuna ask/tell: tpe (default), cmaes, random or nsga2 (accuracy vs cost) sampler",
+)
+STRATEGIES.register(
+    "global",
+    "automl_prune.searchers.global_pruning:GlobalStrategy",
+    "Torch-Pruning global pruning: one normalised-magnitude threshold at the budget (baseline)",
+)
 STRATEGIES.register("ddpg", "automl_prune.agents.sb3:DDPGStrategy", "AMC: DDPG on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register("ppo", "automl_prune.agents.sb3:PPOStrategy", "PPO on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register(

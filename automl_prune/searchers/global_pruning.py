@@ -1,0 +1,222 @@
+"""Global pruning: one importance threshold across all groups, solved for the budget (one plan).
+
+Torch-Pruning's ``global_pruning=True`` ranks the channels of *all* groups together by a
+normalised group importance and removes the lowest-ranked ones everywhere, so each layer
+loses as many channels as fall below one global threshold. This strategy produces that
+per-group allocation as a :class:`~automl_prune.types.Plan` at exactly the evaluator's
+budget (the budget the ``uniform`` baseline meets), and spends one evaluation on it.
+
+The exact procedure:
+
+1. **Scores.** For every prunable group of the evaluator's
+   :class:`~automl_prune.graph.LayerGraph`, the Torch-Pruning group of all its channels is
+   taken from the graph's dependency graph on the dense model (``evaluator.model``), and
+   scored with ``tp.importance.GroupMagnitudeImportance(p, group_reduction, normalizer)``:
+   per channel and coupled layer, ``sum |w|^p`` over the channel's weights there (conv/linear
+   output filters, consumer input slices, BatchNorm scales), reduced over the layers
+   (``group_reduction``), then normalised within the group (``normalizer``; ``"mean"``
+   divides by the group's mean score, which is what makes scores of different layers
+   comparable). Weights are only read.
+2. **Ranking.** All channels of all groups are sorted by score (ascending; ties broken by
+   group order, then channel index). Removing the ``r`` lowest channels means the global
+   threshold sits at the ``r``-th score.
+3. **Plan for a given r.** Group ``g`` keeps ``C_g - (its channels among the r lowest)``
+   channels, as the keep ratio ``kept / C_g`` passed through
+   :meth:`~automl_prune.search_spaces.SearchSpace.snap`, which clips it to the group's
+   ``min_keep`` (channels below the threshold in a group already at ``min_keep`` stay:
+   this is Torch-Pruning's per-layer maximum pruning ratio) and, on a discrete space,
+   floors it to a level.
+4. **Budget.** The cost of the plan (exact FLOPs/params from the cost model, predicted
+   latency for latency budgets) never grows with ``r``, so the smallest ``r`` whose plan
+   meets every budget term is found by bisection over the integers ``0..total`` (about
+   ``log2(total)`` cost evaluations). That plan is the largest global-threshold plan
+   within the budget, short of it by at most one channel's cost, which for a group coupled
+   through a whole residual stage can be a few percent of the FLOPs.
+5. **Filling the budget.** The removed channels are then revisited from the one nearest
+   the threshold downwards (at most ``fill_attempts`` that change the plan), and each is
+   put back if the plan still meets the budget. This turns "short by one coupled channel"
+   into "short by less than the cheapest channel near the threshold", at the price of a
+   threshold that is exact except at its edge; ``fill_attempts=0`` gives the pure
+   threshold plan.
+6. **Result.** That single plan is asked for once (if numerical noise in a latency
+   prediction leaves it infeasible, it goes through
+   :meth:`~automl_prune.search_spaces.SearchSpace.repair`).
+
+Only the *number* of channels per group comes from the global ranking; *which* channels
+go is decided by the evaluator's criterion, as for every other strategy (with the default
+``l1`` criterion the two rankings agree within most groups, but not exactly, since the
+group importance also counts consumer layers and BatchNorm). Skip gates are not used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch_pruning as tp
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.graph import LayerGraph
+from automl_prune.strategy import AskTellStrategy, SearchSession
+from automl_prune.types import Plan
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NORMALIZERS", "REDUCTIONS", "GlobalStrategy", "group_importance"]
+
+NORMALIZERS = ("mean", "sum", "max", "standarization", "gaussian", "lamp")
+"""Within-group normalisations of Torch-Pruning's GroupMagnitudeImportance."""
+REDUCTIONS = ("mean", "sum", "max", "prod", "first")
+"""Reductions over a group's layers."""
+
+
+def group_importance(
+    model: torch.nn.Module,
+    graph: LayerGraph,
+    p: int = 1,
+    group_reduction: str = "mean",
+    normalizer: str = "mean",
+) -> list[np.ndarray]:
+    """Normalised group-magnitude scores of every channel of every group, in group order.
+
+    Args:
+        model: The dense model the graph was built on (only read).
+        graph: Its :class:`~automl_prune.graph.LayerGraph`.
+        p: Exponent of the magnitude (``sum |w|^p``).
+        group_reduction: How per-layer scores are combined.
+        normalizer: Within-group normalisation.
+
+    Returns:
+        One float64 array of ``channels`` scores per group.
+    """
+    importance = tp.importance.GroupMagnitudeImportance(p=p, group_reduction=group_reduction, normalizer=normalizer)
+    dg = graph.dependency_graph
+    scores = []
+    with torch.no_grad():
+        for group in graph.groups:
+            root = model.get_submodule(group.name)
+            prune_fn = dg.get_pruner_of_module(root).prune_out_channels
+            tp_group = dg.get_pruning_group(root, prune_fn, list(range(group.channels)))
+            imp = importance(tp_group)
+            if imp is None or imp.numel() != group.channels:
+                raise RuntimeError(f"importance of group {group.name} has the wrong size")
+            scores.append(imp.detach().double().cpu().numpy())
+    return scores
+
+
+class GlobalStrategy(AskTellStrategy):
+    """Torch-Pruning-style global pruning at the budget: one plan, one evaluation (see the module docstring).
+
+    Args:
+        p: Exponent of the magnitude ``sum |w|^p`` (1 = L1, 2 = squared L2, as Torch-Pruning).
+        group_reduction: Combination of a channel's per-layer scores (Torch-Pruning's names:
+            ``mean``, ``sum``, ``max``, ``prod``, ``first``).
+        normalizer: Within-group normalisation making groups comparable (``mean``, ``sum``,
+            ``max``, ``standarization``, ``gaussian``, ``lamp``).
+        fill_attempts: Most channels tried in the budget-filling pass (step 5; 0 turns it off).
+        batch_size: Ignored beyond the base class's check (a single plan is asked).
+
+    Attributes:
+        plan: The global-threshold plan (after the search started).
+
+    Raises:
+        InvalidValueError: For a bad ``p``, reduction or normaliser.
+    """
+
+    def __init__(
+        self,
+        p: int = 1,
+        group_reduction: str = "mean",
+        normalizer: str = "mean",
+        fill_attempts: int = 64,
+        batch_size: int = 1,
+    ):
+        super().__init__(batch_size=batch_size)
+        if fill_attempts < 0:
+            raise InvalidValueError(f"fill_attempts must be >= 0, got {fill_attempts}")
+        self.fill_attempts = fill_attempts
+        if p not in (1, 2):
+            raise InvalidValueError(f"p must be 1 or 2, got {p}")
+        if group_reduction not in REDUCTIONS:
+            raise InvalidValueError(f"unknown group_reduction '{group_reduction}'; valid: {', '.join(REDUCTIONS)}")
+        if normalizer not in NORMALIZERS:
+            raise InvalidValueError(f"unknown normalizer '{normalizer}'; valid: {', '.join(NORMALIZERS)}")
+        self.p = p
+        self.group_reduction = group_reduction
+        self.normalizer = normalizer
+        self.plan: Plan | None = None
+
+    def setup(self, session: SearchSession) -> None:
+        """Score every channel and solve the global threshold for the budget."""
+        self.plan = self.solve(session)
+
+    def solve(self, session: SearchSession) -> Plan:
+        """The global-threshold plan that just meets the budget (steps 1-5 of the module docstring)."""
+        space = session.space
+        evaluator = session.evaluator
+        scores = group_importance(evaluator.model, evaluator.graph, self.p, self.group_reduction, self.normalizer)
+        channels = np.array([len(s) for s in scores])
+        owner = np.concatenate([np.full(len(s), g) for g, s in enumerate(scores)])
+        flat = np.concatenate(scores)
+        order = np.lexsort((np.arange(flat.size), owner, flat))  # by score, then group, then channel
+        owner_sorted = owner[order]
+
+        def plan_from_lost(lost: np.ndarray) -> Plan:
+            keeps = [space.snap((channels[g] - lost[g]) / channels[g], g) for g in range(len(scores))]
+            return space.plan_from_keeps(keeps)
+
+        def lost_for(removed: int) -> np.ndarray:
+            return np.bincount(owner_sorted[:removed], minlength=len(scores))
+
+        if space.is_feasible(plan_from_lost(lost_for(0))):
+            removed = 0
+        else:
+            low, high = 0, int(flat.size)  # infeasible at low, feasible (SearchSpace checked min_keep) at high
+            while high - low > 1:
+                mid = (low + high) // 2
+                if space.is_feasible(plan_from_lost(lost_for(mid))):
+                    high = mid
+                else:
+                    low = mid
+            removed = high
+        lost = lost_for(removed)
+        plan = plan_from_lost(lost)
+        restored = 0
+        attempts = 0
+        for position in range(removed - 1, -1, -1):  # put back the removed channels nearest the threshold
+            if attempts >= self.fill_attempts:
+                break
+            g = owner_sorted[position]
+            lost[g] -= 1
+            candidate = plan_from_lost(lost)
+            if candidate == plan:  # the group is held at min_keep (or a level) anyway
+                continue
+            attempts += 1
+            if space.is_feasible(candidate):
+                plan, restored = candidate, restored + 1
+            else:
+                lost[g] += 1
+        if removed:
+            logger.info(
+                "global: threshold %.4g removes %d of %d channels (%d put back to fill the budget)",
+                flat[order[removed - 1]],
+                removed - restored,
+                flat.size,
+                restored,
+            )
+        if not space.is_feasible(plan):
+            plan = space.repair(plan)
+        cost = evaluator.cost(plan)
+        logger.info(
+            "global plan: %.1f%% FLOPs, keep ratios %s",
+            100.0 * cost.flops / evaluator.graph.flops,
+            ", ".join(f"{k:.2f}" for k in space.keeps(plan)),
+        )
+        return plan
+
+    def ask(self, n: int) -> list[Plan]:
+        """The global plan, once."""
+        if self.session.used or self.plan is None:
+            return []
+        return [self.plan]
