@@ -391,6 +391,10 @@ def _budget_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+_BATCHED = ("random", "abc", "optuna")
+"""Ask/tell strategies that ask a worker-sized batch at a time when run in parallel."""
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """Search the best plan for a budget with one strategy; write plan.json and result.json."""
     from automl_prune.baseline import train_baseline
@@ -407,7 +411,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     budget = _budget_from_args(args)
     data = _load_data(args)
     if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint)
+        model, info = load_checkpoint(args.checkpoint)
+        if info.plan is not None and info.plan.keep_ratios:
+            raise InvalidValueError("the checkpoint is already pruned; search on its dense baseline instead")
+        spec = info.spec
     else:
         spec = ModelSpec(args.model, data.in_channels, data.num_classes)
         model = train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None).model
@@ -431,12 +438,31 @@ def cmd_search(args: argparse.Namespace) -> int:
         if best is not None:
             bar.set_postfix(best_acc=f"{best[1].accuracy:.4f}")
 
+    pool = None
     try:
-        result = get_strategy(args.strategy).search(
-            evaluator, space, args.evaluations, seed=args.seed, callbacks=[progress]
+        evaluate_many = None
+        if args.workers > 1 or args.ray_address:
+            from automl_prune.parallel import RayEvaluatorPool, spec_for
+
+            worker_spec = spec_for(
+                evaluator,
+                spec,
+                args.dataset,
+                data_dir=args.data_dir,
+                val_size=args.val_size,
+                data_seed=args.seed,
+                image_size=args.image_size,
+            )
+            pool = RayEvaluatorPool(worker_spec, workers=args.workers, address=args.ray_address)
+            evaluate_many = pool.evaluate_many
+        strategy = get_strategy(args.strategy, **({"batch_size": args.workers} if args.strategy in _BATCHED else {}))
+        result = strategy.search(
+            evaluator, space, args.evaluations, seed=args.seed, callbacks=[progress], evaluate_many=evaluate_many
         )
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
     out = _prepare_out(Path(args.out), overwrite=True)
     write_json(out / "plan.json", result.best_plan.to_dict())
     write_json(
@@ -637,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="l1", help="importance criterion used when scoring plans")
     p.add_argument("--round-to", type=_positive_int, default=1)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluation workers on Ray")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     p.add_argument("--out", default="runs/search")
     p.set_defaults(func=cmd_search)
 

@@ -109,6 +109,8 @@ class Evaluator:
         config: Scoring options.
         latency_table: Lookup table for latency budgets (built for the budget's device,
             threads and batch size when omitted and the budget has a latency term).
+        latency_scale: Measured/predicted latency ratio of the dense model; measured
+            when omitted (parallel workers get the driver's, so all predict alike).
 
     Attributes:
         graph: The dense model's LayerGraph.
@@ -124,6 +126,7 @@ class Evaluator:
         budget: Budget,
         config: EvaluatorConfig | None = None,
         latency_table: LatencyTable | None = None,
+        latency_scale: float | None = None,
     ):
         self.config = config or EvaluatorConfig()
         self.model = model.eval()
@@ -147,7 +150,7 @@ class Evaluator:
         self.latency_scale = 1.0
         self._latency_cache: dict[tuple, float] = {}
         if budget.latency_ms is not None:
-            self._setup_latency()
+            self._setup_latency(latency_scale)
         self.limits = {
             "flops": Budget.absolute(budget.flops, self.graph.flops),
             "params": Budget.absolute(budget.params, self.graph.params),
@@ -164,7 +167,7 @@ class Evaluator:
         return self
 
     # ------------------------------------------------------------------ costs
-    def _setup_latency(self) -> None:
+    def _setup_latency(self, scale: float | None) -> None:
         shape = self.latency_shape
         if self.latency_table is None:
             self.latency_table = LatencyTable(
@@ -173,6 +176,9 @@ class Evaluator:
                 batch_size=self.budget.batch_size,
             )
         predicted = self.latency_table.predict(self.model, shape)
+        if scale is not None:
+            self.latency_scale = scale
+            return
         measured = measure_latency(self.model, shape, device=self.budget.device, threads=self.budget.threads).median_ms
         self.latency_scale = measured / predicted if predicted > 0 else 1.0
         logger.info(

@@ -1,0 +1,264 @@
+"""Parallel evaluation on Ray: a pool of evaluation workers (plain Ray actors).
+
+Each worker is a Ray actor that builds its own :class:`~automl_prune.evaluator.Evaluator`
+once from an :class:`EvaluatorSpec` (the dense weights, the dataset arguments, the budget
+and the scoring options), so the model and the search-val data are held once per worker,
+not shipped per candidate. :meth:`RayEvaluatorPool.evaluate_many` spreads a batch of plans
+over the workers and returns the evaluations in order, together with which worker and
+which Ray node scored each; it plugs into ``Strategy.search(..., evaluate_many=...)``.
+
+A worker that dies (killed process, exception in the actor) loses at most the plan it
+was scoring: the worker is restarted and the plan retried once; if it fails again the plan
+is recorded as an infeasible evaluation with the reason, and the search goes on.
+
+Evaluations are deterministic given the plan (fixed BN-calibration batches, fixed
+search-val subset, and the driver's latency calibration shared with every worker), so a
+parallel search gives the same results as a serial one with the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from automl_prune.errors import AutomlPruneError, InvalidValueError
+from automl_prune.evaluator import FAILED_REWARD, Evaluator, EvaluatorConfig
+from automl_prune.models import ModelSpec, build_model
+from automl_prune.types import Budget, Evaluation, Plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluatorSpec:
+    """Everything a worker needs to build the same evaluator as the driver.
+
+    Attributes:
+        model_spec: The dense model's spec.
+        state_dict: Its trained weights.
+        dataset: Dataset name.
+        data_dir: Dataset directory (None for the default locations).
+        val_size: Search-val size.
+        data_seed: Seed of the splits.
+        image_size: Image size override.
+        budget: The budget.
+        config: Scoring options.
+        latency_scale: The driver's measured/predicted latency ratio (shared so that all
+            workers predict the same latency).
+    """
+
+    model_spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    dataset: str
+    budget: Budget
+    config: EvaluatorConfig
+    data_dir: str | None = None
+    val_size: int | None = None
+    data_seed: int = 0
+    image_size: int | None = None
+    latency_scale: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Evaluator:
+        """Build the evaluator (loads the data and the model)."""
+        from automl_prune.data import load_dataset
+
+        data = load_dataset(
+            self.dataset, self.data_dir, val_size=self.val_size, seed=self.data_seed, image_size=self.image_size
+        )
+        model = build_model(self.model_spec)
+        model.load_state_dict(self.state_dict)
+        evaluator = Evaluator(model.eval(), data, self.budget, self.config, latency_scale=self.latency_scale)
+        return evaluator
+
+
+def _failed(evaluator_like: dict[str, Any], reason: str) -> Evaluation:
+    return Evaluation(
+        accuracy=float("nan"),
+        flops=evaluator_like.get("flops", 0),
+        params=evaluator_like.get("params", 0),
+        latency_ms=None,
+        measured_latency_ms=None,
+        flops_ratio=evaluator_like.get("flops_ratio", 0.0),
+        reward=FAILED_REWARD,
+        feasible=False,
+        reason=reason,
+    )
+
+
+class _Worker:
+    """Ray actor body: one evaluator, many plans."""
+
+    def __init__(self, spec: EvaluatorSpec, index: int, threads: int):
+        torch.set_num_threads(threads)
+        import ray
+
+        self.index = index
+        self.node = ray.get_runtime_context().get_node_id()
+        self.evaluator = spec.build()
+
+    def evaluate(self, plan: dict[str, Any]) -> tuple[dict[str, Any], int, str]:
+        evaluation = self.evaluator.evaluate(Plan.from_dict(plan))
+        return evaluation.to_dict(), self.index, self.node
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayEvaluatorPool:
+    """Evaluation workers on Ray (local by default, or an existing cluster).
+
+    Args:
+        spec: How workers build their evaluator.
+        workers: Number of worker actors.
+        address: Ray cluster address (``"auto"`` or ``"HOST:PORT"``); None starts Ray locally.
+        cpus_per_worker: CPUs reserved per worker (also its torch thread count).
+        gpus_per_worker: GPU fraction per worker.
+        connect_timeout: Seconds to wait for a cluster before giving up.
+
+    Raises:
+        AutomlPruneError: The cluster cannot be reached (nothing is left running).
+    """
+
+    def __init__(
+        self,
+        spec: EvaluatorSpec,
+        workers: int = 2,
+        address: str | None = None,
+        cpus_per_worker: int = 1,
+        gpus_per_worker: float = 0.0,
+        connect_timeout: float = 15.0,
+    ):
+        import ray
+
+        if workers < 1:
+            raise InvalidValueError(f"workers must be >= 1, got {workers}")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        self._started_ray = False
+        if not ray.is_initialized():
+            if address is None:
+                available = os.cpu_count() or 1
+                if workers * cpus_per_worker > available:
+                    capped = max(1, available // cpus_per_worker)
+                    logger.warning(
+                        "%d workers x %d CPUs exceed the %d CPUs here; using %d workers",
+                        workers,
+                        cpus_per_worker,
+                        available,
+                        capped,
+                    )
+                    workers = capped
+                ray.init(
+                    num_cpus=workers * cpus_per_worker,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+            else:
+                self._connect(ray, address, connect_timeout)
+            self._started_ray = True
+        self.spec = spec
+        self.workers = workers
+        self.cpus_per_worker = cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker
+        spec_ref = ray.put(spec)
+        self._spec_ref = spec_ref
+        self._actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Worker)
+        self._actors = [self._start(i) for i in range(workers)]
+        self.placements: list[tuple[int, str]] = []
+        self.retries = 0
+        self.failures = 0
+
+    @staticmethod
+    def _connect(ray: Any, address: str, timeout: float) -> None:
+        import threading
+
+        errors: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive() or errors:
+            try:
+                ray.shutdown()
+            finally:
+                reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:.0f} s"
+            raise AutomlPruneError(f"cannot reach the Ray cluster at '{address}' ({reason}); check --ray-address")
+
+    def _start(self, index: int) -> Any:
+        return self._actor_cls.remote(self._spec_ref, index, self.cpus_per_worker)
+
+    def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
+        """Evaluate ``plans`` on the workers; results in the order of ``plans``."""
+        import ray
+
+        pending = {}
+        for i, plan in enumerate(plans):
+            pending[i] = (self._actors[i % self.workers].evaluate.remote(plan.to_dict()), i % self.workers, 0)
+        results: dict[int, Evaluation] = {}
+        while pending:
+            i, (ref, worker, attempt) = next(iter(pending.items()))
+            del pending[i]
+            try:
+                data, index, node = ray.get(ref)
+                results[i] = Evaluation(**data)
+                self.placements.append((index, node))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.RayTaskError) as exc:
+                logger.warning("worker %d failed on a plan (%s)", worker, type(exc).__name__)
+                if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)):
+                    self._actors[worker] = self._start(worker)
+                if attempt == 0:
+                    self.retries += 1
+                    pending[i] = (self._actors[worker].evaluate.remote(plans[i].to_dict()), worker, 1)
+                else:
+                    self.failures += 1
+                    results[i] = _failed({}, f"worker failed twice: {type(exc).__name__}")
+        return [results[i] for i in range(len(plans))]
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (for tests that kill one)."""
+        import ray
+
+        return ray.get([a.pid.remote() for a in self._actors])
+
+    def close(self) -> None:
+        """Stop the workers, and Ray itself if this pool started it."""
+        import ray
+
+        for actor in self._actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._actors = []
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> RayEvaluatorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def spec_for(evaluator: Evaluator, model_spec: ModelSpec, dataset: str, **data_kwargs: Any) -> EvaluatorSpec:
+    """The spec that rebuilds ``evaluator`` in a worker."""
+    return EvaluatorSpec(
+        model_spec=model_spec,
+        state_dict={k: v.detach().cpu() for k, v in evaluator.model.state_dict().items()},
+        dataset=dataset,
+        budget=evaluator.budget,
+        config=evaluator.config,
+        latency_scale=evaluator.latency_scale if evaluator.latency_table is not None else None,
+        **data_kwargs,
+    )
