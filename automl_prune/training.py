@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "epochs", float(self.epochs))  # 3 and 3.0 are one config (and one cache key)
         if not self.epochs > 0:
             raise InvalidValueError(f"epochs must be > 0 (fractions allowed), got {self.epochs}")
         if not self.lr > 0:

@@ -52,3 +52,8 @@ def test_bn_l1_penalty_shrinks_gammas(fashion_small) -> None:
 def test_bad_hyperparameters_are_rejected(kwargs) -> None:
     with pytest.raises(InvalidValueError):
         TrainConfig(**kwargs)
+
+
+def test_integer_and_float_epochs_are_one_config() -> None:
+    assert TrainConfig(epochs=3) == TrainConfig(epochs=3.0)
+    assert TrainConfig(epochs=3).to_dict() == TrainConfig(epochs=3.0).to_dict()
