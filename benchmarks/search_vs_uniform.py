@@ -1,0 +1,340 @@
+"""Benchmark: do searched pruning plans beat the uniform plan?
+
+For every model (trained once on Fashion-MNIST with :func:`automl_prune.baseline.train_baseline`
+and cached), every budget (FLOPs fractions and CPU latency budgets given as a fraction of the
+dense model's measured batch-1 latency) and every strategy, it runs
+``get_strategy(name).search(evaluator, space, max_evaluations, seed)`` with a fresh
+evaluator cache, and reports for the best plan found:
+
+- its search-val score (accuracy after BN recalibration, what the search maximised) and its
+  raw score (the same plan scored by a ``bn_recalibration=False`` evaluator, AMC's protocol);
+- its test accuracy after the same short fine-tune for every plan (fine-tuning starts from
+  the exact scored, recalibrated model; same data order and learning rate for every plan);
+- its FLOPs ratio (and, for latency budgets, predicted and measured batch-1 latency);
+- evaluations per second of the search, and the share of the search's wall time spent
+  inside the evaluator (the rest is the agent: environment steps, network updates, bounds).
+
+``uniform`` is deterministic and runs once per budget (its single evaluation); ``random`` is
+the control. Means and standard deviations are over search seeds; the fine-tune seed is
+fixed, so differences come from the plans. Example::
+
+    python benchmarks/search_vs_uniform.py --models fashion_cnn --evaluations 40 --seeds 0,1 --out search.md
+    python benchmarks/search_vs_uniform.py   # the issue's full grid: 2 models x 3 budgets x 5 strategies x 3 seeds x 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from automl_prune.baseline import train_baseline
+from automl_prune.data import DataSplits, load_dataset
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.io import write_text
+from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.measure.latency import measure_latency
+from automl_prune.models import ModelSpec
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.strategy import STRATEGIES, get_strategy
+from automl_prune.training import TrainConfig, train
+from automl_prune.types import Budget, Plan
+
+logger = logging.getLogger("benchmarks.search_vs_uniform")
+
+DEFAULT_EPOCHS: dict[str, float] = {"fashion_cnn": 3, "resnet20": 2}  # ints: the baseline cache key hashes 3 and 3.0 differently
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in _csv(value)]
+
+
+def _epochs(value: str) -> dict[str, float]:
+    """``fashion_cnn=3,resnet20=2`` -> {name: epochs}."""
+    out: dict[str, float] = {}
+    for item in _csv(value):
+        name, sep, epochs = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected MODEL=EPOCHS, got {item!r}")
+        value = float(epochs)
+        out[name.strip()] = int(value) if value.is_integer() else value
+    return out
+
+
+def _budgets(value: str) -> list[tuple[str, float]]:
+    """``flops:0.5,flops:0.25,latency:0.6`` -> [(kind, fraction)]."""
+    out = []
+    for item in _csv(value):
+        kind, sep, fraction = item.partition(":")
+        if not sep or kind not in ("flops", "latency"):
+            raise argparse.ArgumentTypeError(f"expected flops:FRACTION or latency:FRACTION, got {item!r}")
+        f = float(fraction)
+        if not 0.0 < f < 1.0:
+            raise argparse.ArgumentTypeError(f"budget fraction must be in (0, 1), got {item!r}")
+        out.append((kind, f))
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults are the issue's full grid."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
+    p.add_argument("--budgets", type=_budgets, default=[("flops", 0.5), ("flops", 0.25), ("latency", 0.6)],
+                   help="flops:F (fraction of dense FLOPs) or latency:F (fraction of the dense model's measured batch-1 CPU latency)")
+    p.add_argument("--strategies", type=_csv, default=["uniform", "random", "ddpg", "ppo", "reinforce"], help="strategies")
+    p.add_argument("--evaluations", type=int, default=100, help="evaluation budget per search")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="search seeds (uniform runs once)")
+    p.add_argument("--eval-size", type=int, default=2000, help="search-val images scored per plan")
+    p.add_argument("--recal-batches", type=int, default=8, help="BN recalibration batches")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluator batch size")
+    p.add_argument("--criterion", default="l1", help="importance criterion of the evaluator")
+    p.add_argument("--min-keep", type=float, default=0.2, help="smallest keep ratio of any group")
+    p.add_argument("--latency-threads", type=int, default=1, help="CPU threads latency budgets are measured with")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the dataset's default)")
+    p.add_argument("--train-size", type=int, default=12000, help="training images (subset of the train split)")
+    p.add_argument("--val-size", type=int, default=2000, help="search-val images held out of the training data")
+    p.add_argument("--test-size", type=int, default=5000, help="test images for fine-tuned accuracies")
+    p.add_argument("--epochs", type=_epochs, default=DEFAULT_EPOCHS, help="baseline epochs per model, MODEL=EPOCHS,...")
+    p.add_argument("--train-lr", type=float, default=0.05, help="baseline learning rate")
+    p.add_argument("--finetune-epochs", type=float, default=0.3, help="fine-tune epochs of every best plan")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune learning rate")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0, help="seed of data splits, baselines, evaluator and fine-tuning")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown report here (atomically)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        p.error(STRATEGIES.unknown_message(unknown[0]))
+    if not args.seeds:
+        p.error("--seeds needs at least one seed")
+    if min(args.evaluations, args.eval_size, args.recal_batches, args.threads, args.latency_threads) < 1:
+        p.error("sizes and thread counts must be >= 1")
+    return args
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where available)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, or "n/a"."""
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def load_splits(args: argparse.Namespace) -> DataSplits:
+    """Fashion-MNIST with the benchmark's train/val/test sizes (same splits as ``benchmarks/criteria.py``)."""
+    full = load_dataset("fashion-mnist", args.data_dir, val_size=args.val_size, seed=args.seed)
+    return DataSplits(
+        name=f"fashion-mnist-{args.train_size // 1000}k", train=full.train.subset(args.train_size, seed=args.seed),
+        search_val=full.search_val, test=full.test.subset(args.test_size, seed=args.seed),
+        num_classes=full.num_classes, in_channels=full.in_channels, image_size=full.image_size,
+    )
+
+
+def evaluator_config(args: argparse.Namespace, recalibrate: bool) -> EvaluatorConfig:
+    """The evaluator settings of this benchmark."""
+    return EvaluatorConfig(criterion=args.criterion, eval_size=args.eval_size, bn_recalibration=recalibrate,
+                           recalibration_batches=args.recal_batches, batch_size=args.batch_size, seed=args.seed)
+
+
+def budget_label(kind: str, fraction: float, latency_ms: float | None = None) -> str:
+    """``FLOPs 50%`` or ``latency 60% (1.23 ms)``."""
+    if kind == "flops":
+        return f"FLOPs {fraction:.0%}"
+    return f"latency {fraction:.0%} ({latency_ms:.3f} ms)"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single value)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan)
+
+
+def fmt(mean: float, std: float, digits: int = 4) -> str:
+    """``0.8123 +- 0.0040`` (the std left out when NaN)."""
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def run_one(strategy: str, seed: int, ev: Evaluator, raw: Evaluator, space: SearchSpace, splits: DataSplits,
+            args: argparse.Namespace, measure: bool) -> dict[str, Any]:
+    """One search and the evaluation of its best plan."""
+    ev._cache.clear()  # every search pays for its own evaluations (the cache is per evaluator, shared across searches here)
+    result = get_strategy(strategy).search(ev, space, max_evaluations=args.evaluations, seed=seed)
+    plan: Plan = result.best_plan
+    best = result.best_evaluation
+    finetune = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
+    tuned = train(ev.build(plan), splits, finetune, description=f"finetune {strategy}").model
+    in_evaluator = sum(e.seconds for _, e in result.history)
+    row = {
+        "strategy": strategy, "seed": seed, "score": best.accuracy, "raw": raw.evaluate(plan).accuracy,
+        "test": evaluate_accuracy(tuned, splits.test), "flops_ratio": best.flops_ratio, "feasible": best.feasible,
+        "latency_pred": best.latency_ms, "latency_meas": ev.measure_latency(plan) if measure else None,
+        "evaluations": result.evaluations, "fresh": sum(1 for _, e in result.history if not e.cached),
+        "wall": result.wall_time, "evals_per_s": result.evaluations / max(result.wall_time, 1e-9),
+        "evaluator_share": in_evaluator / max(result.wall_time, 1e-9),
+        "keeps": [round(plan.keep_ratio(g), 2) for g in space.groups],
+    }
+    logger.info("%s seed %d: score %.4f raw %.4f test %.4f FLOPs %.3f, %d evals in %.1f s",
+                strategy, seed, row["score"], row["raw"], row["test"], row["flops_ratio"], row["evaluations"], row["wall"])
+    return row
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (model, budget, strategy, seed); returns per-run rows."""
+    splits = load_splits(args)
+    rows: list[dict[str, Any]] = []
+    for name in args.models:
+        started = time.perf_counter()
+        base = train_baseline(ModelSpec(name, splits.in_channels, splits.num_classes), splits,
+                              TrainConfig(epochs=args.epochs.get(name, 3), lr=args.train_lr, seed=args.seed))
+        model = base.model
+        dense_test = evaluate_accuracy(model, splits.test)
+        dense_ms = measure_latency(model, splits.input_shape(1), threads=args.latency_threads, runs=50).median_ms
+        logger.info("%s: baseline %s (%.0f s), test %.4f, batch-1 latency %.3f ms (%d thread(s))", name,
+                    "cached" if base.cached else "trained", time.perf_counter() - started, dense_test, dense_ms, args.latency_threads)
+        raw = Evaluator(model, splits, Budget(flops=1.0), evaluator_config(args, recalibrate=False))
+        for kind, fraction in args.budgets:
+            if kind == "flops":
+                budget = Budget(flops=fraction)
+            else:
+                budget = Budget(latency_ms=fraction * dense_ms, threads=args.latency_threads)
+            label = budget_label(kind, fraction, budget.latency_ms)
+            common = {"model": name, "budget": label, "dense_test": dense_test, "dense_ms": dense_ms}
+            try:
+                ev = Evaluator(model, splits, budget, evaluator_config(args, recalibrate=True))
+                space = SearchSpace(ev, min_keep=args.min_keep)
+            except InvalidValueError as exc:
+                logger.warning("%s, %s: skipped: %s", name, label, exc)
+                rows.append({**common, "strategy": "(budget unreachable)", "error": str(exc)})
+                continue
+            for strategy in args.strategies:
+                for seed in args.seeds[:1] if strategy == "uniform" else args.seeds:
+                    rows.append({**common, **run_one(strategy, seed, ev, raw, space, splits, args, measure=kind == "latency")})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Summary table (means over seeds) and per-run details."""
+    lines = [
+        f"Fashion-MNIST ({args.train_size} train / {args.eval_size} search-val scored / {args.test_size} test images); "
+        f"{args.evaluations} evaluations per search; seeds {','.join(map(str, args.seeds))}; criterion {args.criterion}, "
+        f"min_keep {args.min_keep:g}; BN recalibration {args.recal_batches} x {args.batch_size}; every best plan fine-tuned "
+        f"{args.finetune_epochs:g} epoch at lr {args.finetune_lr:g}; {args.threads} thread(s). "
+        "Scores are search-val accuracies of the best plan (recalibrated: what the search maximised; raw: same plan, no "
+        "recalibration); 'FT test' is test accuracy after the fine-tune; deltas are against the uniform plan's, in "
+        "percentage points; mean +- std over seeds.",
+        "",
+        "| model | budget | strategy | runs | search-val (recal.) | search-val (raw) | FT test | FT test - uniform (pp) | FLOPs ratio | evals/s | time in evaluator |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget"]), []).append(r)
+    for (model, budget), items in groups.items():
+        if "error" in items[0]:
+            lines.append(f"| {model} | {budget} | budget unreachable | 0 | | | | | | | |")
+            continue
+        uniform = [r["test"] for r in items if r["strategy"] == "uniform"]
+        dense = items[0]
+        lines.append(f"| {model} | {budget} | dense | 1 | | | {dense['dense_test']:.4f} | | 1.000 | | |")
+        for strategy in dict.fromkeys(r["strategy"] for r in items):
+            runs = [r for r in items if r["strategy"] == strategy]
+            delta = fmt(*mean_std([100 * (r["test"] - uniform[0]) for r in runs]), digits=2) if uniform else ""
+            lines.append(
+                f"| {model} | {budget} | {strategy} | {len(runs)} | {fmt(*mean_std([r['score'] for r in runs]))} | "
+                f"{fmt(*mean_std([r['raw'] for r in runs]))} | {fmt(*mean_std([r['test'] for r in runs]))} | "
+                f"{delta if strategy != 'uniform' else '0'} | {fmt(*mean_std([r['flops_ratio'] for r in runs]), digits=3)} | "
+                f"{statistics.fmean(r['evals_per_s'] for r in runs):.2f} | {statistics.fmean(r['evaluator_share'] for r in runs):.0%} |"
+            )
+    lines += [
+        "",
+        "Per run (keep ratios in group order; latencies at batch 1 in ms, predicted by the scaled lookup table / measured):",
+        "",
+        "| model | budget | strategy | seed | search-val (recal.) | raw | FT test | FLOPs ratio | latency pred / meas | evals (fresh) | wall (s) | keep ratios |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['budget']} | - | | | | | | | | | {r['error']} |")
+            continue
+        lat = f"{r['latency_pred']:.3f} / {r['latency_meas']:.3f}" if r["latency_meas"] is not None else ""
+        keeps = " ".join(f"{k:.2f}" for k in r["keeps"])
+        if len(r["keeps"]) > 24:
+            keeps = f"mean {np.mean(r['keeps']):.2f}, min {min(r['keeps']):.2f}, max {max(r['keeps']):.2f} ({len(r['keeps'])} groups)"
+        lines.append(
+            f"| {r['model']} | {r['budget']} | {r['strategy']} | {r['seed']} | {r['score']:.4f} | {r['raw']:.4f} | {r['test']:.4f} | "
+            f"{r['flops_ratio']:.3f} | {lat} | {r['evaluations']} ({r['fresh']}) | {r['wall']:.1f} | {keeps} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the markdown and optionally write it."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("automl_prune.baseline", "automl_prune.training", "automl_prune.data", "automl_prune.evaluator",
+                  "automl_prune.measure.latency"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    load_start, started = load_average(), time.perf_counter()
+    table = markdown(run(args), args)
+    header = (
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, {args.threads} thread(s); "
+        f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; load average {load_start} at start, {load_average()} at end; "
+        f"{time.perf_counter() - started:.0f} s.\n\n"
+        f"Command: `python benchmarks/search_vs_uniform.py {shlex.join(sys.argv[1:] if argv is None else argv)}`"
+    )
+    print(table + "\n\n" + header)
+    if args.out is not None:
+        write_text(args.out, header + "\n\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
