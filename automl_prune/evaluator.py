@@ -239,36 +239,23 @@ class Evaluator:
     ) -> Evaluation:
         excess = self.excess(cost.flops, cost.params, latency)
         if reason or not math.isfinite(accuracy):
-            reason = reason or "accuracy is not a finite number"
-            return Evaluation(
-                accuracy,
-                cost.flops,
-                cost.params,
-                latency,
-                None,
-                cost.flops / self.graph.flops,
-                FAILED_REWARD,
-                False,
-                reason,
-                seconds,
-            )
-        reward = self.reward_fn(accuracy, cost.flops, cost.params, latency, self.context) - budget_penalty(
-            max(excess, 0.0)
-        )
-        feasible = excess <= 1e-9
-        if not feasible:
-            reason = f"over budget by {excess:.1%}"
+            reason, reward, feasible = reason or "accuracy is not a finite number", FAILED_REWARD, False
+        else:
+            penalty = budget_penalty(max(excess, 0.0))
+            reward = self.reward_fn(accuracy, cost.flops, cost.params, latency, self.context) - penalty
+            feasible = excess <= 1e-9
+            reason = "" if feasible else f"over budget by {excess:.1%}"
         return Evaluation(
-            accuracy,
-            cost.flops,
-            cost.params,
-            latency,
-            None,
-            cost.flops / self.graph.flops,
-            reward,
-            feasible,
-            reason,
-            seconds,
+            accuracy=accuracy,
+            flops=cost.flops,
+            params=cost.params,
+            latency_ms=latency,
+            measured_latency_ms=None,
+            flops_ratio=cost.flops / self.graph.flops,
+            reward=reward,
+            feasible=feasible,
+            reason=reason,
+            seconds=seconds,
         )
 
     def evaluate(self, plan: Plan) -> Evaluation:

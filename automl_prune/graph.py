@@ -18,7 +18,7 @@ way :func:`automl_prune.pruning.apply` computes them), without building the mode
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +51,20 @@ class _Dims:
     in_total: int
     out_deps: list[tuple[int, int]] = field(default_factory=list)  # (group index, channels of this module)
     in_deps: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _run_with_hooks(model: nn.Module, example_inputs: torch.Tensor, hook: Callable[..., None]) -> None:
+    """Run ``model`` once in eval mode without grad, with ``hook`` on every conv/linear layer."""
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
 
 
 def is_skippable(module: nn.Module) -> bool:
@@ -170,16 +184,7 @@ class LayerGraph:
                 shapes[module] = ((1, 1), (1, 1), positions)
             order.append(module)
 
-        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(example_inputs)
-        finally:
-            model.train(was_training)
-            for handle in handles:
-                handle.remove()
+        _run_with_hooks(model, example_inputs, hook)
         return order, shapes
 
     def _channels(self, module: nn.Module, out: bool) -> int:
@@ -385,16 +390,7 @@ def count_cost(model: nn.Module, example_inputs: torch.Tensor) -> Cost:
         else:
             total += module.in_features * output.numel() // batch
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    _run_with_hooks(model, example_inputs, hook)
     return Cost(flops=int(total), params=sum(p.numel() for p in model.parameters()))
 
 

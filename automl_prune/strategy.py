@@ -244,7 +244,9 @@ class RandomStrategy(AskTellStrategy):
 STRATEGIES: Registry[Any] = Registry("strategy")
 STRATEGIES.register("uniform", UniformStrategy, "the uniform plan that meets the budget (baseline)")
 STRATEGIES.register("random", RandomStrategy, "uniformly random feasible plans (control)")
-STRATEGIES.register("abc", "automl_prune.searchers.abc:ABCStrategy", "ABCPruner: artificial bee colony over discrete keep levels")
+STRATEGIES.register(
+    "abc", "automl_prune.searchers.abc:ABCStrategy", "ABCPruner: artificial bee colony over discrete keep levels"
+)
 STRATEGIES.register(
     "optuna",
     "automl_prune.searchers.optuna_search:OptunaStrategy",

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from automl_prune.envs.layer_prune import KIND_CODE
+from automl_prune.envs.layer_prune import group_embeddings
 from automl_prune.envs.skip_gate import SkipGateEnv
 from automl_prune.errors import InvalidValueError
 from automl_prune.search_spaces import SearchSpace
@@ -87,34 +87,6 @@ _STEP_FEATURES = ("in_skipped_block", "feasible_low", "feasible_high", "previous
 
 
 # ---------------------------------------------------------------------- embeddings
-def group_embeddings(space: SearchSpace) -> np.ndarray:
-    """Static embedding of every prunable group, in group order.
-
-    Features are :data:`GROUP_FEATURES`: index, layer-type code, the root layer's input
-    and output channels, stride and kernel size, and the FLOPs the group touches; every
-    column except the type code (already in ``[0, 1]``) is divided by its maximum.
-
-    Args:
-        space: The search space (its graph supplies the groups).
-
-    Returns:
-        Array of shape ``(space.dim, len(GROUP_FEATURES))`` with values in ``[0, 1]``.
-    """
-    groups = space.graph.groups
-    raw = np.array(
-        [
-            [i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops]
-            for i, g in enumerate(groups)
-        ],
-        dtype=np.float64,
-    )
-    scale = raw.max(axis=0)
-    scale[scale == 0] = 1.0
-    features = raw / scale
-    features[:, 1] = raw[:, 1]
-    return features
-
-
 def block_embeddings(space: SearchSpace) -> np.ndarray:
     """Static embedding of every skippable block of ``space``, in block order.
 

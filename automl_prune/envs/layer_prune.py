@@ -35,6 +35,30 @@ OBS_FEATURES = (
 )
 
 
+def group_embeddings(space: SearchSpace) -> np.ndarray:
+    """Static embedding of every prunable group, in group order (AMC's layer embedding).
+
+    Columns: index, layer-type code, the root layer's input and output channels, stride,
+    kernel size and the FLOPs the group touches; every column except the type code
+    (already in ``[0, 1]``) is divided by its maximum over the groups.
+
+    Returns:
+        Array of shape ``(space.dim, 7)`` with values in ``[0, 1]``.
+    """
+    raw = np.array(
+        [
+            [i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops]
+            for i, g in enumerate(space.graph.groups)
+        ],
+        dtype=np.float64,
+    )
+    scale = raw.max(axis=0)
+    scale[scale == 0] = 1.0
+    features = raw / scale
+    features[:, 1] = raw[:, 1]
+    return features
+
+
 class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
     """One step per prunable group; action = keep ratio; reward at the end.
 
@@ -55,18 +79,7 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self.render_mode = render_mode
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
         self.observation_space = gym.spaces.Box(0.0, 1.0, (len(OBS_FEATURES),), dtype=np.float32)
-        groups = space.graph.groups
-        static = np.array(
-            [
-                [i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops]
-                for i, g in enumerate(groups)
-            ],
-            dtype=np.float64,
-        )
-        scale = static.max(axis=0)
-        scale[scale == 0] = 1.0
-        self._static = static / scale
-        self._static[:, 1] = static[:, 1]  # the layer-type code is already in [0, 1]
+        self._static = group_embeddings(space)
         self._dense_flops = float(space.graph.flops)
         self._decided: list[float] = []
         self._last_action = 1.0
