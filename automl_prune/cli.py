@@ -391,6 +391,9 @@ def _budget_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+_NOT_CONFIG = {"func", "verbose", "resume", "overwrite", "out", "command"}
+"""Options that do not define a search run (and may differ when it is resumed)."""
+
 _BATCHED = ("random", "abc", "optuna")
 """Ask/tell strategies that ask a worker-sized batch at a time when run in parallel."""
 
@@ -402,9 +405,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     from automl_prune.evaluator import Evaluator, EvaluatorConfig
     from automl_prune.io import write_json
     from automl_prune.models import ModelSpec
+    from automl_prune.runs import RunDirectory
     from automl_prune.search_spaces import SearchSpace
     from automl_prune.strategy import STRATEGIES, get_strategy
 
+    if args.resume:
+        run = RunDirectory(args.resume, resume=True)
+        saved = dict(run.config)
+        args = argparse.Namespace(**{**saved, "resume": args.resume, "out": args.resume, "verbose": args.verbose})
+    else:
+        options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+        run = RunDirectory(args.out, options, overwrite=args.overwrite)
     _set_threads(args)
     if args.strategy not in STRATEGIES:
         STRATEGIES.get(args.strategy)
@@ -428,6 +439,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     evaluator = Evaluator(model, data, budget, config)
     space = SearchSpace(evaluator, min_keep=args.min_keep, skip_gates=args.skip_gates or args.strategy == "skipnet")
+    for plan, evaluation in run.logged():
+        evaluator.preload(plan, evaluation)
+    if run.records:
+        logger.warning("resuming %s: %d of %d evaluations already done", run.path, len(run.records), args.evaluations)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=args.evaluations, desc=f"search {args.strategy}", unit="eval", disable=None)
@@ -456,14 +471,24 @@ def cmd_search(args: argparse.Namespace) -> int:
             pool = RayEvaluatorPool(worker_spec, workers=args.workers, address=args.ray_address)
             evaluate_many = pool.evaluate_many
         strategy = get_strategy(args.strategy, **({"batch_size": args.workers} if args.strategy in _BATCHED else {}))
+        log = run.callback(args.strategy)
         result = strategy.search(
-            evaluator, space, args.evaluations, seed=args.seed, callbacks=[progress], evaluate_many=evaluate_many
+            evaluator, space, args.evaluations, seed=args.seed, callbacks=[log, progress], evaluate_many=evaluate_many
         )
+    except KeyboardInterrupt:
+        print(
+            f"automl-prune: interrupted; {len(run.logged())} evaluations are logged in {run.path}. "
+            f"Resume with: automl-prune search --resume {run.path}",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         bar.close()
         if pool is not None:
             pool.close()
-    out = _prepare_out(Path(args.out), overwrite=True)
+        if "log" in locals():
+            log.close()
+    out = run.path
     write_json(out / "plan.json", result.best_plan.to_dict())
     write_json(
         out / "result.json",
@@ -665,7 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluation workers on Ray")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
-    p.add_argument("--out", default="runs/search")
+    p.add_argument("--out", default="runs/search", help="run directory")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("pipeline", help="train -> uniform prune -> fine-tune -> export, with a summary table")

@@ -277,6 +277,10 @@ class Evaluator:
         self._cache[key] = evaluation
         return evaluation
 
+    def preload(self, plan: Plan, evaluation: Evaluation) -> None:
+        """Put a known evaluation of ``plan`` in the cache (used to resume a run from its log)."""
+        self._cache[self.structure_key(plan)] = evaluation
+
     def measure_latency(self, plan: Plan, runs: int = 30) -> float:
         """End-to-end measured latency (ms) of ``plan``'s model on the budget's device."""
         model = rebuild_structure(self.model, self.graph, plan, self.config.round_to)

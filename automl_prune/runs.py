@@ -1,0 +1,122 @@
+"""Run directories: the resolved config, an append-only evaluation log, the best plan.
+
+A search run writes into its directory:
+
+- ``config.json``: the resolved options the run was started with (written once, atomically);
+- ``evaluations.jsonl``: one JSON line per evaluation (index, plan, evaluation, strategy,
+  time), appended and flushed as each finishes, so an interrupted run loses nothing it
+  finished;
+- ``plan.json`` and ``result.json`` when the search completes.
+
+Resuming (``automl-prune search --resume DIR``) rebuilds the evaluator from ``config.json``,
+preloads its cache with the logged evaluations and runs the same strategy with the same
+seed: every strategy is seed-deterministic, so it re-proposes the logged plans, which are
+served from the cache, and continues from where the run stopped without repeating a
+finished evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.io import write_json
+from automl_prune.types import Evaluation, Plan
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+LOG = "evaluations.jsonl"
+
+
+class RunDirectory:
+    """One search run's directory.
+
+    Args:
+        path: The directory.
+        config: The run's resolved options (JSON-ready).
+        resume: Continue the run already in ``path`` (its config must exist).
+        overwrite: Start afresh even if ``path`` holds a different run.
+
+    Raises:
+        InvalidValueError: ``resume`` on a directory that is not a run, or ``path`` holding a
+            run with a different config (without ``overwrite``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: dict[str, Any] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
+        self.path = Path(path)
+        config_path = self.path / CONFIG
+        if resume:
+            if not config_path.is_file():
+                raise InvalidValueError(f"'{self.path}' is not a run directory (no {CONFIG}); nothing to resume")
+            self.config = json.loads(config_path.read_text())
+        else:
+            if config is None:
+                raise InvalidValueError("a new run needs its config")
+            if config_path.is_file() and not overwrite:
+                existing = json.loads(config_path.read_text())
+                if existing != config:
+                    changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+                    raise InvalidValueError(
+                        f"'{self.path}' holds a different run (options differ: {', '.join(changed)}); "
+                        "use --resume to continue it, another --out, or --overwrite"
+                    )
+            self.path.mkdir(parents=True, exist_ok=True)
+            if overwrite or not config_path.is_file():
+                (self.path / LOG).unlink(missing_ok=True)
+            write_json(config_path, config)
+            self.config = config
+        self.records = self._read_log()
+
+    def _read_log(self) -> list[dict[str, Any]]:
+        log = self.path / LOG
+        if not log.is_file():
+            return []
+        records = []
+        for number, line in enumerate(log.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("ignoring a torn line %d at the end of %s", number, log)  # killed mid-write
+                break
+        return records
+
+    def logged(self) -> list[tuple[Plan, Evaluation]]:
+        """The (plan, evaluation) pairs in the log, as it is on disk now."""
+        return [(Plan.from_dict(r["plan"]), Evaluation(**r["evaluation"])) for r in self._read_log()]
+
+    def callback(self, strategy: str) -> Any:
+        """A search callback that appends every *new* evaluation to the log and flushes it."""
+        already = len(self.records)
+        handle = (self.path / LOG).open("a")
+
+        def append(session: Any, plan: Plan, evaluation: Evaluation) -> None:
+            index = session.used
+            if index <= already:
+                return  # replayed from the log on resume
+            record = {
+                "index": index,
+                "strategy": strategy,
+                "time": time.time(),
+                "plan": plan.to_dict(),
+                "evaluation": evaluation.to_dict(),
+            }
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        append.close = handle.close  # type: ignore[attr-defined]
+        return append

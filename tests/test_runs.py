@@ -1,0 +1,105 @@
+"""Run directories: append-only log, interrupt and resume without repeating evaluations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.runs import RunDirectory
+
+SEARCH = [
+    "search",
+    "--strategy",
+    "random",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "8",
+    "--batch-size",
+    "32",
+    "--eval-size",
+    "300",
+]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "automl_prune.cli", *args]
+
+
+def _log(directory: Path) -> list[dict]:
+    path = directory / "evaluations.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
+    total = 30
+    # the reference: the same search, uninterrupted (also trains and caches the baseline)
+    subprocess.run(
+        _cli(*SEARCH, "--evaluations", str(total), "--out", str(tmp_path / "ref")), check=True, capture_output=True
+    )
+    reference = [r["plan"] for r in _log(tmp_path / "ref")]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cli(*SEARCH, "--evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while len(_log(run)) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    done = _log(run)
+    assert proc.returncode == 130, stderr
+    assert 5 <= len(done) < total
+    assert f"automl-prune search --resume {run}" in stderr
+
+    subprocess.run(_cli("search", "--resume", str(run)), check=True, capture_output=True, env=os.environ.copy())
+    log = _log(run)
+    assert [r["index"] for r in log] == list(range(1, total + 1))  # nothing repeated, nothing missing
+    assert log[: len(done)] == done  # the finished evaluations were not rewritten
+    assert [r["plan"] for r in log] == reference  # the resumed search continued the same trajectory
+    result = json.loads((run / "result.json").read_text())
+    assert result["evaluations"] == total
+    assert all(h["evaluation"]["cached"] for h in result["history"][: len(done)])  # served from the log
+
+
+def test_run_directory_refuses_to_mix_runs(tmp_path: Path) -> None:
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})  # same run: fine
+    with pytest.raises(InvalidValueError, match="options differ: seed"):
+        RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 1})
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 1}, overwrite=True)
+    with pytest.raises(InvalidValueError, match="not a run directory"):
+        RunDirectory(tmp_path / "empty", resume=True)
+
+
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "r", {"a": 1})
+    record = {
+        "index": 1,
+        "plan": {"keep_ratios": {"g": 0.5}, "skip": {}},
+        "evaluation": {
+            "accuracy": 0.5,
+            "flops": 1,
+            "params": 1,
+            "latency_ms": None,
+            "measured_latency_ms": None,
+            "flops_ratio": 0.5,
+            "reward": -0.5,
+            "feasible": True,
+            "reason": "",
+            "seconds": 0.1,
+            "cached": False,
+        },
+    }
+    (tmp_path / "r" / "evaluations.jsonl").write_text(json.dumps(record) + "\n" + '{"index": 2, "pla')
+    assert len(RunDirectory(run.path, resume=True).logged()) == 1
