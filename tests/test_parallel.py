@@ -63,3 +63,28 @@ def test_killed_worker_loses_at_most_one_evaluation(digits_problem, pool) -> Non
     assert pool.retries >= 1
     assert sum(not e.feasible for _, e in result.history) <= 1
     assert victim not in pool.worker_pids()  # the worker was restarted
+
+
+@pytest.mark.slow
+def test_two_node_cluster_on_loopback_runs_evaluations_on_both_nodes(digits_problem, pool) -> None:
+    """A real two-node Ray cluster (one CPU each) on 127.0.0.1: each worker lands on its own node."""
+    from ray.cluster_utils import Cluster
+
+    from automl_prune.parallel import RayEvaluatorPool, spec_for
+
+    pool.close()  # the local pool's Ray instance must be down before joining a cluster
+    spec, evaluator, space = digits_problem
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        with RayEvaluatorPool(spec_for(evaluator, spec, "digits"), workers=2, address=cluster.address) as remote:
+            result = get_strategy("random", batch_size=2).search(
+                evaluator, space, 4, seed=4, evaluate_many=remote.evaluate_many
+            )
+            nodes = {node for _, node in remote.placements}
+        assert result.evaluations == 4 and all(e.feasible for _, e in result.history)
+        assert len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
