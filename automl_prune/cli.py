@@ -391,6 +391,87 @@ def _budget_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def _dense_model(args: argparse.Namespace, data: Any) -> tuple[Any, Any]:
+    """(dense model, its ModelSpec) from --checkpoint, or the cached/trained baseline of --model."""
+    from automl_prune.baseline import train_baseline
+    from automl_prune.checkpoint import load_checkpoint
+    from automl_prune.models import ModelSpec
+
+    if args.checkpoint:
+        model, info = load_checkpoint(args.checkpoint)
+        if info.plan is not None and info.plan.keep_ratios:
+            raise InvalidValueError("the checkpoint is already pruned; search on its dense baseline instead")
+        return model, info.spec
+    spec = ModelSpec(args.model, data.in_channels, data.num_classes)
+    return train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None).model, spec
+
+
+def _evaluator_config(args: argparse.Namespace) -> Any:
+    from automl_prune.evaluator import EvaluatorConfig
+
+    return EvaluatorConfig(
+        criterion=args.criterion,
+        reward=args.reward,
+        eval_size=args.eval_size,
+        bn_recalibration=not args.no_bn_recalibration,
+        round_to=args.round_to,
+        seed=args.seed,
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run several strategies with the same seeds and evaluation budget; write the comparison."""
+    from automl_prune.compare import run_comparison
+    from automl_prune.evaluator import Evaluator
+    from automl_prune.parallel import spec_for
+    from automl_prune.report import write_comparison
+    from automl_prune.search_spaces import SearchSpace
+
+    _set_threads(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise InvalidValueError(f"--seeds must be comma-separated integers, got '{args.seeds}'") from None
+    budget = _budget_from_args(args)
+    data = _load_data(args)
+    model, spec = _dense_model(args, data)
+    evaluator = Evaluator(model, data, budget, _evaluator_config(args))
+    space_kwargs = {"min_keep": args.min_keep, "skip_gates": args.skip_gates}
+    SearchSpace(evaluator, **space_kwargs)  # a budget no plan can meet fails here, before any search
+    worker_spec = spec_for(
+        evaluator,
+        spec,
+        args.dataset,
+        data_dir=args.data_dir,
+        val_size=args.val_size,
+        data_seed=args.seed,
+        image_size=args.image_size,
+    )
+    results = run_comparison(
+        worker_spec,
+        strategies,
+        seeds,
+        args.evaluations,
+        space_kwargs,
+        workers=args.workers,
+        address=args.ray_address,
+        evaluator=evaluator,
+    )
+    out = _prepare_out(Path(args.out), overwrite=True)
+    rows = write_comparison(
+        results,
+        out,
+        f"{', '.join(strategies)} under {budget.describe()}, {args.evaluations} evaluations, seeds {args.seeds}",
+    )
+    _table(
+        f"comparison -> {out / 'comparison.md'}",
+        ["strategy", "seeds", "best acc (mean)", "std", "FLOPs ratio", "evals to 99%", "wall s"],
+        [[r.strategy, r.seeds, r.best_mean, r.best_std, r.best_flops_ratio, r.evals_to_99, r.wall_time] for r in rows],
+    )
+    return 0
+
+
 _NOT_CONFIG = {"func", "verbose", "resume", "overwrite", "out", "command"}
 """Options that do not define a search run (and may differ when it is resumed)."""
 
@@ -400,11 +481,8 @@ _BATCHED = ("random", "abc", "optuna")
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Search the best plan for a budget with one strategy; write plan.json and result.json."""
-    from automl_prune.baseline import train_baseline
-    from automl_prune.checkpoint import load_checkpoint
-    from automl_prune.evaluator import Evaluator, EvaluatorConfig
+    from automl_prune.evaluator import Evaluator
     from automl_prune.io import write_json
-    from automl_prune.models import ModelSpec
     from automl_prune.runs import RunDirectory
     from automl_prune.search_spaces import SearchSpace
     from automl_prune.strategy import STRATEGIES, get_strategy
@@ -421,22 +499,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         STRATEGIES.get(args.strategy)
     budget = _budget_from_args(args)
     data = _load_data(args)
-    if args.checkpoint:
-        model, info = load_checkpoint(args.checkpoint)
-        if info.plan is not None and info.plan.keep_ratios:
-            raise InvalidValueError("the checkpoint is already pruned; search on its dense baseline instead")
-        spec = info.spec
-    else:
-        spec = ModelSpec(args.model, data.in_channels, data.num_classes)
-        model = train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None).model
-    config = EvaluatorConfig(
-        criterion=args.criterion,
-        reward=args.reward,
-        eval_size=args.eval_size,
-        bn_recalibration=not args.no_bn_recalibration,
-        round_to=args.round_to,
-        seed=args.seed,
-    )
+    model, spec = _dense_model(args, data)
+    config = _evaluator_config(args)
     evaluator = Evaluator(model, data, budget, config)
     space = SearchSpace(evaluator, min_keep=args.min_keep, skip_gates=args.skip_gates or args.strategy == "skipnet")
     for plan, evaluation in run.logged():
@@ -595,6 +659,30 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `search` and `compare`: model, data, budget, scoring."""
+    p.add_argument("--checkpoint", default=None, help="dense checkpoint to prune (default: train/load --model)")
+    p.add_argument("--model", default="fashion_cnn")
+    _add_data_args(p)
+    _add_train_args(p, epochs=3.0, lr=0.1)
+    p.add_argument(
+        "--flops", type=_positive_float, default=None, help="FLOPs budget: fraction (<=1) or absolute (default 0.5)"
+    )
+    p.add_argument("--params", type=_positive_float, default=None, help="parameter budget: fraction (<=1) or absolute")
+    p.add_argument("--latency-ms", type=_positive_float, default=None, help="latency budget in ms on --device")
+    p.add_argument("--device", default="cpu", help="device the latency budget is for")
+    p.add_argument("--latency-batch-size", type=_positive_int, default=1, help="batch size of the latency budget")
+    p.add_argument("--evaluations", type=_positive_int, default=50, help="evaluation budget of the search")
+    p.add_argument("--reward", default="acc", help="reward (see `list rewards`)")
+    p.add_argument("--eval-size", type=_positive_int, default=2000, help="search-val images scored per plan")
+    p.add_argument("--no-bn-recalibration", action="store_true", help="score without re-estimating BN statistics")
+    p.add_argument("--min-keep", type=_fraction, default=0.2, help="smallest keep ratio of any group")
+    p.add_argument("--skip-gates", action="store_true", help="also search skip gates of residual blocks")
+    p.add_argument("--criterion", default="l1", help="importance criterion used when scoring plans")
+    p.add_argument("--round-to", type=_positive_int, default=1)
+    p.add_argument("--cache-dir", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``automl-prune`` command."""
     parser = argparse.ArgumentParser(
@@ -668,32 +756,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search the best plan for a budget with one strategy")
     p.add_argument("--strategy", default="ddpg", help="search strategy (see `list strategies`)")
-    p.add_argument("--checkpoint", default=None, help="dense checkpoint to prune (default: train/load --model)")
-    p.add_argument("--model", default="fashion_cnn")
-    _add_data_args(p)
-    _add_train_args(p, epochs=3.0, lr=0.1)
-    p.add_argument(
-        "--flops", type=_positive_float, default=None, help="FLOPs budget: fraction (<=1) or absolute (default 0.5)"
-    )
-    p.add_argument("--params", type=_positive_float, default=None, help="parameter budget: fraction (<=1) or absolute")
-    p.add_argument("--latency-ms", type=_positive_float, default=None, help="latency budget in ms on --device")
-    p.add_argument("--device", default="cpu", help="device the latency budget is for")
-    p.add_argument("--latency-batch-size", type=_positive_int, default=1, help="batch size of the latency budget")
-    p.add_argument("--evaluations", type=_positive_int, default=50, help="evaluation budget of the search")
-    p.add_argument("--reward", default="acc", help="reward (see `list rewards`)")
-    p.add_argument("--eval-size", type=_positive_int, default=2000, help="search-val images scored per plan")
-    p.add_argument("--no-bn-recalibration", action="store_true", help="score without re-estimating BN statistics")
-    p.add_argument("--min-keep", type=_fraction, default=0.2, help="smallest keep ratio of any group")
-    p.add_argument("--skip-gates", action="store_true", help="also search skip gates of residual blocks")
-    p.add_argument("--criterion", default="l1", help="importance criterion used when scoring plans")
-    p.add_argument("--round-to", type=_positive_int, default=1)
-    p.add_argument("--cache-dir", default=None)
+    _add_search_args(p)
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluation workers on Ray")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     p.add_argument("--out", default="runs/search", help="run directory")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("compare", help="compare strategies on equal evaluation budgets and seeds")
+    p.add_argument("--strategies", default="ddpg,ppo,reinforce,abc,optuna,random,uniform,global")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, the same for every strategy")
+    _add_search_args(p)
+    p.add_argument("--workers", type=_positive_int, default=1, help="searches run at once on Ray")
+    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("pipeline", help="train -> uniform prune -> fine-tune -> export, with a summary table")
     p.add_argument("--model", default="fashion_cnn")

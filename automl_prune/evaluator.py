@@ -277,6 +277,10 @@ class Evaluator:
         self._cache[key] = evaluation
         return evaluation
 
+    def clear_cache(self) -> None:
+        """Forget cached evaluations (e.g. between searches that are compared for speed)."""
+        self._cache.clear()
+
     def preload(self, plan: Plan, evaluation: Evaluation) -> None:
         """Put a known evaluation of ``plan`` in the cache (used to resume a run from its log)."""
         self._cache[self.structure_key(plan)] = evaluation

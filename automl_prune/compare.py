@@ -1,0 +1,115 @@
+"""Compare strategies on equal budgets: every (strategy, seed) search runs as its own Ray task.
+
+Each task builds its evaluator from the same :class:`~automl_prune.parallel.EvaluatorSpec`
+(so every strategy scores plans identically and no cache is shared between them) and
+runs one search with the same evaluation budget; up to ``workers`` tasks run at once.
+With ``workers=1`` the searches run one after another in this process, each with a fresh
+evaluator cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator
+from automl_prune.parallel import EvaluatorSpec, RayEvaluatorPool
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.strategy import STRATEGIES, get_strategy
+from automl_prune.types import SearchResult
+
+logger = logging.getLogger(__name__)
+
+
+def _search(
+    evaluator: Evaluator, strategy: str, seed: int, evaluations: int, space_kwargs: dict[str, Any]
+) -> SearchResult:
+    kwargs = dict(space_kwargs)
+    kwargs["skip_gates"] = kwargs.get("skip_gates", False) or strategy == "skipnet"
+    return get_strategy(strategy).search(evaluator, SearchSpace(evaluator, **kwargs), evaluations, seed=seed)
+
+
+def _remote_search(
+    spec: EvaluatorSpec, strategy: str, seed: int, evaluations: int, space_kwargs: dict[str, Any], threads: int
+) -> SearchResult:
+    torch.set_num_threads(threads)
+    return _search(spec.build(), strategy, seed, evaluations, space_kwargs)
+
+
+def run_comparison(
+    spec: EvaluatorSpec,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    evaluations: int,
+    space_kwargs: dict[str, Any] | None = None,
+    workers: int = 1,
+    address: str | None = None,
+    evaluator: Evaluator | None = None,
+) -> dict[str, list[SearchResult]]:
+    """Run every strategy with every seed on the same evaluation budget.
+
+    Args:
+        spec: How to build the evaluator (model, data, budget, scoring).
+        strategies: Registered strategy names.
+        seeds: Seeds, the same set for every strategy.
+        evaluations: Evaluation budget of each search.
+        space_kwargs: ``SearchSpace`` options (``min_keep``, ``levels``, ``skip_gates``).
+        workers: Searches run at once on Ray; 1 runs them here, one after another.
+        address: Ray cluster address; None starts Ray locally.
+        evaluator: An evaluator already built from ``spec`` (used when ``workers == 1``).
+
+    Returns:
+        Strategy name -> one result per seed, in seed order.
+    """
+    for name in strategies:
+        STRATEGIES.get(name)
+    if not seeds:
+        raise InvalidValueError("give at least one seed")
+    space_kwargs = dict(space_kwargs or {})
+    jobs = [(s, seed) for s in strategies for seed in seeds]
+    results: dict[str, list[SearchResult]] = {s: [] for s in strategies}
+    bar = tqdm(total=len(jobs), desc="compare", unit="search", disable=None)
+    try:
+        if workers <= 1 and address is None:
+            local = evaluator or spec.build()
+            for strategy, seed in jobs:
+                local.clear_cache()
+                results[strategy].append(_search(local, strategy, seed, evaluations, space_kwargs))
+                bar.update(1)
+            return results
+        import ray
+
+        started = not ray.is_initialized()
+        if started:
+            if address is None:
+                available = os.cpu_count() or 1
+                if workers > available:
+                    logger.warning("%d workers exceed the %d CPUs here; using %d", workers, available, available)
+                    workers = available
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                RayEvaluatorPool._connect(ray, address, 15.0)
+        try:
+            task = ray.remote(num_cpus=1)(_remote_search)
+            spec_ref = ray.put(spec)
+            refs = {task.remote(spec_ref, s, seed, evaluations, space_kwargs, 1): (s, seed) for s, seed in jobs}
+            done: dict[tuple[str, int], SearchResult] = {}
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                done[refs[ready[0]]] = ray.get(ready[0])
+                bar.update(1)
+            for strategy, seed in jobs:
+                results[strategy].append(done[(strategy, seed)])
+        finally:
+            if started:
+                ray.shutdown()
+    finally:
+        bar.close()
+    return results
