@@ -24,12 +24,13 @@ fi
 stamp_dir=.automl-prune
 stamp="$stamp_dir/setup.stamp"
 want=$(cat pyproject.toml "$CONSTRAINTS" 2>/dev/null | sha256sum | cut -c1-16)-$("$PYTHON" -c 'import sys; print(sys.executable)')
-# Skip only when the stamp matches and the importable automl_prune is this checkout's.
+# Skip only when the stamp matches and the installed automl_prune (imported from outside the
+# checkout, so the current directory does not count) is this checkout's.
 here=$(pwd -P)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PYTHON" -c "
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && (cd / && "$PYTHON" -c "
 import os, sys
 import automl_prune, torch, torch_pruning, ray, optuna, stable_baselines3
-sys.exit(0 if os.path.realpath(automl_prune.__file__).startswith('$here' + os.sep) else 1)" 2>/dev/null; then
+sys.exit(0 if os.path.realpath(automl_prune.__file__).startswith('$here' + os.sep) else 1)" 2>/dev/null); then
   exit 0
 fi
 echo "setup: pip install -e .[dev] (constraints: $CONSTRAINTS)"
