@@ -533,9 +533,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                 image_size=args.image_size,
             )
             pool = RayEvaluatorPool(worker_spec, workers=args.workers, address=args.ray_address)
-            evaluate_many = pool.evaluate_many
+            evaluate_many = pool.evaluate_many_cached(evaluator)
         strategy = get_strategy(args.strategy, **({"batch_size": args.workers} if args.strategy in _BATCHED else {}))
-        log = run.callback(args.strategy)
+        log = run.callback(args.strategy, placements=getattr(evaluate_many, "placements", None))
         result = strategy.search(
             evaluator, space, args.evaluations, seed=args.seed, callbacks=[log, progress], evaluate_many=evaluate_many
         )

@@ -277,6 +277,11 @@ class Evaluator:
         self._cache[key] = evaluation
         return evaluation
 
+    def cached(self, plan: Plan) -> Evaluation | None:
+        """The cached evaluation of ``plan``'s structure (marked ``cached``), or None."""
+        hit = self._cache.get(self.structure_key(plan))
+        return replace(hit, cached=True, seconds=0.0) if hit is not None else None
+
     def clear_cache(self) -> None:
         """Forget cached evaluations (e.g. between searches that are compared for speed)."""
         self._cache.clear()

@@ -206,13 +206,14 @@ class RayEvaluatorPool:
         for i, plan in enumerate(plans):
             pending[i] = (self._actors[i % self.workers].evaluate.remote(plan.to_dict()), i % self.workers, 0)
         results: dict[int, Evaluation] = {}
+        where: dict[int, tuple[int, str]] = {}
         while pending:
             i, (ref, worker, attempt) = next(iter(pending.items()))
             del pending[i]
             try:
                 data, index, node = ray.get(ref)
                 results[i] = Evaluation(**data)
-                self.placements.append((index, node))
+                where[i] = (index, node)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.RayTaskError) as exc:
                 logger.warning("worker %d failed on a plan (%s)", worker, type(exc).__name__)
                 if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)):
@@ -223,7 +224,40 @@ class RayEvaluatorPool:
                 else:
                     self.failures += 1
                     results[i] = _failed({}, f"worker failed twice: {type(exc).__name__}")
+                    where[i] = (worker, "")
+        self.placements.extend(where[i] for i in range(len(plans)))
         return [results[i] for i in range(len(plans))]
+
+    def evaluate_many_cached(self, evaluator: Evaluator) -> Any:
+        """A batch evaluator that serves ``evaluator``'s cache on the driver and sends only misses to workers.
+
+        Fresh results go into the driver's cache too, so identical plans are never scored twice
+        (and a resumed run's logged plans are not re-scored on workers). The returned function
+        has a ``placements`` list: ``(worker, node)`` per evaluation in the order made, with
+        ``(None, "cache")`` for cache hits.
+        """
+        placements: list[tuple[int | None, str]] = []
+
+        def evaluate_many(plans: list[Plan]) -> list[Evaluation]:
+            hits = [evaluator.cached(p) for p in plans]
+            misses = [p for p, h in zip(plans, hits) if h is None]
+            start = len(self.placements)
+            fresh = iter(self.evaluate_many(misses) if misses else [])
+            placed = iter(self.placements[start:])
+            out = []
+            for plan, hit in zip(plans, hits):
+                if hit is not None:
+                    out.append(hit)
+                    placements.append((None, "cache"))
+                else:
+                    evaluation = next(fresh)
+                    evaluator.preload(plan, evaluation)
+                    out.append(evaluation)
+                    placements.append(next(placed))
+            return out
+
+        evaluate_many.placements = placements  # type: ignore[attr-defined]
+        return evaluate_many
 
     def worker_pids(self) -> list[int]:
         """Process ids of the workers (for tests that kill one)."""

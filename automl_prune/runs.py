@@ -98,8 +98,14 @@ class RunDirectory:
         """The (plan, evaluation) pairs in the log, as it is on disk now."""
         return [(Plan.from_dict(r["plan"]), Evaluation(**r["evaluation"])) for r in self._read_log()]
 
-    def callback(self, strategy: str) -> Any:
-        """A search callback that appends every *new* evaluation to the log and flushes it."""
+    def callback(self, strategy: str, placements: list[tuple[int | None, str]] | None = None) -> Any:
+        """A search callback that appends every *new* evaluation to the log and flushes it.
+
+        Args:
+            strategy: Recorded with each evaluation.
+            placements: ``(worker, node)`` per evaluation in the order made (parallel runs);
+                recorded as ``worker`` and ``node``.
+        """
         already = len(self.records)
         handle = (self.path / LOG).open("a")
 
@@ -107,13 +113,10 @@ class RunDirectory:
             index = session.used
             if index <= already:
                 return  # replayed from the log on resume
-            record = {
-                "index": index,
-                "strategy": strategy,
-                "time": time.time(),
-                "plan": plan.to_dict(),
-                "evaluation": evaluation.to_dict(),
-            }
+            record = {"index": index, "strategy": strategy, "time": time.time()}
+            if placements is not None and len(placements) >= index:
+                record["worker"], record["node"] = placements[index - 1]
+            record.update(plan=plan.to_dict(), evaluation=evaluation.to_dict())
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())

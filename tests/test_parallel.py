@@ -88,3 +88,35 @@ def test_two_node_cluster_on_loopback_runs_evaluations_on_both_nodes(digits_prob
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -> None:
+    """`search --ray-address` on a two-node loopback cluster: the run log names both nodes."""
+    import json
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        out = tmp_path / "run"
+        args = ["search", "--strategy", "random", "--dataset", "digits", "--epochs", "8", "--batch-size", "32"]
+        args += ["--evaluations", "6", "--eval-size", "300", "--workers", "2", "--ray-address", cluster.address]
+        proc = subprocess.run(
+            [sys.executable, "-m", "automl_prune.cli", *args, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in records] == list(range(1, 7))
+        fresh = [r for r in records if r["node"] != "cache"]
+        assert len({r["node"] for r in fresh}) == 2 and {r["worker"] for r in fresh} == {0, 1}
+    finally:
+        cluster.shutdown()
