@@ -1,0 +1,95 @@
+"""Evaluations per second of a search with 1 and 2 Ray workers, and the parallel efficiency.
+
+Each worker runs with one torch thread and holds the model and data once. The strategy is
+`random` asking a worker-sized batch at a time; the driver's cache is cleared between
+runs so every evaluation is fresh. A serial in-process run (1 and 2 torch threads) is
+shown for reference.
+
+    python benchmarks/parallel.py --evaluations 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from automl_prune.baseline import train_baseline
+from automl_prune.data import load_dataset
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.models import ModelSpec
+from automl_prune.parallel import RayEvaluatorPool, spec_for
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.strategy import get_strategy
+from automl_prune.training import TrainConfig
+from automl_prune.types import Budget
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fashion_cnn")
+    parser.add_argument("--evaluations", type=int, default=24)
+    parser.add_argument("--eval-size", type=int, default=2000)
+    parser.add_argument("--workers", default="1,2", help="worker counts to measure")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    data = load_dataset("fashion-mnist")
+    spec = ModelSpec(args.model, data.in_channels, data.num_classes)
+    model = train_baseline(spec, data, TrainConfig(epochs=3)).model
+    evaluator = Evaluator(model, data, Budget(flops=0.5), EvaluatorConfig(eval_size=args.eval_size))
+    space = SearchSpace(evaluator)
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        evaluator.clear_cache()
+        start = time.perf_counter()
+        get_strategy("random", batch_size=1).search(evaluator, space, args.evaluations, seed=0)
+        rows.append((f"serial, {threads} torch thread(s)", args.evaluations / (time.perf_counter() - start)))
+    torch.set_num_threads(1)
+    per_worker = {}
+    for workers in [int(w) for w in args.workers.split(",")]:
+        with RayEvaluatorPool(spec_for(evaluator, spec, "fashion-mnist"), workers=workers) as pool:
+            pool.evaluate_many([space.plan_from_keeps([1.0] * space.dim)] * workers)  # warm the workers up
+            evaluator.clear_cache()
+            start = time.perf_counter()
+            get_strategy("random", batch_size=workers).search(
+                evaluator, space, args.evaluations, seed=0, evaluate_many=pool.evaluate_many_cached(evaluator)
+            )
+            rate = args.evaluations / (time.perf_counter() - start)
+        per_worker[workers] = rate
+        rows.append((f"Ray, {workers} worker(s) x 1 thread", rate))
+    print(f"- Machine: {_cpu()}, {os.cpu_count()} cores; torch {torch.__version__}")
+    print(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"- {args.model} on Fashion-MNIST, FLOPs <= 50%, eval_size {args.eval_size}, {args.evaluations} fresh evaluations per row"
+    )
+    print()
+    print("| setting | evaluations/s |")
+    print("|---|---:|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:.2f} |")
+    if 1 in per_worker and 2 in per_worker:
+        print()
+        print(
+            f"Parallel efficiency with 2 workers: {per_worker[2] / (2 * per_worker[1]):.0%} "
+            f"(speed-up x{per_worker[2] / per_worker[1]:.2f} over 1 worker)"
+        )
+
+
+if __name__ == "__main__":
+    main()
