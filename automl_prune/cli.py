@@ -414,6 +414,7 @@ def _evaluator_config(args: argparse.Namespace) -> Any:
         reward=args.reward,
         eval_size=args.eval_size,
         bn_recalibration=not args.no_bn_recalibration,
+        finetune_steps=args.fitness_finetune_steps,
         round_to=args.round_to,
         seed=args.seed,
     )
@@ -678,6 +679,12 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bn-recalibration", action="store_true", help="score without re-estimating BN statistics")
     p.add_argument("--min-keep", type=_fraction, default=0.2, help="smallest keep ratio of any group")
     p.add_argument("--skip-gates", action="store_true", help="also search skip gates of residual blocks")
+    p.add_argument(
+        "--fitness-finetune-steps",
+        type=_nonneg_int,
+        default=0,
+        help="SGD steps on each pruned model before scoring it (ABCPruner-style fitness; 0 = off)",
+    )
     p.add_argument("--criterion", default="l1", help="importance criterion used when scoring plans")
     p.add_argument("--round-to", type=_positive_int, default=1)
     p.add_argument("--cache-dir", default=None)

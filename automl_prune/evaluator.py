@@ -55,6 +55,11 @@ class EvaluatorConfig:
         criterion_batches: Search-val batches given to data-driven criteria.
         round_to: Round kept channel counts to a multiple of this.
         seed: Seed of the calibration batches.
+        finetune_steps: SGD steps (batch ``batch_size``, lr ``finetune_lr``, the same
+            training batches for every plan) run on each pruned model before scoring, as
+            ABCPruner scores candidates after a fraction of an epoch of fine-tuning
+            (0 = off, AMC's protocol).
+        finetune_lr: Learning rate of those steps.
     """
 
     criterion: str = "l1"
@@ -66,8 +71,12 @@ class EvaluatorConfig:
     criterion_batches: int = 8
     round_to: int = 1
     seed: int = 0
+    finetune_steps: int = 0
+    finetune_lr: float = 0.01
 
     def __post_init__(self) -> None:
+        if self.finetune_steps < 0 or not self.finetune_lr > 0:
+            raise InvalidValueError("finetune_steps must be >= 0 and finetune_lr > 0")
         if self.eval_size < 1 or self.batch_size < 1 or self.recalibration_batches < 1 or self.round_to < 1:
             raise InvalidValueError("eval_size, batch_size, recalibration_batches and round_to must be >= 1")
 
@@ -232,7 +241,25 @@ class Evaluator:
         )
         if self.calibration:
             recalibrate_batchnorm(pruned, self.calibration)
+        if self.config.finetune_steps:
+            self._finetune(pruned)
         return pruned.eval()
+
+    def _finetune(self, model: nn.Module) -> None:
+        """A few SGD steps on fixed training batches (the same for every plan)."""
+        if not hasattr(self, "_finetune_batches"):
+            batches = self.data.train.batches(
+                self.config.batch_size, shuffle=True, seed=derive_seed(self.config.seed, "fitness-finetune")
+            )
+            self._finetune_batches = [b for b, _ in zip(batches, range(self.config.finetune_steps))]
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.config.finetune_lr, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        for x, y in self._finetune_batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+        model.eval()
 
     def _score(
         self, plan: Plan, accuracy: float, cost: Cost, latency: float | None, seconds: float, reason: str = ""

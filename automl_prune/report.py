@@ -1,9 +1,10 @@
 """Comparison tables and plots of search results.
 
 :func:`summarise` turns the results of several strategies (over seeds) into one row per
-strategy; :func:`write_comparison` writes ``comparison.md``, ``comparison.csv`` and two PNG
-plots: best-so-far search-val accuracy against evaluations (mean over seeds) and accuracy
-against FLOPs of every feasible evaluation with the Pareto front.
+strategy; :func:`write_comparison` writes ``comparison.md``, ``comparison.csv`` and PNG
+plots: best-so-far search-val accuracy against evaluations (mean over seeds), and accuracy
+against FLOPs (and, for latency budgets, against predicted latency) of every feasible
+evaluation with the Pareto front.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -150,13 +152,20 @@ def _plots(results: dict[str, list[SearchResult]], out: Path) -> None:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
+    _scatter(plt, results, out, "flops_ratio", "FLOPs (fraction of the dense model)", "accuracy_vs_flops.png")
+    if any(e.latency_ms is not None for runs in results.values() for r in runs for _, e in r.history):
+        _scatter(plt, results, out, "latency_ms", "predicted latency (ms)", "accuracy_vs_latency.png")
+
+
+def _scatter(plt: Any, results: dict[str, list[SearchResult]], out: Path, field: str, label: str, name: str) -> None:
+    """Accuracy of every feasible evaluation against one cost, with the Pareto front."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     points = []
     for strategy, runs in results.items():
-        xs = [e.flops_ratio for r in runs for _, e in r.history if e.feasible]
-        ys = [e.accuracy for r in runs for _, e in r.history if e.feasible]
-        points += list(zip(xs, ys))
-        ax.scatter(xs, ys, s=14, alpha=0.6, label=strategy)
+        pairs = [(getattr(e, field), e.accuracy) for r in runs for _, e in r.history if e.feasible]
+        pairs = [(x, y) for x, y in pairs if x is not None]
+        points += pairs
+        ax.scatter([x for x, _ in pairs], [y for _, y in pairs], s=14, alpha=0.6, label=strategy)
     front = pareto_front(points)
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1.2)
@@ -168,13 +177,13 @@ def _plots(results: dict[str, list[SearchResult]], out: Path) -> None:
             edgecolors="black",
             label="Pareto front",
         )
-    ax.set_xlabel("FLOPs (fraction of the dense model)")
+    ax.set_xlabel(label)
     ax.set_ylabel("search-val accuracy")
     ax.set_title("Every feasible evaluation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(out / "accuracy_vs_flops.png") as tmp:
+    with atomic_path(out / name) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 

@@ -171,3 +171,15 @@ def test_layer_prune_env_reward_only_at_the_end(cnn_evaluator) -> None:
     env.reset(seed=0)
     rewards = [env.step(np.array([0.0], dtype=np.float32))[1] for _ in range(3)]
     assert rewards[:2] == [0.0, 0.0] and rewards[2] < 0
+
+
+def test_fitness_after_a_few_finetuning_steps_scores_higher(trained_resnet20, fashion_small) -> None:
+    """ABCPruner-style fitness: the same plan scores higher after a few SGD steps, and stays deterministic."""
+    config = EvaluatorConfig(eval_size=500, recalibration_batches=4, finetune_steps=20)
+    tuned = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.25), config)
+    plain = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.25), CONFIG)
+    plan = plain.graph.uniform_plan(0.25)
+    first = tuned.evaluate(plan)
+    assert first.accuracy > plain.evaluate(plan).accuracy
+    tuned.clear_cache()
+    assert tuned.evaluate(plan).accuracy == first.accuracy

@@ -59,13 +59,11 @@ How this implementation maps ABC onto ask/tell and a hard budget:
   ``r < 0``. A failed or infeasible evaluation has fitness zero and never wins.
 - **Skip gates** of the search space are not searched: every ABC plan keeps all blocks.
 
-What is left out: ABCPruner fine-tunes every candidate for a fraction of an epoch before
-scoring it, which makes the fitness reflect how well a structure *recovers*. Here scoring
-is the session's :class:`~automl_prune.evaluator.Evaluator` (prune, recalibrate BN,
-score), which every strategy shares and which this strategy cannot change without either
-scoring outside the session (uncounted evaluations) or editing the evaluator. So there is
-no ``finetune_epochs`` parameter; short fine-tuning belongs in the evaluator as an option
-(then all strategies would be compared under the same fitness).
+ABCPruner fine-tunes every candidate for a fraction of an epoch before scoring it, so that
+the fitness reflects how well a structure *recovers*. That is an option of the shared
+:class:`~automl_prune.evaluator.EvaluatorConfig` (``finetune_steps``; CLI
+``--fitness-finetune-steps``), not of this strategy, so that every strategy compared with
+ABC can be scored under the same fitness and every fine-tuned evaluation is counted.
 """
 
 from __future__ import annotations
