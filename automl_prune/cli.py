@@ -533,7 +533,13 @@ def cmd_search(args: argparse.Namespace) -> int:
                 data_seed=args.seed,
                 image_size=args.image_size,
             )
-            pool = RayEvaluatorPool(worker_spec, workers=args.workers, address=args.ray_address)
+            pool = RayEvaluatorPool(
+                worker_spec,
+                workers=args.workers,
+                address=args.ray_address,
+                cpus_per_worker=args.cpus_per_worker,
+                gpus_per_worker=args.gpus_per_worker,
+            )
             evaluate_many = pool.evaluate_many_cached(evaluator)
         strategy = get_strategy(args.strategy, **({"batch_size": args.workers} if args.strategy in _BATCHED else {}))
         log = run.callback(args.strategy, placements=getattr(evaluate_many, "placements", None))
@@ -765,6 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="ddpg", help="search strategy (see `list strategies`)")
     _add_search_args(p)
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluation workers on Ray")
+    p.add_argument("--cpus-per-worker", type=_positive_int, default=1, help="CPUs (and torch threads) per Ray worker")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU fraction per Ray worker")
     p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
     p.add_argument("--out", default="runs/search", help="run directory")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")

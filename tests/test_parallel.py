@@ -120,3 +120,37 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         assert len({r["node"] for r in fresh}) == 2 and {r["worker"] for r in fresh} == {0, 1}
     finally:
         cluster.shutdown()
+
+
+def test_unreachable_cluster_is_a_clear_error_within_seconds(tmp_path) -> None:
+    """`--ray-address` at a loopback port where nothing listens: one-line error, exit 2, nothing left running."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free once closed: nothing listens there
+    args = ["search", "--strategy", "random", "--dataset", "digits", "--epochs", "8", "--batch-size", "32"]
+    args += [
+        "--evaluations",
+        "2",
+        "--eval-size",
+        "300",
+        "--ray-address",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "automl_prune.cli", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in proc.stderr
+    assert time.perf_counter() - start < 60
