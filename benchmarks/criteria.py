@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from _common import load_splits
 
 from automl_prune.baseline import train_baseline
 from automl_prune.criteria import CRITERIA, get_criterion
-from automl_prune.data import DataSplits, load_dataset
 from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.models import ModelSpec
@@ -48,7 +48,9 @@ def _floats(value: str) -> list[float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options (all sizes have defaults that finish in a few minutes)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
     p.add_argument("--criteria", type=_csv, default=CRITERIA.names(), help="comma-separated criteria (default: all)")
     p.add_argument("--reductions", type=_floats, default=[0.3, 0.5], help="FLOPs reductions (0.3 = 70%% of FLOPs kept)")
@@ -58,7 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=2000, help="test images for the accuracies")
     p.add_argument("--train-epochs", type=float, default=3.0, help="baseline training epochs (cached by config)")
     p.add_argument("--train-lr", type=float, default=0.05, help="baseline learning rate")
-    p.add_argument("--finetune-epochs", type=float, default=0.1, help="fine-tune epochs after pruning (fractions allowed)")
+    p.add_argument(
+        "--finetune-epochs", type=float, default=0.1, help="fine-tune epochs after pruning (fractions allowed)"
+    )
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--batches", type=int, default=8, help="search-val batches given to data-driven criteria")
     p.add_argument("--batch-size", type=int, default=64, help="size of those batches")
@@ -76,16 +80,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_splits(args: argparse.Namespace) -> DataSplits:
-    """Fashion-MNIST with the benchmark's train/val/test sizes."""
-    full = load_dataset("fashion-mnist", args.data_dir, val_size=args.val_size, seed=args.seed)
-    return DataSplits(
-        name=f"fashion-mnist-{args.train_size // 1000}k", train=full.train.subset(args.train_size, seed=args.seed),
-        search_val=full.search_val, test=full.test.subset(args.test_size, seed=args.seed),
-        num_classes=full.num_classes, in_channels=full.in_channels, image_size=full.image_size,
-    )
-
-
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
     """Prune, evaluate and fine-tune every (model, reduction, criterion); return table rows."""
     torch.set_num_threads(args.threads)
@@ -98,12 +92,26 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         started = time.perf_counter()
         base = train_baseline(spec, splits, TrainConfig(epochs=args.train_epochs, lr=args.train_lr, seed=args.seed))
         dense_acc = evaluate_accuracy(base.model, splits.test)
-        logger.info("%s: dense test accuracy %.4f (%s, %.0f s)", model_name, dense_acc,
-                    "cached" if base.cached else "trained", time.perf_counter() - started)
+        logger.info(
+            "%s: dense test accuracy %.4f (%s, %.0f s)",
+            model_name,
+            dense_acc,
+            "cached" if base.cached else "trained",
+            time.perf_counter() - started,
+        )
         example = torch.zeros(splits.input_shape(1))
         graph = LayerGraph(base.model, example)
-        rows.append({"model": model_name, "flops": "100%", "criterion": "dense", "pruned": dense_acc,
-                     "finetuned": float("nan"), "ratio": 1.0, "seconds": 0.0})
+        rows.append(
+            {
+                "model": model_name,
+                "flops": "100%",
+                "criterion": "dense",
+                "pruned": dense_acc,
+                "finetuned": float("nan"),
+                "ratio": 1.0,
+                "seconds": 0.0,
+            }
+        )
         for reduction in args.reductions:
             plan = graph.uniform_plan(1.0 - reduction)
             for name in args.criteria:
@@ -120,9 +128,13 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
                     results.append((acc, evaluate_accuracy(tuned, splits.test), seconds, ratio))
                 n = len(results)
                 row = {
-                    "model": model_name, "flops": f"{1.0 - reduction:.0%}", "criterion": name if n == 1 else f"{name} (x{n})",
-                    "pruned": sum(r[0] for r in results) / n, "finetuned": sum(r[1] for r in results) / n,
-                    "ratio": sum(r[3] for r in results) / n, "seconds": sum(r[2] for r in results) / n,
+                    "model": model_name,
+                    "flops": f"{1.0 - reduction:.0%}",
+                    "criterion": name if n == 1 else f"{name} (x{n})",
+                    "pruned": sum(r[0] for r in results) / n,
+                    "finetuned": sum(r[1] for r in results) / n,
+                    "ratio": sum(r[3] for r in results) / n,
+                    "seconds": sum(r[2] for r in results) / n,
                 }
                 logger.info("%s", row)
                 rows.append(row)
@@ -152,7 +164,9 @@ def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the markdown table."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("automl_prune.baseline", "automl_prune.training"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     table = markdown(run(args), args)

@@ -32,7 +32,6 @@ import datetime as dt
 import functools
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,10 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch_pruning as tp
+from _common import cpu_model, load_average, load_splits
 
 import automl_prune.evaluator as evaluator_module
 from automl_prune.baseline import train_baseline
-from automl_prune.data import DataSplits, load_dataset
+from automl_prune.data import DataSplits
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.io import write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
@@ -58,7 +58,10 @@ from automl_prune.types import Budget, Plan
 
 logger = logging.getLogger("benchmarks.evaluator")
 
-DEFAULT_EPOCHS: dict[str, float] = {"fashion_cnn": 3, "resnet20": 2}  # ints: the baseline cache key hashes 3 and 3.0 differently
+DEFAULT_EPOCHS: dict[str, float] = {
+    "fashion_cnn": 3,
+    "resnet20": 2,
+}  # ints: the baseline cache key hashes 3 and 3.0 differently
 
 
 # --------------------------------------------------------------------------- arguments
@@ -82,12 +85,19 @@ def _epochs(value: str) -> dict[str, float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", type=_csv, default=["breakdown", "correlation"], help="which parts to run: breakdown, correlation")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--parts", type=_csv, default=["breakdown", "correlation"], help="which parts to run: breakdown, correlation"
+    )
     p.add_argument("--breakdown-models", type=_csv, default=["fashion_cnn"], help="models for the cost breakdown")
     p.add_argument("--breakdown-evals", type=int, default=20, help="fresh evaluations timed per model")
-    p.add_argument("--breakdown-untrained", action="store_true",
-                   help="time the breakdown on randomly initialised models (same cost, no baseline training needed)")
+    p.add_argument(
+        "--breakdown-untrained",
+        action="store_true",
+        help="time the breakdown on randomly initialised models (same cost, no baseline training needed)",
+    )
     p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="models for the rank correlation")
     p.add_argument("--plans", type=int, default=30, help="random feasible plans per model for the rank correlation")
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget (fraction of the dense model's)")
@@ -101,7 +111,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=2000, help="test images for fine-tuned accuracies")
     p.add_argument("--epochs", type=_epochs, default=DEFAULT_EPOCHS, help="baseline epochs per model, MODEL=EPOCHS,...")
     p.add_argument("--train-lr", type=float, default=0.05, help="baseline learning rate")
-    p.add_argument("--finetune-epochs", type=float, default=0.2, help="fine-tune epochs per pruned model (fractions allowed)")
+    p.add_argument(
+        "--finetune-epochs", type=float, default=0.2, help="fine-tune epochs per pruned model (fractions allowed)"
+    )
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune learning rate")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0, help="seed of data splits, training, plans and fine-tuning")
@@ -121,51 +133,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- shared helpers
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where available)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages, or "n/a"."""
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def load_splits(args: argparse.Namespace) -> DataSplits:
-    """Fashion-MNIST with the benchmark's train/val/test sizes (same splits as ``benchmarks/criteria.py``)."""
-    full = load_dataset("fashion-mnist", args.data_dir, val_size=args.val_size, seed=args.seed)
-    return DataSplits(
-        name=f"fashion-mnist-{args.train_size // 1000}k", train=full.train.subset(args.train_size, seed=args.seed),
-        search_val=full.search_val, test=full.test.subset(args.test_size, seed=args.seed),
-        num_classes=full.num_classes, in_channels=full.in_channels, image_size=full.image_size,
-    )
-
-
 def baseline(name: str, splits: DataSplits, args: argparse.Namespace) -> torch.nn.Module:
     """The cached (or freshly trained) dense baseline of ``name``."""
     epochs = args.epochs.get(name, 3)
     started = time.perf_counter()
-    base = train_baseline(ModelSpec(name, splits.in_channels, splits.num_classes), splits,
-                          TrainConfig(epochs=epochs, lr=args.train_lr, seed=args.seed))
-    logger.info("%s: baseline %s (%.0f s), %g epochs", name, "cached" if base.cached else "trained",
-                time.perf_counter() - started, epochs)
+    base = train_baseline(
+        ModelSpec(name, splits.in_channels, splits.num_classes),
+        splits,
+        TrainConfig(epochs=epochs, lr=args.train_lr, seed=args.seed),
+    )
+    logger.info(
+        "%s: baseline %s (%.0f s), %g epochs",
+        name,
+        "cached" if base.cached else "trained",
+        time.perf_counter() - started,
+        epochs,
+    )
     return base.model
 
 
 def evaluator_config(args: argparse.Namespace, recalibrate: bool = True) -> EvaluatorConfig:
     """The evaluator settings of this benchmark."""
-    return EvaluatorConfig(criterion=args.criterion, eval_size=args.eval_size, bn_recalibration=recalibrate,
-                           recalibration_batches=args.recal_batches, batch_size=args.batch_size, seed=args.seed)
+    return EvaluatorConfig(
+        criterion=args.criterion,
+        eval_size=args.eval_size,
+        bn_recalibration=recalibrate,
+        recalibration_batches=args.recal_batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -229,8 +225,12 @@ def breakdown(name: str, splits: DataSplits, args: argparse.Namespace) -> dict[s
             plans.append(plan)
     ev.evaluate(plans[0])  # warm-up (first-call allocations), not timed
     timers = _Timers()
-    originals = (evaluator_module.apply, evaluator_module.recalibrate_batchnorm, evaluator_module.evaluate_accuracy,
-                 tp.DependencyGraph.build_dependency)
+    originals = (
+        evaluator_module.apply,
+        evaluator_module.recalibrate_batchnorm,
+        evaluator_module.evaluate_accuracy,
+        tp.DependencyGraph.build_dependency,
+    )
     evaluator_module.apply = timers.wrap("apply", originals[0])
     evaluator_module.recalibrate_batchnorm = timers.wrap("recalibration", originals[1])
     evaluator_module.evaluate_accuracy = timers.wrap("scoring", originals[2])
@@ -244,8 +244,12 @@ def breakdown(name: str, splits: DataSplits, args: argparse.Namespace) -> dict[s
             if evaluation.cached or not evaluation.feasible:
                 logger.warning("unexpected evaluation: %s", evaluation)
     finally:
-        (evaluator_module.apply, evaluator_module.recalibrate_batchnorm, evaluator_module.evaluate_accuracy,
-         tp.DependencyGraph.build_dependency) = originals
+        (
+            evaluator_module.apply,
+            evaluator_module.recalibrate_batchnorm,
+            evaluator_module.evaluate_accuracy,
+            tp.DependencyGraph.build_dependency,
+        ) = originals
     hits = []
     for plan in plans[1:]:
         start = time.perf_counter()
@@ -257,11 +261,18 @@ def breakdown(name: str, splits: DataSplits, args: argparse.Namespace) -> dict[s
     parts = {k: v for k, v in timers.seconds.items()}
     other = total - parts.get("apply", 0.0) - parts.get("recalibration", 0.0) - parts.get("scoring", 0.0)
     return {
-        "model": name, "n": n, "total_ms": 1e3 * total / n, "apply_ms": 1e3 * parts.get("apply", 0.0) / n,
-        "graph_ms": 1e3 * parts.get("dependency graph", 0.0) / n, "recal_ms": 1e3 * parts.get("recalibration", 0.0) / n,
-        "score_ms": 1e3 * parts.get("scoring", 0.0) / n, "other_ms": 1e3 * other / n,
-        "overhead": (parts.get("apply", 0.0) + other) / total, "hit_us": 1e6 * statistics.median(hits),
-        "median_ms": 1e3 * statistics.median(totals), "groups": len(ev.graph.groups),
+        "model": name,
+        "n": n,
+        "total_ms": 1e3 * total / n,
+        "apply_ms": 1e3 * parts.get("apply", 0.0) / n,
+        "graph_ms": 1e3 * parts.get("dependency graph", 0.0) / n,
+        "recal_ms": 1e3 * parts.get("recalibration", 0.0) / n,
+        "score_ms": 1e3 * parts.get("scoring", 0.0) / n,
+        "other_ms": 1e3 * other / n,
+        "overhead": (parts.get("apply", 0.0) + other) / total,
+        "hit_us": 1e6 * statistics.median(hits),
+        "median_ms": 1e3 * statistics.median(totals),
+        "groups": len(ev.graph.groups),
     }
 
 
@@ -270,7 +281,8 @@ def breakdown_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     lines = [
         f"### Cost of one evaluation (FLOPs <= {args.flops:.0%}, eval_size {args.eval_size}, "
         f"{args.recal_batches} recalibration batches of {args.batch_size}, criterion {args.criterion}, {args.threads} thread(s)"
-        + (", untrained weights" if args.breakdown_untrained else "") + ")",
+        + (", untrained weights" if args.breakdown_untrained else "")
+        + ")",
         "",
         "Mean over fresh (uncached) random feasible plans; ms per evaluation and share of it.",
         "",
@@ -319,22 +331,41 @@ def correlation(name: str, splits: DataSplits, args: argparse.Namespace) -> dict
         rec_acc.append(c.accuracy)
         ratios.append(c.flops_ratio)
         tuned_acc.append(finetuned(plan))
-        logger.info("%s plan %d/%d: raw %.4f, recalibrated %.4f, fine-tuned %.4f (FLOPs %.3f)",
-                    name, i + 1, args.plans, raw_acc[-1], rec_acc[-1], tuned_acc[-1], ratios[-1])
+        logger.info(
+            "%s plan %d/%d: raw %.4f, recalibrated %.4f, fine-tuned %.4f (FLOPs %.3f)",
+            name,
+            i + 1,
+            args.plans,
+            raw_acc[-1],
+            rec_acc[-1],
+            tuned_acc[-1],
+            ratios[-1],
+        )
     uniform = recal.graph.uniform_plan(args.flops)
     return {
-        "model": name, "n": args.plans, "dense_test": dense_test,
-        "rho_raw": spearman(raw_acc, tuned_acc), "rho_rec": spearman(rec_acc, tuned_acc),
+        "model": name,
+        "n": args.plans,
+        "dense_test": dense_test,
+        "rho_raw": spearman(raw_acc, tuned_acc),
+        "rho_rec": spearman(rec_acc, tuned_acc),
         "rho_raw_rec": spearman(raw_acc, rec_acc),
-        "mean_raw": float(np.mean(raw_acc)), "mean_rec": float(np.mean(rec_acc)),
-        "min_raw": float(np.min(raw_acc)), "max_raw": float(np.max(raw_acc)),
-        "min_rec": float(np.min(rec_acc)), "max_rec": float(np.max(rec_acc)),
-        "mean_tuned": float(np.mean(tuned_acc)), "std_tuned": float(np.std(tuned_acc)),
-        "min_tuned": float(np.min(tuned_acc)), "max_tuned": float(np.max(tuned_acc)),
-        "top_raw": tuned_acc[int(np.argmax(raw_acc))], "top_rec": tuned_acc[int(np.argmax(rec_acc))],
+        "mean_raw": float(np.mean(raw_acc)),
+        "mean_rec": float(np.mean(rec_acc)),
+        "min_raw": float(np.min(raw_acc)),
+        "max_raw": float(np.max(raw_acc)),
+        "min_rec": float(np.min(rec_acc)),
+        "max_rec": float(np.max(rec_acc)),
+        "mean_tuned": float(np.mean(tuned_acc)),
+        "std_tuned": float(np.std(tuned_acc)),
+        "min_tuned": float(np.min(tuned_acc)),
+        "max_tuned": float(np.max(tuned_acc)),
+        "top_raw": tuned_acc[int(np.argmax(raw_acc))],
+        "top_rec": tuned_acc[int(np.argmax(rec_acc))],
         "mean_ratio": float(np.mean(ratios)),
-        "uniform_raw": raw.evaluate(uniform).accuracy, "uniform_rec": recal.evaluate(uniform).accuracy,
-        "uniform_tuned": finetuned(uniform), "uniform_ratio": recal.cost(uniform).flops / recal.graph.flops,
+        "uniform_raw": raw.evaluate(uniform).accuracy,
+        "uniform_rec": recal.evaluate(uniform).accuracy,
+        "uniform_tuned": finetuned(uniform),
+        "uniform_ratio": recal.cost(uniform).flops / recal.graph.flops,
         "seconds": time.perf_counter() - started,
     }
 
@@ -367,7 +398,9 @@ def correlation_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['uniform_ratio']:.3f} | {r['uniform_raw']:.4f} | {r['uniform_rec']:.4f} | {r['uniform_tuned']:.4f} |")
+        lines.append(
+            f"| {r['model']} | {r['uniform_ratio']:.3f} | {r['uniform_raw']:.4f} | {r['uniform_rec']:.4f} | {r['uniform_tuned']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -377,7 +410,9 @@ def correlation_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected parts and print (and optionally write) the markdown report."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("automl_prune.baseline", "automl_prune.training", "automl_prune.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)

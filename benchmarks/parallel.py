@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from datetime import datetime, timezone
 
 import torch
+from _common import cpu_model
 
 from automl_prune.baseline import train_baseline
 from automl_prune.data import load_dataset
@@ -27,16 +27,6 @@ from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import get_strategy
 from automl_prune.training import TrainConfig
 from automl_prune.types import Budget
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -73,7 +63,7 @@ def main() -> None:
             rate = args.evaluations / (time.perf_counter() - start)
         per_worker[workers] = rate
         rows.append((f"Ray, {workers} worker(s) x 1 thread", rate))
-    print(f"- Machine: {_cpu()}, {os.cpu_count()} cores; torch {torch.__version__}")
+    print(f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
     print(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; load average {os.getloadavg()[0]:.2f}")
     print(
         f"- {args.model} on Fashion-MNIST, FLOPs <= 50%, eval_size {args.eval_size}, {args.evaluations} fresh evaluations per row"

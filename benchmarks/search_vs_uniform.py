@@ -29,7 +29,6 @@ import datetime as dt
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,9 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import cpu_model, load_average, load_splits
 
 from automl_prune.baseline import train_baseline
-from automl_prune.data import DataSplits, load_dataset
+from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.io import write_text
@@ -56,7 +56,10 @@ from automl_prune.types import Budget, Plan
 
 logger = logging.getLogger("benchmarks.search_vs_uniform")
 
-DEFAULT_EPOCHS: dict[str, float] = {"fashion_cnn": 3, "resnet20": 2}  # ints: the baseline cache key hashes 3 and 3.0 differently
+DEFAULT_EPOCHS: dict[str, float] = {
+    "fashion_cnn": 3,
+    "resnet20": 2,
+}  # ints: the baseline cache key hashes 3 and 3.0 differently
 
 
 # --------------------------------------------------------------------------- arguments
@@ -98,11 +101,19 @@ def _budgets(value: str) -> list[tuple[str, float]]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the issue's full grid."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
-    p.add_argument("--budgets", type=_budgets, default=[("flops", 0.5), ("flops", 0.25), ("latency", 0.6)],
-                   help="flops:F (fraction of dense FLOPs) or latency:F (fraction of the dense model's measured batch-1 CPU latency)")
-    p.add_argument("--strategies", type=_csv, default=["uniform", "random", "ddpg", "ppo", "reinforce"], help="strategies")
+    p.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=[("flops", 0.5), ("flops", 0.25), ("latency", 0.6)],
+        help="flops:F (fraction of dense FLOPs) or latency:F (fraction of the dense model's measured batch-1 CPU latency)",
+    )
+    p.add_argument(
+        "--strategies", type=_csv, default=["uniform", "random", "ddpg", "ppo", "reinforce"], help="strategies"
+    )
     p.add_argument("--evaluations", type=int, default=100, help="evaluation budget per search")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="search seeds (uniform runs once)")
     p.add_argument("--eval-size", type=int, default=2000, help="search-val images scored per plan")
@@ -137,40 +148,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- helpers
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where available)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages, or "n/a"."""
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def load_splits(args: argparse.Namespace) -> DataSplits:
-    """Fashion-MNIST with the benchmark's train/val/test sizes (same splits as ``benchmarks/criteria.py``)."""
-    full = load_dataset("fashion-mnist", args.data_dir, val_size=args.val_size, seed=args.seed)
-    return DataSplits(
-        name=f"fashion-mnist-{args.train_size // 1000}k", train=full.train.subset(args.train_size, seed=args.seed),
-        search_val=full.search_val, test=full.test.subset(args.test_size, seed=args.seed),
-        num_classes=full.num_classes, in_channels=full.in_channels, image_size=full.image_size,
-    )
-
-
 def evaluator_config(args: argparse.Namespace, recalibrate: bool) -> EvaluatorConfig:
     """The evaluator settings of this benchmark."""
-    return EvaluatorConfig(criterion=args.criterion, eval_size=args.eval_size, bn_recalibration=recalibrate,
-                           recalibration_batches=args.recal_batches, batch_size=args.batch_size, seed=args.seed)
+    return EvaluatorConfig(
+        criterion=args.criterion,
+        eval_size=args.eval_size,
+        bn_recalibration=recalibrate,
+        recalibration_batches=args.recal_batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 def budget_label(kind: str, fraction: float, latency_ms: float | None = None) -> str:
@@ -198,8 +185,16 @@ def fmt(mean: float, std: float, digits: int = 4) -> str:
 # --------------------------------------------------------------------------- the benchmark
 
 
-def run_one(strategy: str, seed: int, ev: Evaluator, raw: Evaluator, space: SearchSpace, splits: DataSplits,
-            args: argparse.Namespace, measure: bool) -> dict[str, Any]:
+def run_one(
+    strategy: str,
+    seed: int,
+    ev: Evaluator,
+    raw: Evaluator,
+    space: SearchSpace,
+    splits: DataSplits,
+    args: argparse.Namespace,
+    measure: bool,
+) -> dict[str, Any]:
     """One search and the evaluation of its best plan."""
     ev._cache.clear()  # every search pays for its own evaluations (the cache is per evaluator, shared across searches here)
     result = get_strategy(strategy).search(ev, space, max_evaluations=args.evaluations, seed=seed)
@@ -209,16 +204,33 @@ def run_one(strategy: str, seed: int, ev: Evaluator, raw: Evaluator, space: Sear
     tuned = train(ev.build(plan), splits, finetune, description=f"finetune {strategy}").model
     in_evaluator = sum(e.seconds for _, e in result.history)
     row = {
-        "strategy": strategy, "seed": seed, "score": best.accuracy, "raw": raw.evaluate(plan).accuracy,
-        "test": evaluate_accuracy(tuned, splits.test), "flops_ratio": best.flops_ratio, "feasible": best.feasible,
-        "latency_pred": best.latency_ms, "latency_meas": ev.measure_latency(plan) if measure else None,
-        "evaluations": result.evaluations, "fresh": sum(1 for _, e in result.history if not e.cached),
-        "wall": result.wall_time, "evals_per_s": result.evaluations / max(result.wall_time, 1e-9),
+        "strategy": strategy,
+        "seed": seed,
+        "score": best.accuracy,
+        "raw": raw.evaluate(plan).accuracy,
+        "test": evaluate_accuracy(tuned, splits.test),
+        "flops_ratio": best.flops_ratio,
+        "feasible": best.feasible,
+        "latency_pred": best.latency_ms,
+        "latency_meas": ev.measure_latency(plan) if measure else None,
+        "evaluations": result.evaluations,
+        "fresh": sum(1 for _, e in result.history if not e.cached),
+        "wall": result.wall_time,
+        "evals_per_s": result.evaluations / max(result.wall_time, 1e-9),
         "evaluator_share": in_evaluator / max(result.wall_time, 1e-9),
         "keeps": [round(plan.keep_ratio(g), 2) for g in space.groups],
     }
-    logger.info("%s seed %d: score %.4f raw %.4f test %.4f FLOPs %.3f, %d evals in %.1f s",
-                strategy, seed, row["score"], row["raw"], row["test"], row["flops_ratio"], row["evaluations"], row["wall"])
+    logger.info(
+        "%s seed %d: score %.4f raw %.4f test %.4f FLOPs %.3f, %d evals in %.1f s",
+        strategy,
+        seed,
+        row["score"],
+        row["raw"],
+        row["test"],
+        row["flops_ratio"],
+        row["evaluations"],
+        row["wall"],
+    )
     return row
 
 
@@ -228,13 +240,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name in args.models:
         started = time.perf_counter()
-        base = train_baseline(ModelSpec(name, splits.in_channels, splits.num_classes), splits,
-                              TrainConfig(epochs=args.epochs.get(name, 3), lr=args.train_lr, seed=args.seed))
+        base = train_baseline(
+            ModelSpec(name, splits.in_channels, splits.num_classes),
+            splits,
+            TrainConfig(epochs=args.epochs.get(name, 3), lr=args.train_lr, seed=args.seed),
+        )
         model = base.model
         dense_test = evaluate_accuracy(model, splits.test)
         dense_ms = measure_latency(model, splits.input_shape(1), threads=args.latency_threads, runs=50).median_ms
-        logger.info("%s: baseline %s (%.0f s), test %.4f, batch-1 latency %.3f ms (%d thread(s))", name,
-                    "cached" if base.cached else "trained", time.perf_counter() - started, dense_test, dense_ms, args.latency_threads)
+        logger.info(
+            "%s: baseline %s (%.0f s), test %.4f, batch-1 latency %.3f ms (%d thread(s))",
+            name,
+            "cached" if base.cached else "trained",
+            time.perf_counter() - started,
+            dense_test,
+            dense_ms,
+            args.latency_threads,
+        )
         raw = Evaluator(model, splits, Budget(flops=1.0), evaluator_config(args, recalibrate=False))
         for kind, fraction in args.budgets:
             if kind == "flops":
@@ -252,7 +274,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 continue
             for strategy in args.strategies:
                 for seed in args.seeds[:1] if strategy == "uniform" else args.seeds:
-                    rows.append({**common, **run_one(strategy, seed, ev, raw, space, splits, args, measure=kind == "latency")})
+                    rows.append(
+                        {**common, **run_one(strategy, seed, ev, raw, space, splits, args, measure=kind == "latency")}
+                    )
     return rows
 
 
@@ -317,9 +341,16 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the markdown and optionally write it."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("automl_prune.baseline", "automl_prune.training", "automl_prune.data", "automl_prune.evaluator",
-                  "automl_prune.measure.latency"):
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in (
+        "automl_prune.baseline",
+        "automl_prune.training",
+        "automl_prune.data",
+        "automl_prune.evaluator",
+        "automl_prune.measure.latency",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     load_start, started = load_average(), time.perf_counter()

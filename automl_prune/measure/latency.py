@@ -351,7 +351,8 @@ def _slug(text: str, max_len: int = 60) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where available)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -374,7 +375,7 @@ def hardware_slug(device: str | torch.device) -> str:
     dev = _resolve_device(device)
     if dev.type == "cuda":
         return _slug(torch.cuda.get_device_name(dev))
-    return _slug(_cpu_model_name())
+    return _slug(cpu_model_name())
 
 
 def _input_spec(args: Sequence[Any]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...] | None:
