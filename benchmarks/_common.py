@@ -6,9 +6,49 @@ import argparse
 import os
 
 from automl_prune.data import DataSplits, load_dataset
+from automl_prune.evaluator import EvaluatorConfig
 from automl_prune.measure.latency import cpu_model_name as cpu_model
 
-__all__ = ["cpu_model", "load_average", "load_splits"]
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "csv_list",
+    "cpu_model",
+    "epochs_per_model",
+    "evaluator_config",
+    "load_average",
+    "load_splits",
+]
+
+DEFAULT_EPOCHS: dict[str, float] = {"fashion_cnn": 3.0, "resnet20": 2.0}
+"""Baseline epochs per model used by the search and evaluator benchmarks."""
+
+
+def csv_list(value: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def epochs_per_model(value: str) -> dict[str, float]:
+    """``fashion_cnn=3,resnet20=2`` -> {name: epochs}."""
+    out: dict[str, float] = {}
+    for item in csv_list(value):
+        name, sep, epochs = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected MODEL=EPOCHS, got {item!r}")
+        out[name.strip()] = float(epochs)
+    return out
+
+
+def evaluator_config(args: argparse.Namespace, recalibrate: bool = True) -> EvaluatorConfig:
+    """The evaluator settings of a benchmark from its ``--criterion``, ``--eval-size``, ... flags."""
+    return EvaluatorConfig(
+        criterion=args.criterion,
+        eval_size=args.eval_size,
+        bn_recalibration=recalibrate,
+        recalibration_batches=args.recal_batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
 
 
 def load_average() -> str:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import load_splits
+from _common import csv_list, load_splits
 
 from automl_prune.baseline import train_baseline
 from automl_prune.criteria import CRITERIA, get_criterion
@@ -38,12 +38,8 @@ from automl_prune.training import TrainConfig, train
 logger = logging.getLogger("benchmarks.criteria")
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _floats(value: str) -> list[float]:
-    return [float(v) for v in _csv(value)]
+    return [float(v) for v in csv_list(value)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,8 +47,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
-    p.add_argument("--criteria", type=_csv, default=CRITERIA.names(), help="comma-separated criteria (default: all)")
+    p.add_argument("--models", type=csv_list, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
+    p.add_argument(
+        "--criteria", type=csv_list, default=CRITERIA.names(), help="comma-separated criteria (default: all)"
+    )
     p.add_argument("--reductions", type=_floats, default=[0.3, 0.5], help="FLOPs reductions (0.3 = 70%% of FLOPs kept)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the dataset's default)")
     p.add_argument("--train-size", type=int, default=12000, help="training images (subset of the train split)")

@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch_pruning as tp
-from _common import cpu_model, load_average, load_splits
+from _common import DEFAULT_EPOCHS, cpu_model, csv_list, epochs_per_model, evaluator_config, load_average, load_splits
 
 import automl_prune.evaluator as evaluator_module
 from automl_prune.baseline import train_baseline
 from automl_prune.data import DataSplits
-from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.evaluator import Evaluator
 from automl_prune.io import write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.models import ModelSpec, build_model
@@ -58,29 +58,7 @@ from automl_prune.types import Budget, Plan
 
 logger = logging.getLogger("benchmarks.evaluator")
 
-DEFAULT_EPOCHS: dict[str, float] = {
-    "fashion_cnn": 3,
-    "resnet20": 2,
-}  # ints: the baseline cache key hashes 3 and 3.0 differently
-
-
 # --------------------------------------------------------------------------- arguments
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _epochs(value: str) -> dict[str, float]:
-    """``fashion_cnn=3,resnet20=2`` -> {name: epochs}."""
-    out: dict[str, float] = {}
-    for item in _csv(value):
-        name, sep, epochs = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected MODEL=EPOCHS, got {item!r}")
-        value = float(epochs)
-        out[name.strip()] = int(value) if value.is_integer() else value
-    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,16 +67,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--parts", type=_csv, default=["breakdown", "correlation"], help="which parts to run: breakdown, correlation"
+        "--parts",
+        type=csv_list,
+        default=["breakdown", "correlation"],
+        help="which parts to run: breakdown, correlation",
     )
-    p.add_argument("--breakdown-models", type=_csv, default=["fashion_cnn"], help="models for the cost breakdown")
+    p.add_argument("--breakdown-models", type=csv_list, default=["fashion_cnn"], help="models for the cost breakdown")
     p.add_argument("--breakdown-evals", type=int, default=20, help="fresh evaluations timed per model")
     p.add_argument(
         "--breakdown-untrained",
         action="store_true",
         help="time the breakdown on randomly initialised models (same cost, no baseline training needed)",
     )
-    p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="models for the rank correlation")
+    p.add_argument(
+        "--models", type=csv_list, default=["fashion_cnn", "resnet20"], help="models for the rank correlation"
+    )
     p.add_argument("--plans", type=int, default=30, help="random feasible plans per model for the rank correlation")
     p.add_argument("--flops", type=float, default=0.5, help="FLOPs budget (fraction of the dense model's)")
     p.add_argument("--eval-size", type=int, default=2000, help="search-val images scored per plan")
@@ -109,7 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=12000, help="training images (subset of the train split)")
     p.add_argument("--val-size", type=int, default=2000, help="search-val images held out of the training data")
     p.add_argument("--test-size", type=int, default=2000, help="test images for fine-tuned accuracies")
-    p.add_argument("--epochs", type=_epochs, default=DEFAULT_EPOCHS, help="baseline epochs per model, MODEL=EPOCHS,...")
+    p.add_argument(
+        "--epochs", type=epochs_per_model, default=DEFAULT_EPOCHS, help="baseline epochs per model, MODEL=EPOCHS,..."
+    )
     p.add_argument("--train-lr", type=float, default=0.05, help="baseline learning rate")
     p.add_argument(
         "--finetune-epochs", type=float, default=0.2, help="fine-tune epochs per pruned model (fractions allowed)"
@@ -150,18 +135,6 @@ def baseline(name: str, splits: DataSplits, args: argparse.Namespace) -> torch.n
         epochs,
     )
     return base.model
-
-
-def evaluator_config(args: argparse.Namespace, recalibrate: bool = True) -> EvaluatorConfig:
-    """The evaluator settings of this benchmark."""
-    return EvaluatorConfig(
-        criterion=args.criterion,
-        eval_size=args.eval_size,
-        bn_recalibration=recalibrate,
-        recalibration_batches=args.recal_batches,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import cpu_model, load_average, load_splits
+from _common import DEFAULT_EPOCHS, cpu_model, csv_list, epochs_per_model, evaluator_config, load_average, load_splits
 
 from automl_prune.baseline import train_baseline
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
-from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.evaluator import Evaluator
 from automl_prune.io import write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.measure.latency import measure_latency
@@ -56,39 +56,17 @@ from automl_prune.types import Budget, Plan
 
 logger = logging.getLogger("benchmarks.search_vs_uniform")
 
-DEFAULT_EPOCHS: dict[str, float] = {
-    "fashion_cnn": 3,
-    "resnet20": 2,
-}  # ints: the baseline cache key hashes 3 and 3.0 differently
-
-
 # --------------------------------------------------------------------------- arguments
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _ints(value: str) -> list[int]:
-    return [int(v) for v in _csv(value)]
-
-
-def _epochs(value: str) -> dict[str, float]:
-    """``fashion_cnn=3,resnet20=2`` -> {name: epochs}."""
-    out: dict[str, float] = {}
-    for item in _csv(value):
-        name, sep, epochs = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected MODEL=EPOCHS, got {item!r}")
-        value = float(epochs)
-        out[name.strip()] = int(value) if value.is_integer() else value
-    return out
+    return [int(v) for v in csv_list(value)]
 
 
 def _budgets(value: str) -> list[tuple[str, float]]:
     """``flops:0.5,flops:0.25,latency:0.6`` -> [(kind, fraction)]."""
     out = []
-    for item in _csv(value):
+    for item in csv_list(value):
         kind, sep, fraction = item.partition(":")
         if not sep or kind not in ("flops", "latency"):
             raise argparse.ArgumentTypeError(f"expected flops:FRACTION or latency:FRACTION, got {item!r}")
@@ -104,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--models", type=_csv, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
+    p.add_argument("--models", type=csv_list, default=["fashion_cnn", "resnet20"], help="comma-separated model names")
     p.add_argument(
         "--budgets",
         type=_budgets,
@@ -112,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="flops:F (fraction of dense FLOPs) or latency:F (fraction of the dense model's measured batch-1 CPU latency)",
     )
     p.add_argument(
-        "--strategies", type=_csv, default=["uniform", "random", "ddpg", "ppo", "reinforce"], help="strategies"
+        "--strategies", type=csv_list, default=["uniform", "random", "ddpg", "ppo", "reinforce"], help="strategies"
     )
     p.add_argument("--evaluations", type=int, default=100, help="evaluation budget per search")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="search seeds (uniform runs once)")
@@ -126,7 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=12000, help="training images (subset of the train split)")
     p.add_argument("--val-size", type=int, default=2000, help="search-val images held out of the training data")
     p.add_argument("--test-size", type=int, default=5000, help="test images for fine-tuned accuracies")
-    p.add_argument("--epochs", type=_epochs, default=DEFAULT_EPOCHS, help="baseline epochs per model, MODEL=EPOCHS,...")
+    p.add_argument(
+        "--epochs", type=epochs_per_model, default=DEFAULT_EPOCHS, help="baseline epochs per model, MODEL=EPOCHS,..."
+    )
     p.add_argument("--train-lr", type=float, default=0.05, help="baseline learning rate")
     p.add_argument("--finetune-epochs", type=float, default=0.3, help="fine-tune epochs of every best plan")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune learning rate")
@@ -146,18 +126,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def evaluator_config(args: argparse.Namespace, recalibrate: bool) -> EvaluatorConfig:
-    """The evaluator settings of this benchmark."""
-    return EvaluatorConfig(
-        criterion=args.criterion,
-        eval_size=args.eval_size,
-        bn_recalibration=recalibrate,
-        recalibration_batches=args.recal_batches,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
 
 
 def budget_label(kind: str, fraction: float, latency_ms: float | None = None) -> str:
