@@ -1,8 +1,10 @@
 """The ``automl-prune`` command.
 
-Sub-commands: ``list``, ``graph``, ``train``, ``prune``, ``finetune``, ``export``,
-``latency`` and ``pipeline`` (train -> uniform prune -> fine-tune -> export). Errors
-caused by input are printed as one line and exit with status 2.
+``automl-prune search`` is the main job (search -> prune -> fine-tune -> export -> report);
+``train``, ``compare``, ``prune``, ``finetune``, ``export``, ``latency``, ``report``, ``graph``
+and ``list`` reach each stage alone. Every config key ``a.b`` (see
+:mod:`automl_prune.config`) is the flag ``--a.b``. Errors caused by input are printed as one
+line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -59,23 +61,6 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
-    return value
-
-
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``."""
 
@@ -92,52 +77,82 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
+
+_CFG = "cfg:"
+"""Prefix of the argparse destinations that hold config flags (``--budget.flops`` -> ``cfg:budget.flops``)."""
 
 
-def _add_data_args(p: argparse.ArgumentParser, default_dataset: str | None = "fashion-mnist") -> None:
-    p.add_argument("--dataset", default=default_dataset, help="dataset name (see `list datasets`)")
-    p.add_argument("--data-dir", default=None, help="directory holding the dataset's files")
-    p.add_argument("--val-size", type=_nonneg_int, default=None, help="search-val images held out of train")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="resize images to this square size")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of splits, init and batch order")
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors that name the nearest valid flag."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            import difflib
+
+            from automl_prune.config import OPTIONS
+
+            flags = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("-")]
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            if flags:
+                match = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.6)
+                hint = f"; did you mean '{match[0]}'?" if match else ""
+                if flags[0].lstrip("-") in OPTIONS and flags[0] not in known:
+                    hint = f"; `{self.prog}` does not use {flags[0]}"
+                message = f"unrecognized option {flags[0]}{hint}"
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
-def _add_train_args(p: argparse.ArgumentParser, epochs: float, lr: float) -> None:
-    p.add_argument("--epochs", type=_positive_float, default=epochs, help="epochs (fractions allowed)")
-    p.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate (SGD, cosine schedule)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="mini-batch size")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all)")
+def _add_config_flags(
+    p: argparse.ArgumentParser, sections: tuple[str, ...] | None, top_level: tuple[str, ...] = ("seed",)
+) -> None:
+    """``--config FILE`` and one ``--section.key VALUE`` flag per config key of ``sections``."""
+    from automl_prune.config import options_for
 
-
-def _load_data(args: argparse.Namespace) -> Any:
-    from automl_prune.data import load_dataset
-
-    return load_dataset(args.dataset, args.data_dir, val_size=args.val_size, seed=args.seed, image_size=args.image_size)
-
-
-def _train_config(args: argparse.Namespace, **extra: Any) -> Any:
-    from automl_prune.training import TrainConfig
-
-    return TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        **extra,
+    p.add_argument(
+        "--config",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="YAML config; keys not given keep their defaults (repeat to layer several files, later ones win)",
     )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    group = p.add_argument_group("config keys (each overrides the config file; see docs in configs/default.yaml)")
+    for option in options_for(sections, top_level):
+        names = [option.flag]
+        if "_" in option.path:
+            names.append(option.flag.replace("_", "-"))
+        extra: dict[str, Any] = {}
+        if option.type is bool:
+            extra = {"nargs": "?", "const": "true"}
+        default = option.default if not isinstance(option.default, list) else ",".join(map(str, option.default))
+        group.add_argument(
+            *names,
+            dest=_CFG + option.path,
+            default=argparse.SUPPRESS,
+            metavar="V",
+            help=f"{option.help} [{default}]".replace("%", "%%"),
+            **extra,
+        )
 
 
-def _set_threads(args: argparse.Namespace) -> None:
-    import torch
+def _resolve(args: argparse.Namespace) -> Any:
+    """The config of a command: defaults, then ``--config``, then the config flags given."""
+    from automl_prune.config import resolve
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    overrides = {k[len(_CFG) :]: v for k, v in vars(args).items() if k.startswith(_CFG)}
+    return resolve(args.config, overrides)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
+def _printed(args: argparse.Namespace, config: Any) -> bool:
+    """Print the resolved config when asked (the command then stops)."""
+    if getattr(args, "print_config", False):
+        sys.stdout.write(config.to_yaml())
+        return True
+    return False
+
+
+def _prepare_out(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise InvalidValueError(f"--out '{out}' exists and is not a directory; choose another path")
     out.mkdir(parents=True, exist_ok=True)
@@ -210,15 +225,20 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or load the cached) baseline and copy its checkpoint into --out."""
     from automl_prune.baseline import copy_checkpoint, train_baseline
+    from automl_prune.config import check_names
     from automl_prune.models import ModelSpec
+    from automl_prune.pipeline import cache_dir_of, load_data, set_threads, train_config_of
 
-    _set_threads(args)
-    data = _load_data(args)
-    spec = ModelSpec(args.model, data.in_channels, data.num_classes)
-    config = _train_config(args, bn_l1=args.bn_l1)
-    out = _prepare_out(Path(args.out), overwrite=True)
+    config = _resolve(args)
+    if _printed(args, config):
+        return 0
+    check_names(config)
+    set_threads(config)
+    data = load_data(config)
+    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes)
+    out = _prepare_out(Path(args.out))
     start = time.perf_counter()
-    baseline = train_baseline(spec, data, config, Path(args.cache_dir) if args.cache_dir else None)
+    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
     copy_checkpoint(baseline.path, out / "model.pt")
     meta = baseline.info.meta
     _table(
@@ -227,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         [
             [
                 spec.name,
-                config.epochs,
+                config.train.epochs,
                 meta["val_accuracy"],
                 meta["test_accuracy"],
                 time.perf_counter() - start,
@@ -238,70 +258,69 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_from_args(args: argparse.Namespace, graph: Any) -> Any:
+def _read_plan(path: Path, graph: Any) -> Any:
     from automl_prune.types import Plan
 
-    if args.plan and args.flops:
-        raise InvalidValueError("give either --plan FILE or --flops FRACTION, not both")
-    if args.plan:
-        path = Path(args.plan)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InvalidValueError(f"plan file '{path}' does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise InvalidValueError(f"plan file '{path}' is not valid JSON: {exc}") from None
-        plan = Plan.from_dict(data)
-        graph.validate(plan)
-        return plan
-    return graph.uniform_plan(args.flops or 0.5, round_to=args.round_to)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidValueError(f"plan file '{path}' does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidValueError(f"plan file '{path}' is not valid JSON: {exc}") from None
+    plan = Plan.from_dict(data)
+    graph.validate(plan)
+    return plan
 
 
-def _prune_checkpoint(args: argparse.Namespace, model: Any, info: Any, data: Any) -> tuple[Any, Any, Any]:
-    """Prune ``model`` per args; return (pruned model, plan, graph)."""
-    from automl_prune.graph import LayerGraph
-    from automl_prune.pruning import apply
-
-    if info.plan is not None and info.plan.keep_ratios:
-        raise InvalidValueError("the checkpoint is already pruned; prune its dense baseline instead")
-    graph = LayerGraph(model, info.example_inputs())
-    plan = _plan_from_args(args, graph)
-    batches = None
-    if data is not None:
-        batches = list(data.search_val.batches(args.batch_size))[: args.criterion_batches]
-    pruned = apply(model, plan, args.criterion, graph=graph, round_to=args.round_to, data=batches)
-    return pruned, plan, graph
+def _check_data_fits(info: Any, data: Any, checkpoint: str) -> None:
+    if tuple(info.input_shape[1:]) != tuple(data.input_shape(1)[1:]):
+        raise InvalidValueError(
+            f"checkpoint '{checkpoint}' takes inputs {tuple(info.input_shape[1:])} but {data.name} gives "
+            f"{tuple(data.input_shape(1)[1:])}; set --data.dataset (and --data.image_size) to the model's data"
+        )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a dense checkpoint with a plan file or a uniform FLOPs target."""
+    """Prune a dense checkpoint with a plan file, or uniformly to budget.flops."""
     from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
     from automl_prune.criteria import CRITERIA
-    from automl_prune.graph import count_cost
+    from automl_prune.graph import LayerGraph, count_cost
     from automl_prune.io import write_json
+    from automl_prune.measure.accuracy import evaluate_accuracy
+    from automl_prune.pipeline import load_data
+    from automl_prune.pruning import apply
 
+    config = _resolve(args)
+    if _printed(args, config):
+        return 0
+    CRITERIA.get(config.prune.criterion)
     model, info = load_checkpoint(args.checkpoint)
-    if args.criterion not in CRITERIA:
-        CRITERIA.get(args.criterion)
-    data = _load_data(args) if args.dataset else None
-    pruned, plan, graph = _prune_checkpoint(args, model, info, data)
-    out = _prepare_out(Path(args.out), overwrite=True)
-    new_info = CheckpointInfo(
-        info.spec, info.input_shape, plan, args.round_to, {**info.meta, "criterion": args.criterion}
-    )
-    save_checkpoint(out / "model.pt", pruned, new_info)
+    if info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
+        raise InvalidValueError("the checkpoint is already pruned; prune its dense baseline instead")
+    data = load_data(config)
+    _check_data_fits(info, data, args.checkpoint)
+    graph = LayerGraph(model, info.example_inputs())
+    p = config.prune
+    if args.plan:
+        plan = _read_plan(Path(args.plan), graph)
+    elif config.budget.flops is not None and config.budget.flops <= 1:
+        plan = graph.uniform_plan(config.budget.flops, round_to=p.round_to)
+    else:
+        raise InvalidValueError("give --plan FILE, or --budget.flops FRACTION for a uniform plan")
+    batches = list(data.search_val.batches(128))[: p.criterion_batches]
+    pruned = apply(model, plan, p.criterion, graph=graph, round_to=p.round_to, data=batches)
+    out = _prepare_out(Path(args.out))
+    meta = {**info.meta, "criterion": p.criterion}
+    save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, p.round_to, meta))
     write_json(out / "plan.json", plan.to_dict())
     cost = count_cost(pruned, info.example_inputs())
-    rows = [["dense", graph.flops, graph.params, 1.0], ["pruned", cost.flops, cost.params, cost.flops / graph.flops]]
-    if data is not None:
-        from automl_prune.measure.accuracy import evaluate_accuracy
-
-        rows[0].append(evaluate_accuracy(model, data.test))
-        rows[1].append(evaluate_accuracy(pruned, data.test))
     _table(
-        f"pruned with {args.criterion} -> {out / 'model.pt'}",
-        ["model", "FLOPs", "params", "FLOPs ratio", "test acc"][: len(rows[0])],
-        rows,
+        f"pruned with {p.criterion} -> {out / 'model.pt'}",
+        ["model", "FLOPs", "params", "FLOPs ratio", "test acc"],
+        [
+            ["dense", graph.flops, graph.params, 1.0, evaluate_accuracy(model, data.test)],
+            ["pruned", cost.flops, cost.params, cost.flops / graph.flops, evaluate_accuracy(pruned, data.test)],
+        ],
     )
     return 0
 
@@ -310,16 +329,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a (pruned) checkpoint; keep the best epoch on search-val."""
     from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
     from automl_prune.measure.accuracy import evaluate_accuracy
+    from automl_prune.pipeline import finetune_config_of, load_data, set_threads
     from automl_prune.training import train
 
-    _set_threads(args)
+    config = _resolve(args)
+    if _printed(args, config):
+        return 0
+    if config.finetune.epochs <= 0:
+        raise InvalidValueError("--finetune.epochs must be > 0 for the finetune command")
+    set_threads(config)
     model, info = load_checkpoint(args.checkpoint)
-    data = _load_data(args)
+    data = load_data(config)
+    _check_data_fits(info, data, args.checkpoint)
     before = evaluate_accuracy(model, data.test)
-    result = train(model, data, _train_config(args), description="fine-tune")
+    ft = finetune_config_of(config)
+    result = train(model, data, ft, description="fine-tune")
     after = evaluate_accuracy(result.model, data.test)
-    out = _prepare_out(Path(args.out), overwrite=True)
-    meta = {**info.meta, "finetune": {"epochs": args.epochs, "lr": args.lr, "test_before": before, "test_after": after}}
+    out = _prepare_out(Path(args.out))
+    meta = {**info.meta, "finetune": {**ft.to_dict(), "test_before": before, "test_after": after}}
     save_checkpoint(
         out / "model.pt", result.model, CheckpointInfo(info.spec, info.input_shape, info.plan, info.round_to, meta)
     )
@@ -374,95 +401,151 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget_from_args(args: argparse.Namespace) -> Any:
-    from automl_prune.types import Budget
-
-    flops = args.flops
-    if flops is None and args.params is None and args.latency_ms is None:
-        flops = 0.5
-    return Budget(
-        flops=flops,
-        params=args.params,
-        latency_ms=args.latency_ms,
-        device=args.device,
-        batch_size=args.latency_batch_size,
-        threads=args.threads,
+def _print_run_summary(report: dict[str, Any], out: Path) -> None:
+    base, new = report["baseline"], report["pruned"]
+    rows = [
+        ["baseline", base["test_accuracy"], base["flops"], base["params"], *base["latency_ms"].values()],
+        [
+            "pruned + fine-tuned" if report.get("finetune") else "pruned",
+            new["test_accuracy"],
+            new["flops"],
+            new["params"],
+            *new["latency_ms"].values(),
+        ],
+    ]
+    _table(
+        f"{report['model']} on {report['dataset']}: {report['strategy']} under {report['budget']['description']} -> {out}",
+        ["model", "test acc", "FLOPs", "params", *[f"ms (b={b})" for b in base["latency_ms"]]],
+        rows,
     )
-
-
-def _dense_model(args: argparse.Namespace, data: Any) -> tuple[Any, Any]:
-    """(dense model, its ModelSpec) from --checkpoint, or the cached/trained baseline of --model."""
-    from automl_prune.baseline import train_baseline
-    from automl_prune.checkpoint import load_checkpoint
-    from automl_prune.models import ModelSpec
-
-    if args.checkpoint:
-        model, info = load_checkpoint(args.checkpoint)
-        if info.plan is not None and info.plan.keep_ratios:
-            raise InvalidValueError("the checkpoint is already pruned; search on its dense baseline instead")
-        return model, info.spec
-    spec = ModelSpec(args.model, data.in_channels, data.num_classes)
-    return train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None).model, spec
-
-
-def _evaluator_config(args: argparse.Namespace) -> Any:
-    from automl_prune.evaluator import EvaluatorConfig
-
-    return EvaluatorConfig(
-        criterion=args.criterion,
-        reward=args.reward,
-        eval_size=args.eval_size,
-        bn_recalibration=not args.no_bn_recalibration,
-        finetune_steps=args.fitness_finetune_steps,
-        round_to=args.round_to,
-        seed=args.seed,
+    console = _console()
+    speed = ", ".join(f"x{v:.2f} (b={b})" for b, v in report["speedup"].items())
+    console.print(
+        f"FLOPs x{base['flops'] / new['flops']:.2f} smaller, params x{base['params'] / new['params']:.2f}, speed-up {speed}"
     )
+    for term in report["budget"]["terms"]:
+        name = {"flops": "FLOPs", "params": "params", "latency_ms": "latency"}[term["term"]]
+        if term["term"] == "latency_ms":
+            figure = (
+                f"measured {term['measured']:.3f} ms <= {term['limit']:g} ms"
+                if term["met"]
+                else (f"measured {term['measured']:.3f} ms > {term['limit']:g} ms")
+            )
+            if term.get("predicted") is not None:
+                figure += f" (predicted {term['predicted']:.3f} ms, error {term['prediction_error']:+.1%})"
+        else:
+            figure = f"{term['measured']:,} {'<=' if term['met'] else '>'} {term['limit']:,.0f}"
+        verdict = "met" if term["met"] else f"MISSED by {term['margin']:.1%}"
+        console.print(f"budget {name}: {verdict}: {figure}")
+    console.print(f"report: {out / 'report.md'}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The main job: search under the budget, prune, fine-tune, export and report."""
+    from automl_prune.config import from_dict
+    from automl_prune.pipeline import run_job
+    from automl_prune.runs import RunDirectory
+
+    if args.resume:
+        given = [k for k in vars(args) if k.startswith(_CFG)]
+        if given or args.config:
+            raise InvalidValueError(
+                "--resume continues a run with its own config.yaml; give no --config or config flags"
+            )
+        run = RunDirectory(args.resume, resume=True)
+        config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
+    else:
+        config = _resolve(args)
+        if _printed(args, config):
+            return 0
+        from automl_prune.config import check_names
+
+        check_names(config)
+        run = RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite)
+    console = _console()
+    try:
+        job = run_job(config, run, stage=lambda text: console.print(text))
+    except KeyboardInterrupt:
+        print(
+            f"automl-prune: interrupted; {len(run.logged())} evaluations are logged in {run.path}. "
+            f"Resume with: automl-prune search --resume {run.path}",
+            file=sys.stderr,
+        )
+        return 130
+    if job.report is None:
+        best = job.search.best_evaluation
+        _table(
+            f"{config.search.strategy}: best of {job.search.evaluations} evaluations -> {run.path / 'plan.json'}",
+            ["search-val acc", "FLOPs ratio", "params", "feasible"],
+            [[best.accuracy, best.flops_ratio, best.params, best.feasible]],
+        )
+        return 0
+    _print_run_summary(job.report, run.path)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Measure a finished run again and rewrite its report."""
+    from automl_prune.config import from_dict
+    from automl_prune.pipeline import load_data, set_threads
+    from automl_prune.run_report import write_run_report
+    from automl_prune.runs import RunDirectory
+
+    run = RunDirectory(args.run, resume=True)
+    config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
+    set_threads(config)
+    report = write_run_report(run.path, config, load_data(config))
+    _print_run_summary(report, run.path)
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run several strategies with the same seeds and evaluation budget; write the comparison."""
-    from automl_prune.compare import run_comparison
-    from automl_prune.evaluator import Evaluator
-    from automl_prune.parallel import spec_for
-    from automl_prune.report import write_comparison
-    from automl_prune.search_spaces import SearchSpace
+    import yaml
 
-    _set_threads(args)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise InvalidValueError(f"--seeds must be comma-separated integers, got '{args.seeds}'") from None
-    budget = _budget_from_args(args)
-    data = _load_data(args)
-    model, spec = _dense_model(args, data)
-    evaluator = Evaluator(model, data, budget, _evaluator_config(args))
-    space_kwargs = {"min_keep": args.min_keep, "skip_gates": args.skip_gates}
-    SearchSpace(evaluator, **space_kwargs)  # a budget no plan can meet fails here, before any search
+    from automl_prune.compare import run_comparison
+    from automl_prune.config import check_names
+    from automl_prune.io import write_text
+    from automl_prune.parallel import spec_for
+    from automl_prune.pipeline import budget_of, dense_model, load_data, make_evaluator, make_space, set_threads
+    from automl_prune.report import write_comparison
+
+    config = _resolve(args)
+    if _printed(args, config):
+        return 0
+    check_names(config)
+    set_threads(config)
+    out = _prepare_out(Path(args.out))
+    data = load_data(config)
+    model, info, _ = dense_model(config, data)
+    evaluator = make_evaluator(config, model, data)
+    make_space(config, evaluator)  # a budget no plan can meet fails here, before any search
+    s, c = config.search, config.compare
     worker_spec = spec_for(
         evaluator,
-        spec,
-        args.dataset,
-        data_dir=args.data_dir,
-        val_size=args.val_size,
-        data_seed=args.seed,
-        image_size=args.image_size,
+        info.spec,
+        config.data.dataset,
+        data_dir=config.data.data_dir,
+        val_size=config.data.val_size,
+        data_seed=config.seed,
+        image_size=config.data.image_size,
     )
     results = run_comparison(
         worker_spec,
-        strategies,
-        seeds,
-        args.evaluations,
-        space_kwargs,
-        workers=args.workers,
-        address=args.ray_address,
+        c.strategies,
+        c.seeds,
+        s.evaluations,
+        {"min_keep": s.min_keep, "skip_gates": s.skip_gates},
+        workers=config.parallel.workers,
+        address=config.parallel.ray_address,
         evaluator=evaluator,
     )
-    out = _prepare_out(Path(args.out), overwrite=True)
+    write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    seeds = ",".join(map(str, c.seeds))
     rows = write_comparison(
         results,
         out,
-        f"{', '.join(strategies)} under {budget.describe()}, {args.evaluations} evaluations, seeds {args.seeds}",
+        f"{', '.join(c.strategies)} under {budget_of(config).describe()}, {s.evaluations} evaluations, seeds {seeds}",
     )
     _table(
         f"comparison -> {out / 'comparison.md'}",
@@ -472,241 +555,59 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-_NOT_CONFIG = {"func", "verbose", "resume", "overwrite", "out", "command"}
-"""Options that do not define a search run (and may differ when it is resumed)."""
-
-_BATCHED = ("random", "abc", "optuna")
-"""Ask/tell strategies that ask a worker-sized batch at a time when run in parallel."""
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    """Search the best plan for a budget with one strategy; write plan.json and result.json."""
-    from automl_prune.evaluator import Evaluator
-    from automl_prune.io import write_json
-    from automl_prune.runs import RunDirectory
-    from automl_prune.search_spaces import SearchSpace
-    from automl_prune.strategy import STRATEGIES, get_strategy
-
-    if args.resume:
-        run = RunDirectory(args.resume, resume=True)
-        saved = dict(run.config)
-        args = argparse.Namespace(**{**saved, "resume": args.resume, "out": args.resume, "verbose": args.verbose})
-    else:
-        options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-        run = RunDirectory(args.out, options, overwrite=args.overwrite)
-    _set_threads(args)
-    if args.strategy not in STRATEGIES:
-        STRATEGIES.get(args.strategy)
-    budget = _budget_from_args(args)
-    data = _load_data(args)
-    model, spec = _dense_model(args, data)
-    config = _evaluator_config(args)
-    evaluator = Evaluator(model, data, budget, config)
-    space = SearchSpace(evaluator, min_keep=args.min_keep, skip_gates=args.skip_gates or args.strategy == "skipnet")
-    for plan, evaluation in run.logged():
-        evaluator.preload(plan, evaluation)
-    if run.records:
-        logger.warning("resuming %s: %d of %d evaluations already done", run.path, len(run.records), args.evaluations)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=args.evaluations, desc=f"search {args.strategy}", unit="eval", disable=None)
-
-    def progress(session: Any, plan: Any, evaluation: Any) -> None:
-        best = session.best()
-        bar.update(1)
-        if best is not None:
-            bar.set_postfix(best_acc=f"{best[1].accuracy:.4f}")
-
-    pool = None
-    try:
-        evaluate_many = None
-        if args.workers > 1 or args.ray_address:
-            from automl_prune.parallel import RayEvaluatorPool, spec_for
-
-            worker_spec = spec_for(
-                evaluator,
-                spec,
-                args.dataset,
-                data_dir=args.data_dir,
-                val_size=args.val_size,
-                data_seed=args.seed,
-                image_size=args.image_size,
-            )
-            pool = RayEvaluatorPool(
-                worker_spec,
-                workers=args.workers,
-                address=args.ray_address,
-                cpus_per_worker=args.cpus_per_worker,
-                gpus_per_worker=args.gpus_per_worker,
-            )
-            evaluate_many = pool.evaluate_many_cached(evaluator)
-        strategy = get_strategy(args.strategy, **({"batch_size": args.workers} if args.strategy in _BATCHED else {}))
-        log = run.callback(args.strategy, placements=getattr(evaluate_many, "placements", None))
-        result = strategy.search(
-            evaluator, space, args.evaluations, seed=args.seed, callbacks=[log, progress], evaluate_many=evaluate_many
-        )
-    except KeyboardInterrupt:
-        print(
-            f"automl-prune: interrupted; {len(run.logged())} evaluations are logged in {run.path}. "
-            f"Resume with: automl-prune search --resume {run.path}",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-        if "log" in locals():
-            log.close()
-    out = run.path
-    write_json(out / "plan.json", result.best_plan.to_dict())
-    write_json(
-        out / "result.json",
-        {
-            "strategy": result.strategy,
-            "seed": result.seed,
-            "budget": budget.to_dict(),
-            "evaluations": result.evaluations,
-            "wall_time": result.wall_time,
-            "dense": evaluator.dense.to_dict(),
-            "best_plan": result.best_plan.to_dict(),
-            "best": result.best_evaluation.to_dict(),
-            "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in result.history],
-        },
-    )
-    best = result.best_evaluation
-    _table(
-        f"{args.strategy}: best of {result.evaluations} evaluations under {budget.describe()} -> {out / 'plan.json'}",
-        ["model", "search-val acc", "FLOPs", "params", "FLOPs ratio", "feasible"],
-        [
-            ["dense", evaluator.dense.accuracy, evaluator.dense.flops, evaluator.dense.params, 1.0, True],
-            ["best plan", best.accuracy, best.flops, best.params, best.flops_ratio, best.feasible],
-        ],
-    )
-    kept = evaluator.graph.kept_channels(result.best_plan, config.round_to)
-    _table(
-        "kept channels per group",
-        ["group", "channels", "kept", "keep ratio"],
-        [[g.name, g.channels, kept[g.name], kept[g.name] / g.channels] for g in evaluator.graph.groups],
-    )
-    return 0
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    """Train (cached) -> uniform FLOPs prune -> fine-tune -> export, then print a table."""
-
-    from automl_prune.baseline import train_baseline
-    from automl_prune.checkpoint import CheckpointInfo
-    from automl_prune.export import check_onnx, export_model
-    from automl_prune.graph import LayerGraph, count_cost
-    from automl_prune.io import write_json
-    from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.measure.latency import measure_latency
-    from automl_prune.models import ModelSpec
-    from automl_prune.pruning import apply
-    from automl_prune.training import TrainConfig
-
-    _set_threads(args)
-    console = _console()
-    data = _load_data(args)
-    spec = ModelSpec(args.model, data.in_channels, data.num_classes)
-    out = _prepare_out(Path(args.out), overwrite=True)
-    console.print(f"[1/4] baseline {spec.name} on {data.name} ({args.epochs:g} epochs)")
-    base = train_baseline(spec, data, _train_config(args), Path(args.cache_dir) if args.cache_dir else None)
-    x = base.info.example_inputs()
-    graph = LayerGraph(base.model, x)
-    plan = graph.uniform_plan(args.flops, round_to=args.round_to)
-    console.print(f"[2/4] uniform plan at {args.flops:.0%} FLOPs, criterion {args.criterion}")
-    batches = list(data.search_val.batches(128))[:8]
-    pruned = apply(base.model, plan, args.criterion, graph=graph, round_to=args.round_to, data=batches)
-    acc_pruned = evaluate_accuracy(pruned, data.test)
-    console.print(f"[3/4] fine-tune {args.finetune_epochs:g} epochs")
-    ft = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed)
-    from automl_prune.training import train
-
-    pruned = train(pruned, data, ft, description="fine-tune").model
-    console.print("[4/4] export")
-    info = CheckpointInfo(
-        spec, tuple(x.shape), plan, args.round_to, {"dataset": data.name, "criterion": args.criterion}
-    )
-    paths = export_model(pruned, info, out)
-    onnx_diff = check_onnx(pruned, paths.onnx, data.test.images[:8])
-    write_json(out / "plan.json", plan.to_dict())
-    rows = []
-    summary: dict[str, Any] = {}
-    for label, model in (("baseline", base.model), ("pruned + fine-tuned", pruned)):
-        cost = count_cost(model, x)
-        acc = evaluate_accuracy(model, data.test)
-        lat1 = measure_latency(model, (1, *x.shape[1:]), threads=args.threads).median_ms
-        lat64 = measure_latency(model, (64, *x.shape[1:]), threads=args.threads, runs=10, warmup=3).median_ms
-        rows.append([label, acc, cost.flops, cost.params, lat1, lat64])
-        summary[label] = {
-            "test_accuracy": acc,
-            "flops": cost.flops,
-            "params": cost.params,
-            "latency_ms_b1": lat1,
-            "latency_ms_b64": lat64,
-        }
-    rows.insert(1, ["pruned (before fine-tune)", acc_pruned, rows[1][2], rows[1][3], "", ""])
-    summary["pruned_before_finetune_accuracy"] = acc_pruned
-    summary["onnx_max_abs_diff"] = onnx_diff
-    write_json(out / "summary.json", summary)
-    _table(
-        f"{spec.name} on {data.name}: uniform {args.flops:.0%} FLOPs, {args.criterion} -> {out}",
-        ["model", "test acc", "FLOPs", "params", "ms (b=1)", "ms (b=64)"],
-        rows,
-    )
-    b, p = summary["baseline"], summary["pruned + fine-tuned"]
-    console.print(
-        f"FLOPs x{b['flops'] / p['flops']:.2f} smaller, speed-up x{b['latency_ms_b1'] / p['latency_ms_b1']:.2f} (b=1), "
-        f"x{b['latency_ms_b64'] / p['latency_ms_b64']:.2f} (b=64); ONNX matches torch to {onnx_diff:.1e}"
-    )
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
-def _add_search_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by `search` and `compare`: model, data, budget, scoring."""
-    p.add_argument("--checkpoint", default=None, help="dense checkpoint to prune (default: train/load --model)")
-    p.add_argument("--model", default="fashion_cnn")
-    _add_data_args(p)
-    _add_train_args(p, epochs=3.0, lr=0.1)
-    p.add_argument(
-        "--flops", type=_positive_float, default=None, help="FLOPs budget: fraction (<=1) or absolute (default 0.5)"
-    )
-    p.add_argument("--params", type=_positive_float, default=None, help="parameter budget: fraction (<=1) or absolute")
-    p.add_argument("--latency-ms", type=_positive_float, default=None, help="latency budget in ms on --device")
-    p.add_argument("--device", default="cpu", help="device the latency budget is for")
-    p.add_argument("--latency-batch-size", type=_positive_int, default=1, help="batch size of the latency budget")
-    p.add_argument("--evaluations", type=_positive_int, default=50, help="evaluation budget of the search")
-    p.add_argument("--reward", default="acc", help="reward (see `list rewards`)")
-    p.add_argument("--eval-size", type=_positive_int, default=2000, help="search-val images scored per plan")
-    p.add_argument("--no-bn-recalibration", action="store_true", help="score without re-estimating BN statistics")
-    p.add_argument("--min-keep", type=_fraction, default=0.2, help="smallest keep ratio of any group")
-    p.add_argument("--skip-gates", action="store_true", help="also search skip gates of residual blocks")
-    p.add_argument(
-        "--fitness-finetune-steps",
-        type=_nonneg_int,
-        default=0,
-        help="SGD steps on each pruned model before scoring it (ABCPruner-style fitness; 0 = off)",
-    )
-    p.add_argument("--criterion", default="l1", help="importance criterion used when scoring plans")
-    p.add_argument("--round-to", type=_positive_int, default=1)
-    p.add_argument("--cache-dir", default=None)
+_RUN_SECTIONS = ("model", "data", "train", "budget", "search", "prune", "finetune", "parallel", "report")
+_TOP = ("seed", "threads", "cache_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``automl-prune`` command."""
-    parser = argparse.ArgumentParser(
-        prog="automl-prune", description="Search how to prune a neural network under a budget."
+    parser = _Parser(
+        prog="automl-prune",
+        description="Search how to prune a neural network under a budget.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("list", help="list models, datasets or criteria")
-    p.add_argument("kind", choices=["models", "datasets", "criteria", "strategies", "envs", "rewards"])
-    p.set_defaults(func=cmd_list)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+
+    p = command("search", "the main job: search under a budget, prune, fine-tune, export, report")
+    _add_config_flags(p, _RUN_SECTIONS, _TOP)
+    p.add_argument("--out", default="runs/search", help="run directory [runs/search]")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.set_defaults(func=cmd_search)
+
+    p = command("compare", "compare strategies on equal evaluation budgets and seeds")
+    _add_config_flags(p, ("model", "data", "train", "budget", "search", "prune", "parallel", "compare"), _TOP)
+    p.add_argument("--out", default="runs/compare", help="output directory [runs/compare]")
+    p.set_defaults(func=cmd_compare)
+
+    p = command("train", "train a baseline (cached by everything that determines it)")
+    _add_config_flags(p, ("model", "data", "train"), _TOP)
+    p.add_argument("--out", default="runs/baseline", help="output directory [runs/baseline]")
+    p.set_defaults(func=cmd_train)
+
+    p = command("prune", "prune a dense checkpoint with a plan file, or uniformly to --budget.flops")
+    p.add_argument("--checkpoint", required=True, help="the dense checkpoint")
+    p.add_argument("--plan", default=None, help="plan JSON ({'keep_ratios': {group: keep}}), e.g. a run's plan.json")
+    _add_config_flags(p, ("data", "budget", "prune"), ("seed",))
+    p.add_argument("--out", default="runs/pruned", help="output directory [runs/pruned]")
+    p.set_defaults(func=cmd_prune)
+
+    p = command("finetune", "fine-tune a checkpoint (cosine LR, best epoch on search-val kept)")
+    p.add_argument("--checkpoint", required=True)
+    _add_config_flags(p, ("data", "finetune"), ("seed", "threads"))
+    p.add_argument("--out", default="runs/finetuned", help="output directory [runs/finetuned]")
+    p.set_defaults(func=cmd_finetune)
+
+    p = command("export", "export a checkpoint to .pt, TorchScript and ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="runs/export", help="output directory [runs/export]")
+    p.set_defaults(func=cmd_export)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", default=None, help="a checkpoint file (dense or pruned)")
@@ -715,49 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-classes", type=_positive_int, default=10)
         p.add_argument("--input-size", type=_positive_int, default=28, help="square input size")
 
-    p = sub.add_parser("graph", help="show a model's prunable groups, FLOPs and params")
-    model_args(p)
-    p.set_defaults(func=cmd_graph)
-
-    p = sub.add_parser("train", help="train a baseline (cached by model, dataset, epochs, seed)")
-    p.add_argument("--model", default="fashion_cnn")
-    _add_data_args(p)
-    _add_train_args(p, epochs=3.0, lr=0.1)
-    p.add_argument("--bn-l1", type=float, default=0.0, help="network-slimming L1 penalty on BN scales")
-    p.add_argument(
-        "--cache-dir", default=None, help="baseline cache (default $AUTOML_PRUNE_CACHE or ~/.cache/automl-prune)"
-    )
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_train)
-
-    def prune_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--criterion", default="l1", help="importance criterion (see `list criteria`)")
-        p.add_argument("--round-to", type=_positive_int, default=1, help="round kept channels to a multiple")
-        p.add_argument("--criterion-batches", type=_positive_int, default=8, help="batches for data-driven criteria")
-
-    p = sub.add_parser("prune", help="prune a checkpoint with a plan file or a uniform FLOPs target")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--plan", default=None, help="plan JSON ({'keep_ratios': {group: keep}})")
-    p.add_argument("--flops", type=_fraction, default=None, help="uniform plan with this FLOPs fraction (default 0.5)")
-    prune_args(p)
-    _add_data_args(p, default_dataset=None)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_prune)
-
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint (cosine LR, best epoch kept)")
-    p.add_argument("--checkpoint", required=True)
-    _add_data_args(p)
-    _add_train_args(p, epochs=1.0, lr=0.01)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("export", help="export a checkpoint to .pt, TorchScript and ONNX")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("latency", help="measured vs lookup-table-predicted latency")
+    p = command("latency", "measured vs lookup-table-predicted latency of a model")
     model_args(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=_positive_int, default=1)
@@ -766,38 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="measure in channels_last memory format")
     p.set_defaults(func=cmd_latency)
 
-    p = sub.add_parser("search", help="search the best plan for a budget with one strategy")
-    p.add_argument("--strategy", default="ddpg", help="search strategy (see `list strategies`)")
-    _add_search_args(p)
-    p.add_argument("--workers", type=_positive_int, default=1, help="parallel evaluation workers on Ray")
-    p.add_argument("--cpus-per-worker", type=_positive_int, default=1, help="CPUs (and torch threads) per Ray worker")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPU fraction per Ray worker")
-    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
-    p.add_argument("--out", default="runs/search", help="run directory")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
-    p.set_defaults(func=cmd_search)
+    p = command("report", "measure a finished run again and rewrite report.md / report.json")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run directory written by `automl-prune search`")
+    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="compare strategies on equal evaluation budgets and seeds")
-    p.add_argument("--strategies", default="ddpg,ppo,reinforce,abc,optuna,random,uniform,global")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, the same for every strategy")
-    _add_search_args(p)
-    p.add_argument("--workers", type=_positive_int, default=1, help="searches run at once on Ray")
-    p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (HOST:PORT or auto)")
-    p.add_argument("--out", default="runs/compare", help="output directory")
-    p.set_defaults(func=cmd_compare)
+    p = command("graph", "show a model's prunable groups, FLOPs and params")
+    model_args(p)
+    p.set_defaults(func=cmd_graph)
 
-    p = sub.add_parser("pipeline", help="train -> uniform prune -> fine-tune -> export, with a summary table")
-    p.add_argument("--model", default="fashion_cnn")
-    _add_data_args(p)
-    _add_train_args(p, epochs=3.0, lr=0.1)
-    p.add_argument("--flops", type=_fraction, default=0.5, help="FLOPs target as a fraction of the baseline")
-    prune_args(p)
-    p.add_argument("--finetune-epochs", type=_positive_float, default=1.0)
-    p.add_argument("--finetune-lr", type=_positive_float, default=0.01)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default="runs/pipeline")
-    p.set_defaults(func=cmd_pipeline)
+    p = command("list", "list models, datasets, criteria, strategies, envs or rewards")
+    p.add_argument("kind", choices=["models", "datasets", "criteria", "strategies", "envs", "rewards"])
+    p.set_defaults(func=cmd_list)
+    parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
 
@@ -811,7 +650,9 @@ def _configure_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the sub-command's parser, which knows its own flags
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

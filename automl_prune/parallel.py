@@ -193,7 +193,9 @@ class RayEvaluatorPool:
                 ray.shutdown()
             finally:
                 reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:.0f} s"
-            raise AutomlPruneError(f"cannot reach the Ray cluster at '{address}' ({reason}); check --ray-address")
+            raise AutomlPruneError(
+                f"cannot reach the Ray cluster at '{address}' ({reason}); check --parallel.ray_address"
+            )
 
     def _start(self, index: int) -> Any:
         return self._actor_cls.remote(self._spec_ref, index, self.cpus_per_worker)

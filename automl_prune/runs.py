@@ -2,13 +2,14 @@
 
 A search run writes into its directory:
 
-- ``config.json``: the resolved options the run was started with (written once, atomically);
+- ``config.yaml``: the resolved config the run was started with (written atomically; a
+  run is reproduced with ``automl-prune search --config DIR/config.yaml``);
 - ``evaluations.jsonl``: one JSON line per evaluation (index, plan, evaluation, strategy,
   time), appended and flushed as each finishes, so an interrupted run loses nothing it
   finished;
 - ``plan.json`` and ``result.json`` when the search completes.
 
-Resuming (``automl-prune search --resume DIR``) rebuilds the evaluator from ``config.json``,
+Resuming (``automl-prune search --resume DIR``) rebuilds the evaluator from ``config.yaml``,
 preloads its cache with the logged evaluations and runs the same strategy with the same
 seed: every strategy is seed-deterministic, so it re-proposes the logged plans, which are
 served from the cache, and continues from where the run stopped without repeating a
@@ -24,14 +25,52 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from automl_prune.errors import InvalidValueError
-from automl_prune.io import write_json
+from automl_prune.io import write_text
 from automl_prune.types import Evaluation, Plan
 
 logger = logging.getLogger(__name__)
 
-CONFIG = "config.json"
+CONFIG = "config.yaml"
 LOG = "evaluations.jsonl"
+OUTPUTS = (
+    LOG,
+    "plan.json",
+    "result.json",
+    "baseline.pt",
+    "model.pt",
+    "model.ts",
+    "model.onnx",
+    "export.json",
+    "report.json",
+    "report.md",
+    "keep_ratios.png",
+    "search_curve.png",
+)
+"""Files a run writes; a run started afresh in a directory removes the previous run's."""
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidValueError(f"'{path}' is not valid YAML ({exc}); the run directory is damaged") from None
+    if not isinstance(data, dict):
+        raise InvalidValueError(f"'{path}' does not hold a config; the run directory is damaged")
+    return data
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested config."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class RunDirectory:
@@ -60,22 +99,32 @@ class RunDirectory:
         if resume:
             if not config_path.is_file():
                 raise InvalidValueError(f"'{self.path}' is not a run directory (no {CONFIG}); nothing to resume")
-            self.config = json.loads(config_path.read_text())
+            self.config = _read_config(config_path)
         else:
             if config is None:
                 raise InvalidValueError("a new run needs its config")
             if config_path.is_file() and not overwrite:
-                existing = json.loads(config_path.read_text())
-                if existing != config:
-                    changed = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+                existing, new = _flat(_read_config(config_path)), _flat(config)
+                if existing != new:
+                    changed = sorted(k for k in set(existing) | set(new) if existing.get(k) != new.get(k))
                     raise InvalidValueError(
                         f"'{self.path}' holds a different run (options differ: {', '.join(changed)}); "
                         "use --resume to continue it, another --out, or --overwrite"
                     )
+            if not config_path.is_file() and not overwrite and self.path.is_dir():
+                stray = [name for name in OUTPUTS if (self.path / name).exists()]
+                if stray:
+                    raise InvalidValueError(
+                        f"'{self.path}' holds {', '.join(stray)} but no run config; choose another --out "
+                        "or pass --overwrite to replace them"
+                    )
+            if self.path.exists() and not self.path.is_dir():
+                raise InvalidValueError(f"'{self.path}' exists and is not a directory; choose another --out")
             self.path.mkdir(parents=True, exist_ok=True)
             if overwrite or not config_path.is_file():
-                (self.path / LOG).unlink(missing_ok=True)
-            write_json(config_path, config)
+                for name in OUTPUTS:
+                    (self.path / name).unlink(missing_ok=True)
+            write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             self.config = config
         self.records = self._read_log()
 

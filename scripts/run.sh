@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the main job on the embedded default. Extra arguments go to it.
+# Set up (idempotent), then run the main job, `automl-prune search`, in the current directory.
+# Extra arguments go to it, e.g. `bash scripts/run.sh --config configs/smoke.yaml`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m automl_prune.cli pipeline "$@"
+root=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+bash "$root/scripts/setup.sh"
+exec "${PYTHON:-python3}" -m automl_prune.cli search "$@"

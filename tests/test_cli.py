@@ -31,8 +31,16 @@ def test_list_shows_registries() -> None:
     ("args", "message"),
     [
         (["graph", "--model", "resnet21"], "unknown model 'resnet21'"),
-        (["train", "--dataset", "mnist2", "--out", "x"], "unknown dataset 'mnist2'"),
-        (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir", "--out", "x"], "/nonexistent/dir"),
+        (["train", "--data.dataset", "mnist2", "--out", "x"], "unknown dataset 'mnist2'"),
+        (["train", "--data.data_dir", "/nonexistent/dir", "--out", "x"], "/nonexistent/dir"),
+        (["search", "--search.evaluations", "0"], "--search.evaluations must be an integer >= 1, got '0'"),
+        (["search", "--budget.flops", "-1"], "--budget.flops must be a number > 0"),
+        (["search", "--search.bn_recalibration", "maybe"], "--search.bn_recalibration must be true or false"),
+        (["search", "--search.evalutions", "3"], "did you mean '--search.evaluations'"),
+        (["search", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+        (["search", "--search.strategy", "dqn"], "unknown strategy 'dqn'"),
+        (["compare", "--compare.seeds", "0,x"], "--compare.seeds must be a list of integers"),
+        (["train", "--search.evaluations", "3"], "`automl-prune train` does not use --search.evaluations"),
         (["export", "--checkpoint", "/nonexistent.pt", "--out", "x"], "does not exist"),
     ],
 )
@@ -44,18 +52,34 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_bad_flag_value_exits_2() -> None:
-    proc = run("pipeline", "--flops", "1.5", check=False)
-    assert proc.returncode == 2 and "fraction in (0, 1]" in proc.stderr
+def test_bad_config_file_names_the_key_and_the_nearest_valid_one(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budget:\n  flop: 0.3\n")
+    proc = run("search", "--config", str(bad), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "budget.flop" in proc.stderr and "did you mean 'budget.flops'" in proc.stderr
+    bad.write_text("search:\n  evaluations: many\n")
+    proc = run("search", "--config", str(bad), check=False)
+    assert proc.returncode == 2 and "'search.evaluations'" in proc.stderr and "integer" in proc.stderr
+
+
+def test_print_config_round_trips(tmp_path: Path) -> None:
+    from automl_prune.config import resolve
+
+    printed = run("search", "--config", "configs/smoke.yaml", "--budget.latency_ms", "2", "--print-config").stdout
+    (tmp_path / "c.yaml").write_text(printed)
+    config = resolve(tmp_path / "c.yaml")
+    assert config == resolve("configs/smoke.yaml", {"budget.latency_ms": "2"})
+    assert config.budget.latency_ms == 2.0 and config.budget.flops is None  # flags replace the budget terms
 
 
 @pytest.mark.slow
 def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
     """Each stage alone on the real digits set: train -> prune (plan file) -> finetune -> export -> latency."""
-    common = ["--dataset", "digits", "--seed", "0"]
-    run("train", "--model", "fashion_cnn", *common, "--epochs", "4", "--out", str(tmp_path / "base"))
+    common = ["--data.dataset", "digits", "--seed", "0"]
+    run("train", "--model.name", "fashion_cnn", *common, "--train.epochs", "4", "--out", str(tmp_path / "base"))
     ckpt = tmp_path / "base" / "model.pt"
-    again = run("train", "--model", "fashion_cnn", *common, "--epochs", "4", "--out", str(tmp_path / "base"))
+    again = run("train", "--model.name", "fashion_cnn", *common, "--train.epochs", "4", "--out", str(tmp_path / "base"))
     assert "(cached)" in again.stdout
 
     plan = {"keep_ratios": {"features.0": 0.5, "features.4": 0.5, "features.8": 0.5}}
@@ -78,6 +102,7 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
         str(ckpt),
         "--plan",
         str(tmp_path / "bad.json"),
+        *common,
         "--out",
         str(tmp_path / "x"),
         check=False,
@@ -89,7 +114,7 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
         "--checkpoint",
         str(tmp_path / "pruned" / "model.pt"),
         *common,
-        "--epochs",
+        "--finetune.epochs",
         "2",
         "--out",
         str(tmp_path / "ft"),
@@ -107,30 +132,3 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
 
     lat = run("latency", "--checkpoint", str(tmp_path / "export" / "model.pt"), "--runs", "10", "--threads", "1").stdout
     assert "predicted ms (LUT)" in lat
-
-
-@pytest.mark.slow
-def test_pipeline_prints_table_and_exports(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = run(
-        "pipeline",
-        "--dataset",
-        "digits",
-        "--epochs",
-        "8",
-        "--batch-size",
-        "32",
-        "--finetune-epochs",
-        "2",
-        "--threads",
-        "2",
-        "--out",
-        str(out),
-    )
-    assert "pruned + fine-tuned" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert 0.47 <= summary["pruned + fine-tuned"]["flops"] / summary["baseline"]["flops"] <= 0.53
-    assert summary["onnx_max_abs_diff"] < 1e-4
-    assert summary["baseline"]["test_accuracy"] > 0.85
-    for name in ("model.pt", "model.ts", "model.onnx", "plan.json"):
-        assert (out / name).is_file()

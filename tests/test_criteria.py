@@ -148,7 +148,7 @@ def test_data_driven_without_data_errors_clearly(name: str, trained_cnn) -> None
     plan = graph.uniform_plan(0.5)
     with pytest.raises(InvalidValueError, match=f"'{name}' is data-driven and needs batches.*data=") as err:
         apply(model, plan, name, graph=graph)
-    assert "--dataset" in str(err.value)
+    assert "--data.dataset" in str(err.value)
     with pytest.raises(InvalidValueError, match="holds no batch"):
         apply(model, plan, name, graph=graph, data=[])
     assert _hooks(model) == 0

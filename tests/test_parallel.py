@@ -104,8 +104,9 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "run"
-        args = ["search", "--strategy", "random", "--dataset", "digits", "--epochs", "8", "--batch-size", "32"]
-        args += ["--evaluations", "6", "--eval-size", "300", "--workers", "2", "--ray-address", cluster.address]
+        args = ["search", "--search.strategy", "random", "--data.dataset", "digits", "--train.epochs", "8", "--train.batch_size", "32"]
+        args += ["--search.evaluations", "6", "--search.eval_size", "300", "--search.only"]
+        args += ["--parallel.workers", "2", "--parallel.ray_address", cluster.address]
         proc = subprocess.run(
             [sys.executable, "-m", "automl_prune.cli", *args, "--out", str(out)],
             capture_output=True,
@@ -132,13 +133,13 @@ def test_unreachable_cluster_is_a_clear_error_within_seconds(tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # free once closed: nothing listens there
-    args = ["search", "--strategy", "random", "--dataset", "digits", "--epochs", "8", "--batch-size", "32"]
+    args = ["search", "--search.strategy", "random", "--data.dataset", "digits", "--train.epochs", "8", "--train.batch_size", "32"]
     args += [
-        "--evaluations",
+        "--search.evaluations",
         "2",
-        "--eval-size",
+        "--search.eval_size",
         "300",
-        "--ray-address",
+        "--parallel.ray_address",
         f"127.0.0.1:{port}",
         "--out",
         str(tmp_path / "r"),

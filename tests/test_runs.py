@@ -17,16 +17,17 @@ from automl_prune.runs import RunDirectory
 
 SEARCH = [
     "search",
-    "--strategy",
+    "--search.strategy",
     "random",
-    "--dataset",
+    "--data.dataset",
     "digits",
-    "--epochs",
+    "--train.epochs",
     "8",
-    "--batch-size",
+    "--train.batch_size",
     "32",
-    "--eval-size",
+    "--search.eval_size",
     "300",
+    "--search.only",
 ]
 
 
@@ -44,13 +45,13 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     total = 30
     # the reference: the same search, uninterrupted (also trains and caches the baseline)
     subprocess.run(
-        _cli(*SEARCH, "--evaluations", str(total), "--out", str(tmp_path / "ref")), check=True, capture_output=True
+        _cli(*SEARCH, "--search.evaluations", str(total), "--out", str(tmp_path / "ref")), check=True, capture_output=True
     )
     reference = [r["plan"] for r in _log(tmp_path / "ref")]
 
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        _cli(*SEARCH, "--evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
+        _cli(*SEARCH, "--search.evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 120
     while len(_log(run)) < 5 and time.time() < deadline and proc.poll() is None:

@@ -290,7 +290,7 @@ def data_help(name: str) -> str:
     return (
         f"criterion '{name}' is data-driven and needs batches of (images, labels): pass "
         f"data=list(splits.search_val.batches(64))[:8] to automl_prune.pruning.apply(), or give "
-        f"--dataset on the command line (--criterion-batches sets how many); data-free criteria "
+        f"--data.dataset on the command line (--prune.criterion_batches sets how many); data-free criteria "
         f"are l1, l2, fpgm, slimming and random"
     )
 

@@ -62,7 +62,7 @@ How this implementation maps ABC onto ask/tell and a hard budget:
 ABCPruner fine-tunes every candidate for a fraction of an epoch before scoring it, so that
 the fitness reflects how well a structure *recovers*. That is an option of the shared
 :class:`~automl_prune.evaluator.EvaluatorConfig` (``finetune_steps``; CLI
-``--fitness-finetune-steps``), not of this strategy, so that every strategy compared with
+``--search.fitness_finetune_steps``), not of this strategy, so that every strategy compared with
 ABC can be scored under the same fitness and every fine-tuned evaluation is counted.
 """
 

@@ -1,0 +1,477 @@
+"""Run configuration: one typed, validated tree shared by config files and command-line flags.
+
+A config is a YAML mapping of sections (``model``, ``data``, ``train``, ``budget``,
+``search``, ``prune``, ``finetune``, ``parallel``, ``compare``, ``report``) plus a few
+top-level keys (``seed``, ``threads``, ``cache_dir``). Files give only what differs from the
+defaults below (``configs/default.yaml`` spells the defaults out). Every key ``a.b`` is also
+the command-line flag ``--a.b`` (``--budget.flops 0.4``, ``--search.strategy ppo``), and
+flags override the file.
+
+Rules:
+
+- Unknown keys are rejected with the key's name and the nearest valid one.
+- Values are checked for type and range; a bad one is reported as one line naming it.
+- Several files may be given; each is a layer over the one before, and flags come last.
+- Budget terms (``flops``, ``params``, ``latency_ms``) given by a layer (a file, or the
+  flags) replace the terms of the layer below: ``--budget.latency_ms 2`` on top of the
+  default 50%-FLOPs budget gives a latency-only budget. Give both to combine them.
+
+:func:`resolve` builds a :class:`Config` from a file and flags; :meth:`Config.to_dict` is
+what a run directory stores (``config.yaml``), and a run is reproduced with
+``automl-prune search --config RUN/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from automl_prune.errors import InvalidValueError
+
+BUDGET_TERMS = ("flops", "params", "latency_ms")
+
+
+def _opt(default: Any, help: str, **limits: Any) -> Any:
+    """A config field with its help text and limits (``ge``, ``gt``, ``le``, ``choices``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
+    return field(default=default, metadata={"help": help, **limits})
+
+
+@dataclass
+class ModelSection:
+    """The dense model to prune."""
+
+    name: str = _opt("fashion_cnn", "zoo name, tv:NAME or package.module:factory (see `list models`)")
+    checkpoint: str | None = _opt(None, "a dense checkpoint to prune instead of training `name`")
+
+
+@dataclass
+class DataSection:
+    """The dataset and its splits."""
+
+    dataset: str = _opt("fashion-mnist", "dataset name (see `list datasets`)")
+    data_dir: str | None = _opt(None, "directory holding the dataset's files")
+    val_size: int | None = _opt(None, "search-val images held out of train (default: the dataset's)", ge=0)
+    image_size: int | None = _opt(None, "resize images to this square size", ge=1)
+
+
+@dataclass
+class TrainSection:
+    """Training of the dense baseline (cached by everything that determines it)."""
+
+    epochs: float = _opt(3.0, "epochs (fractions allowed)", gt=0)
+    lr: float = _opt(0.1, "peak learning rate (SGD, cosine schedule)", gt=0)
+    batch_size: int = _opt(128, "mini-batch size", ge=1)
+    weight_decay: float = _opt(5e-4, "L2 weight decay", ge=0)
+    bn_l1: float = _opt(0.0, "network-slimming L1 penalty on BatchNorm scales", ge=0)
+
+
+@dataclass
+class BudgetSection:
+    """The deployment budget: any of FLOPs, parameters and latency."""
+
+    flops: float | None = _opt(0.5, "FLOPs (MACs) limit: fraction of the dense model (<= 1) or absolute", gt=0)
+    params: float | None = _opt(None, "parameter limit: fraction (<= 1) or absolute", gt=0)
+    latency_ms: float | None = _opt(None, "latency limit in ms on `device` at `batch_size` with `threads`", gt=0)
+    device: str = _opt("cpu", "device of the latency budget", choices=("cpu", "cuda"))
+    batch_size: int = _opt(1, "batch size of the latency budget", ge=1)
+    threads: int | None = _opt(None, "CPU threads of the latency budget (default: torch's)", ge=1)
+
+
+@dataclass
+class SearchSection:
+    """How plans are searched and scored."""
+
+    strategy: str = _opt("ddpg", "search strategy (see `list strategies`)")
+    evaluations: int = _opt(100, "evaluation budget of the search", ge=1)
+    reward: str = _opt("acc", "reward (see `list rewards`)")
+    eval_size: int = _opt(2000, "search-val images scored per plan", ge=1)
+    bn_recalibration: bool = _opt(True, "re-estimate BN statistics before scoring (adaptive BN)")
+    recalibration_batches: int = _opt(8, "training batches for the BN re-estimation", ge=1)
+    min_keep: float = _opt(0.2, "smallest keep ratio of any group", gt=0, le=1)
+    skip_gates: bool = _opt(False, "also search skip gates of residual blocks")
+    fitness_finetune_steps: int = _opt(0, "SGD steps on each pruned model before scoring it (0 = off)", ge=0)
+    criterion: str | None = _opt(None, "criterion used when scoring plans (default: prune.criterion)")
+    only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
+
+
+@dataclass
+class PruneSection:
+    """How the chosen plan is cut out of the dense model."""
+
+    criterion: str = _opt("l1", "importance criterion (see `list criteria`)")
+    round_to: int = _opt(1, "round kept channel counts to a multiple of this", ge=1)
+    criterion_batches: int = _opt(8, "search-val batches given to data-driven criteria", ge=1)
+
+
+@dataclass
+class FinetuneSection:
+    """Fine-tuning of the pruned model (best epoch on search-val kept)."""
+
+    epochs: float = _opt(1.0, "epochs (fractions allowed; 0 = no fine-tune)", ge=0)
+    lr: float = _opt(0.01, "peak learning rate", gt=0)
+    batch_size: int = _opt(128, "mini-batch size", ge=1)
+    weight_decay: float = _opt(5e-4, "L2 weight decay", ge=0)
+
+
+@dataclass
+class ParallelSection:
+    """Parallel evaluation on Ray."""
+
+    workers: int = _opt(1, "parallel evaluation workers (searches at once for `compare`)", ge=1)
+    cpus_per_worker: int = _opt(1, "CPUs (and torch threads) per Ray worker", ge=1)
+    gpus_per_worker: float = _opt(0.0, "GPU fraction per Ray worker", ge=0)
+    ray_address: str | None = _opt(None, "join an existing Ray cluster (HOST:PORT or auto)")
+
+
+@dataclass
+class CompareSection:
+    """Strategy comparison on equal budgets (`automl-prune compare`)."""
+
+    strategies: list[str] = _opt(
+        ["ddpg", "ppo", "reinforce", "abc", "optuna", "random", "uniform", "global"], "strategies to compare"
+    )
+    seeds: list[int] = _opt([0, 1, 2], "search seeds, the same for every strategy")
+
+
+@dataclass
+class ReportSection:
+    """What the final report measures."""
+
+    latency_batch_sizes: list[int] = _opt([1, 64], "batch sizes whose latency is measured end to end")
+    latency_runs: int = _opt(30, "timed runs per latency measurement (median reported)", ge=3)
+    test_size: int | None = _opt(None, "test images scored (default: the whole test split)", ge=1)
+
+
+@dataclass
+class Config:
+    """A whole run's configuration (see the module docstring)."""
+
+    seed: int = _opt(0, "seed of data splits, initialisation, batch order and the search", ge=0)
+    threads: int | None = _opt(None, "torch CPU threads (default: all)", ge=1)
+    cache_dir: str | None = _opt(None, "cache of baselines and latency tables (default $AUTOML_PRUNE_CACHE)")
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    budget: BudgetSection = field(default_factory=BudgetSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    compare: CompareSection = field(default_factory=CompareSection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The config as YAML, loadable by :func:`resolve`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def scoring_criterion(self) -> str:
+        """The criterion used to score plans during the search."""
+        return self.search.criterion or self.prune.criterion
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config) if dataclasses.is_dataclass(f.default_factory))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass(frozen=True)
+class Option:
+    """One config key: its dotted path, type and limits."""
+
+    path: str
+    type: Any
+    default: Any
+    help: str
+    limits: Mapping[str, Any]
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag of this key."""
+        return f"--{self.path}"
+
+
+def _options(cls: type, prefix: str = "") -> list[Option]:
+    hints = typing.get_type_hints(cls)
+    out: list[Option] = []
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_options(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        limits = {k: v for k, v in f.metadata.items() if k != "help"}
+        out.append(Option(f"{prefix}{f.name}", hints[f.name], default, f.metadata.get("help", ""), limits))
+    return out
+
+
+OPTIONS: dict[str, Option] = {o.path: o for o in _options(Config)}
+"""Every config key by dotted path."""
+
+
+def options_for(sections: tuple[str, ...] | None = None, top_level: tuple[str, ...] = ()) -> list[Option]:
+    """The options of some sections (all when None) and some top-level keys."""
+    return [
+        o
+        for o in OPTIONS.values()
+        if ("." not in o.path and o.path in top_level)
+        or ("." in o.path and (sections is None or o.path.split(".")[0] in sections))
+    ]
+
+
+def _nearest(name: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(candidates))}"
+
+
+def unknown_key_error(key: str, where: str = "config key") -> InvalidValueError:
+    """The error for an unknown dotted key, naming the nearest valid one."""
+    candidates = list(OPTIONS) + list(SECTIONS)
+    return InvalidValueError(f"unknown {where} '{key}'{_nearest(key, candidates)}")
+
+
+# --------------------------------------------------------------------------- values
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(type without None, whether None is allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _describe(option: Option) -> str:
+    tp, optional = _base_type(option.type)
+    if typing.get_origin(tp) is list:
+        inner = typing.get_args(tp)[0]
+        text = "a list of " + ("integers" if inner is int else "names")
+    else:
+        text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+    limits = option.limits
+    if "choices" in limits:
+        text = "one of " + ", ".join(limits["choices"])
+    bounds = []
+    if "gt" in limits:
+        bounds.append(f"> {limits['gt']:g}")
+    if "ge" in limits:
+        bounds.append(f">= {limits['ge']:g}")
+    if "le" in limits:
+        bounds.append(f"<= {limits['le']:g}")
+    if bounds:
+        text += " " + " and ".join(bounds)
+    return text + (" (or null)" if optional else "")
+
+
+def _parse_text(text: str, tp: Any) -> Any:
+    """A command-line string as the value YAML would give for type ``tp``."""
+    if tp is str:
+        return None if text in ("null", "none", "None", "~") else text
+    if typing.get_origin(tp) is list:
+        stripped = text.strip()
+        if stripped.startswith("["):
+            return yaml.safe_load(stripped)
+        items = [t.strip() for t in stripped.split(",") if t.strip()]
+        inner = typing.get_args(tp)[0]
+        if inner is int:
+            return [yaml.safe_load(t) for t in items]
+        return items
+    return yaml.safe_load(text) if text.strip() else text
+
+
+def check_value(option: Option, value: Any, name: str | None = None) -> Any:
+    """Validate (and normalise) one value of ``option``.
+
+    Args:
+        option: The key.
+        value: A YAML value, or a command-line string (parsed first).
+        name: How to name the key in errors (default ``config key 'a.b'``).
+
+    Raises:
+        InvalidValueError: Wrong type or out of range, naming the key and what it takes.
+    """
+    label = name or f"config key '{option.path}'"
+    tp, optional = _base_type(option.type)
+    raw = value
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = _parse_text(value, tp)
+        except yaml.YAMLError:
+            raise InvalidValueError(f"{label} must be {_describe(option)}, got {raw!r}") from None
+    elif isinstance(value, str) and tp is str:
+        value = _parse_text(value, tp) if name and name.startswith("--") else value
+    if value is None:
+        if optional:
+            return None
+        raise InvalidValueError(f"{label} must be {_describe(option)}, got null")
+    bad = InvalidValueError(f"{label} must be {_describe(option)}, got {raw!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str) or not value:
+            raise bad
+    elif typing.get_origin(tp) is list:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, list) or not value:
+            raise bad
+        if inner is int and any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise bad
+        if inner is str:
+            if any(not isinstance(v, (str, int)) for v in value):
+                raise bad
+            value = [str(v) for v in value]
+        return value
+    limits = option.limits
+    if "choices" in limits and value not in limits["choices"]:
+        raise bad
+    if ("gt" in limits and not value > limits["gt"]) or ("ge" in limits and not value >= limits["ge"]):
+        raise bad
+    if "le" in limits and not value <= limits["le"]:
+        raise bad
+    return value
+
+
+# --------------------------------------------------------------------------- building
+def _flatten(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A nested config mapping as {dotted key: value}, rejecting unknown keys."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise InvalidValueError(f"{source}: '{key}' must be a mapping of its keys, got {value!r}")
+            for sub, sub_value in value.items():
+                path = f"{key}.{sub}"
+                if path not in OPTIONS:
+                    raise unknown_key_error(path, f"key in {source}:")
+                flat[path] = sub_value
+        elif key in OPTIONS:
+            flat[key] = value
+        else:
+            raise unknown_key_error(key, f"key in {source}:")
+    return flat
+
+
+def _apply(values: dict[str, Any], layer: dict[str, Any], label: Any) -> None:
+    """Put one layer's (already validated) values over ``values``, with the budget rule."""
+    if any(f"budget.{t}" in layer for t in BUDGET_TERMS):
+        for term in BUDGET_TERMS:
+            values[f"budget.{term}"] = None
+    values.update(layer)
+
+
+def _build(values: dict[str, Any]) -> Config:
+    config = Config()
+    for path, value in values.items():
+        target: Any = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return config
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file as validated {dotted key: value}.
+
+    Raises:
+        InvalidValueError: Missing file, invalid YAML, not a mapping, unknown keys, bad values.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise InvalidValueError(f"config file '{p}' does not exist") from None
+    except IsADirectoryError:
+        raise InvalidValueError(f"config file '{p}' is a directory; give a .yaml file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidValueError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise InvalidValueError(f"config file '{p}' must hold a mapping of sections, got {type(data).__name__}")
+    flat = _flatten(data, f"'{p}'")
+    return {k: check_value(OPTIONS[k], v, f"'{k}' in '{p}'") for k, v in flat.items()}
+
+
+def resolve(
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the file(s) at ``path`` (each over the one before), then ``overrides``.
+
+    ``overrides`` maps dotted keys to values or to flag text (``"0.5"``, ``"true"``, ``"a,b"``).
+
+    Raises:
+        InvalidValueError: Unknown keys, wrong types, out-of-range values, or a budget with
+            no term at all.
+    """
+    values: dict[str, Any] = {o.path: o.default for o in OPTIONS.values()}
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    for p in paths:
+        _apply(values, load_file(p), p)
+    if overrides:
+        layer = {}
+        for key, value in overrides.items():
+            if key not in OPTIONS:
+                raise unknown_key_error(key, "option")
+            layer[key] = check_value(OPTIONS[key], value, f"--{key}")
+        _apply(values, layer, "flags")
+    config = _build(values)
+    if all(getattr(config.budget, t) is None for t in BUDGET_TERMS):
+        raise InvalidValueError(
+            "the budget has no term: set budget.flops, budget.params or budget.latency_ms (e.g. --budget.flops 0.5)"
+        )
+    return config
+
+
+def from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
+    """A config from :meth:`Config.to_dict` output (e.g. a run directory's ``config.yaml``)."""
+    flat = _flatten(data, source)
+    values: dict[str, Any] = {o.path: o.default for o in OPTIONS.values()}
+    values.update({k: check_value(OPTIONS[k], v, f"'{k}' in {source}") for k, v in flat.items()})
+    return _build(values)
+
+
+def check_names(config: Config) -> None:
+    """Fail early, listing valid names, when a strategy, reward, criterion or dataset is unknown.
+
+    Raises:
+        UnknownNameError: The first unknown name.
+    """
+    from automl_prune.criteria import CRITERIA
+    from automl_prune.data import DATASETS
+    from automl_prune.reward import REWARDS
+    from automl_prune.strategy import STRATEGIES
+
+    STRATEGIES.get(config.search.strategy)
+    for name in config.compare.strategies:
+        STRATEGIES.get(name)
+    REWARDS.get(config.search.reward)
+    CRITERIA.get(config.prune.criterion)
+    CRITERIA.get(config.scoring_criterion)
+    DATASETS.get(config.data.dataset)

@@ -1,0 +1,316 @@
+"""The main job: from a config to a searched, pruned, fine-tuned, exported and reported model.
+
+Stages, each usable alone and all run by :func:`run_job` (``automl-prune search``):
+
+1. :func:`load_data` and :func:`dense_model`: the dataset, and the dense baseline (trained and
+   cached on first use, or ``model.checkpoint``); copied into the run as ``baseline.pt``.
+2. :func:`make_evaluator` / :func:`run_search`: the search under the budget with the
+   configured strategy, logged to ``evaluations.jsonl`` (resumable), ending in ``plan.json``
+   and ``result.json``. A latency budget builds the device's lookup table first.
+3. :func:`prune_and_finetune`: the best plan cut out of the dense model with
+   ``prune.criterion``, then fine-tuned; exported as ``model.pt``, ``model.ts`` and
+   ``model.onnx``.
+4. :func:`automl_prune.report.write_run_report`: baseline vs pruned, measured again from the
+   files in the run directory (``report.md``, ``report.json`` and PNG plots).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from automl_prune.baseline import copy_checkpoint, train_baseline
+from automl_prune.checkpoint import CheckpointInfo, load_checkpoint
+from automl_prune.config import Config, check_names
+from automl_prune.data import DataSplits, load_dataset
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.io import write_json
+from automl_prune.models import ModelSpec
+from automl_prune.runs import RunDirectory
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.seeding import seed_everything
+from automl_prune.training import TrainConfig
+from automl_prune.types import Budget, Plan, SearchResult
+
+logger = logging.getLogger(__name__)
+
+BATCHED = ("random", "abc", "optuna")
+"""Ask/tell strategies that ask a worker-sized batch at a time when run in parallel."""
+
+Stage = Callable[[str], None]
+"""Receives one line per stage started (the CLI prints it)."""
+
+
+def _log_stage(text: str) -> None:
+    logger.info(text)
+
+
+# --------------------------------------------------------------------------- conversions
+def budget_of(config: Config) -> Budget:
+    """The :class:`Budget` of a config."""
+    b = config.budget
+    return Budget(
+        flops=b.flops,
+        params=b.params,
+        latency_ms=b.latency_ms,
+        device=b.device,
+        batch_size=b.batch_size,
+        threads=b.threads,
+    )
+
+
+def train_config_of(config: Config) -> TrainConfig:
+    """The baseline's :class:`TrainConfig`."""
+    t = config.train
+    return TrainConfig(
+        epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay, bn_l1=t.bn_l1, seed=config.seed
+    )
+
+
+def finetune_config_of(config: Config) -> TrainConfig:
+    """The fine-tune's :class:`TrainConfig` (requires ``finetune.epochs > 0``)."""
+    f = config.finetune
+    return TrainConfig(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay, seed=config.seed)
+
+
+def evaluator_config_of(config: Config) -> EvaluatorConfig:
+    """How the search scores plans."""
+    s = config.search
+    return EvaluatorConfig(
+        criterion=config.scoring_criterion,
+        reward=s.reward,
+        eval_size=s.eval_size,
+        bn_recalibration=s.bn_recalibration,
+        recalibration_batches=s.recalibration_batches,
+        criterion_batches=config.prune.criterion_batches,
+        finetune_steps=s.fitness_finetune_steps,
+        round_to=config.prune.round_to,
+        seed=config.seed,
+    )
+
+
+def cache_dir_of(config: Config) -> Path | None:
+    """The configured cache root (None = the default)."""
+    return Path(config.cache_dir) if config.cache_dir else None
+
+
+def set_threads(config: Config) -> None:
+    """Apply ``threads`` to torch (no-op when unset)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+
+# --------------------------------------------------------------------------- stages
+def load_data(config: Config) -> DataSplits:
+    """The configured dataset's splits."""
+    d = config.data
+    return load_dataset(d.dataset, d.data_dir, val_size=d.val_size, seed=config.seed, image_size=d.image_size)
+
+
+def dense_model(config: Config, data: DataSplits) -> tuple[nn.Module, CheckpointInfo, Path]:
+    """The dense model to prune: ``model.checkpoint``, or the cached/trained baseline.
+
+    Returns:
+        (model, its checkpoint info, the checkpoint file).
+
+    Raises:
+        InvalidValueError: The checkpoint is already pruned, or does not match the data.
+    """
+    if config.model.checkpoint:
+        path = Path(config.model.checkpoint)
+        model, info = load_checkpoint(path)
+        if info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
+            raise InvalidValueError(
+                f"checkpoint '{path}' is already pruned; give its dense baseline as model.checkpoint"
+            )
+        if tuple(info.input_shape[1:]) != tuple(data.input_shape(1)[1:]):
+            raise InvalidValueError(
+                f"checkpoint '{path}' takes inputs {tuple(info.input_shape[1:])} but {data.name} gives "
+                f"{tuple(data.input_shape(1)[1:])}; set data.image_size or use a matching checkpoint"
+            )
+        return model, info, path
+    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes)
+    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
+    return baseline.model, baseline.info, baseline.path
+
+
+def make_evaluator(config: Config, model: nn.Module, data: DataSplits) -> Evaluator:
+    """The evaluator of the search (builds the latency lookup table first for a latency budget)."""
+    return Evaluator(model, data, budget_of(config), evaluator_config_of(config))
+
+
+def make_space(config: Config, evaluator: Evaluator) -> SearchSpace:
+    """The search space; fails here when no plan can meet the budget."""
+    skip = config.search.skip_gates or config.search.strategy == "skipnet"
+    return SearchSpace(evaluator, min_keep=config.search.min_keep, skip_gates=skip)
+
+
+def run_search(
+    config: Config,
+    run: RunDirectory,
+    evaluator: Evaluator,
+    space: SearchSpace,
+    spec: ModelSpec,
+    progress: bool = True,
+) -> SearchResult:
+    """Search with the configured strategy, logging every evaluation into ``run``.
+
+    Evaluations already in the run's log are preloaded, so a resumed run repeats none of them.
+    Writes ``plan.json`` and ``result.json`` when the search completes.
+    """
+    from tqdm.auto import tqdm
+
+    from automl_prune.strategy import get_strategy
+
+    s, par = config.search, config.parallel
+    for plan, evaluation in run.logged():
+        evaluator.preload(plan, evaluation)
+    if run.records:
+        logger.warning("resuming %s: %d of %d evaluations already done", run.path, len(run.records), s.evaluations)
+    bar = tqdm(total=s.evaluations, desc=f"search {s.strategy}", unit="eval", disable=None if progress else True)
+
+    def show(session: Any, plan: Plan, evaluation: Any) -> None:
+        best = session.best()
+        bar.update(1)
+        if best is not None:
+            bar.set_postfix(best_acc=f"{best[1].accuracy:.4f}")
+
+    pool = None
+    log = None
+    try:
+        evaluate_many = None
+        if par.workers > 1 or par.ray_address:
+            from automl_prune.parallel import RayEvaluatorPool, spec_for
+
+            pool = RayEvaluatorPool(
+                spec_for(
+                    evaluator,
+                    spec,
+                    config.data.dataset,
+                    data_dir=config.data.data_dir,
+                    val_size=config.data.val_size,
+                    data_seed=config.seed,
+                    image_size=config.data.image_size,
+                ),
+                workers=par.workers,
+                address=par.ray_address,
+                cpus_per_worker=par.cpus_per_worker,
+                gpus_per_worker=par.gpus_per_worker,
+            )
+            evaluate_many = pool.evaluate_many_cached(evaluator)
+        strategy = get_strategy(s.strategy, **({"batch_size": par.workers} if s.strategy in BATCHED else {}))
+        log = run.callback(s.strategy, placements=getattr(evaluate_many, "placements", None))
+        result = strategy.search(
+            evaluator, space, s.evaluations, seed=config.seed, callbacks=[log, show], evaluate_many=evaluate_many
+        )
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+        if log is not None:
+            log.close()
+    write_json(run.path / "plan.json", result.best_plan.to_dict())
+    write_json(
+        run.path / "result.json",
+        {
+            "strategy": result.strategy,
+            "seed": result.seed,
+            "budget": evaluator.budget.to_dict(),
+            "evaluations": result.evaluations,
+            "wall_time": result.wall_time,
+            "dense": evaluator.dense.to_dict(),
+            "latency_scale": evaluator.latency_scale if evaluator.latency_table is not None else None,
+            "best_plan": result.best_plan.to_dict(),
+            "best": result.best_evaluation.to_dict(),
+            "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in result.history],
+        },
+    )
+    return result
+
+
+def prune_and_finetune(
+    config: Config, model: nn.Module, info: CheckpointInfo, plan: Plan, data: DataSplits
+) -> tuple[nn.Module, CheckpointInfo]:
+    """Cut ``plan`` out of the dense ``model`` with ``prune.criterion`` and fine-tune it.
+
+    Returns:
+        (the pruned, fine-tuned model, its checkpoint info; ``meta`` records the test
+        accuracy right after pruning and the fine-tune settings).
+    """
+    from automl_prune.measure.accuracy import evaluate_accuracy
+    from automl_prune.pruning import apply
+    from automl_prune.training import train
+
+    p = config.prune
+    batches = list(data.search_val.batches(128))[: p.criterion_batches]
+    seed_everything(config.seed)
+    pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=p.round_to, data=batches)
+    before = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
+    meta: dict[str, Any] = {
+        **{k: v for k, v in info.meta.items() if k in ("dataset", "train")},
+        "criterion": p.criterion,
+        "test_accuracy_before_finetune": before,
+    }
+    if config.finetune.epochs > 0:
+        result = train(pruned, data, finetune_config_of(config), description="fine-tune")
+        pruned = result.model
+        meta["finetune"] = {**finetune_config_of(config).to_dict(), "best_val_accuracy": result.val_accuracy}
+    return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, p.round_to, meta)
+
+
+@dataclass
+class JobResult:
+    """What :func:`run_job` produced."""
+
+    run_dir: Path
+    search: SearchResult
+    report: dict[str, Any] | None
+
+
+def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progress: bool = True) -> JobResult:
+    """Run every stage of the main job into ``run`` (see the module docstring).
+
+    Args:
+        config: The resolved config (already stored in the run directory).
+        run: The run directory (new or resumed).
+        stage: Called with a one-line description as each stage starts.
+        progress: Show progress bars (they switch themselves off when stderr is not a terminal).
+    """
+    from automl_prune.export import check_onnx, export_model
+    from automl_prune.run_report import write_run_report
+
+    check_names(config)
+    set_threads(config)
+    seed_everything(config.seed)
+    total = 3 if config.search.only else 5
+    stage(f"[1/{total}] data {config.data.dataset}, dense model {config.model.checkpoint or config.model.name}")
+    data = load_data(config)
+    model, info, source = dense_model(config, data)
+    copy_checkpoint(source, run.path / "baseline.pt")
+    budget = budget_of(config)
+    stage(
+        f"[2/{total}] evaluator under {budget.describe()}"
+        + (" (building the latency lookup table)" if budget.latency_ms is not None else "")
+    )
+    evaluator = make_evaluator(config, model, data)
+    space = make_space(config, evaluator)
+    stage(f"[3/{total}] search: {config.search.strategy}, {config.search.evaluations} evaluations")
+    result = run_search(config, run, evaluator, space, info.spec, progress=progress)
+    if config.search.only:
+        return JobResult(run.path, result, None)
+    ft = f"fine-tune {config.finetune.epochs:g} epochs" if config.finetune.epochs > 0 else "no fine-tune"
+    stage(f"[4/{total}] prune with {config.prune.criterion}, {ft}, export")
+    pruned, pruned_info = prune_and_finetune(config, model, info, result.best_plan, data)
+    paths = export_model(pruned, pruned_info, run.path)
+    onnx_diff = check_onnx(pruned, paths.onnx, data.test.images[:8])
+    write_json(run.path / "export.json", {"onnx_max_abs_diff": onnx_diff})
+    stage(f"[5/{total}] report: test accuracy and latency of baseline and pruned model")
+    report = write_run_report(run.path, config, data)
+    return JobResult(run.path, result, report)

@@ -1,0 +1,95 @@
+"""Configs: the shipped files, validation, flags over files, the budget rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from automl_prune.config import OPTIONS, Config, check_names, from_dict, resolve
+from automl_prune.errors import InvalidValueError, UnknownNameError
+
+CONFIGS = sorted(Path("configs").rglob("*.yaml"))
+
+
+def test_default_yaml_is_the_embedded_default() -> None:
+    assert resolve("configs/default.yaml") == Config() == resolve(None)
+    # and it spells out every key, so it documents them all
+    data = yaml.safe_load(Path("configs/default.yaml").read_text())
+    flat = {f"{s}.{k}" for s, v in data.items() if isinstance(v, dict) for k in v} | {
+        k for k, v in data.items() if not isinstance(v, dict)
+    }
+    assert flat == set(OPTIONS)
+
+
+def test_ready_configs_cover_the_zoo_on_both_datasets() -> None:
+    names = {p.relative_to("configs").as_posix() for p in CONFIGS}
+    for model in ("fashion_cnn", "resnet20", "resnet56", "vgg16_bn", "mobilenetv2"):
+        assert f"fashion-mnist/{model}.yaml" in names and f"cifar10/{model}.yaml" in names
+    assert {"default.yaml", "smoke.yaml", "latency_cpu.yaml", "compare.yaml", "cluster.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to("configs").as_posix())
+def test_every_shipped_config_resolves_and_names_exist(path: Path) -> None:
+    config = resolve(path)
+    check_names(config)
+    if path.parent.name in ("fashion-mnist", "cifar10"):
+        assert config.model.name == path.stem
+        assert config.data.dataset == {"fashion-mnist": "fashion-mnist", "cifar10": "cifar10"}[path.parent.name]
+    assert from_dict(config.to_dict()) == config  # what a run directory stores reproduces it
+
+
+def test_flags_override_the_file_and_lists_parse(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("search:\n  evaluations: 7\n  strategy: ppo\ncompare:\n  seeds: [4, 5]\n")
+    config = resolve(file, {"search.evaluations": "9", "compare.strategies": "abc,random", "search.skip_gates": "true"})
+    assert (config.search.evaluations, config.search.strategy) == (9, "ppo")
+    assert config.compare.strategies == ["abc", "random"] and config.compare.seeds == [4, 5]
+    assert config.search.skip_gates is True
+    assert resolve(None, {"threads": "null"}).threads is None
+
+
+def test_budget_terms_of_a_layer_replace_the_layer_below(tmp_path: Path) -> None:
+    assert resolve(None, {"budget.latency_ms": "2"}).budget.flops is None
+    both = resolve(None, {"budget.latency_ms": "2", "budget.flops": "0.4"}).budget
+    assert (both.flops, both.latency_ms) == (0.4, 2.0)
+    file = tmp_path / "c.yaml"
+    file.write_text("budget:\n  params: 0.3\n")
+    from_file = resolve(file).budget
+    assert (from_file.flops, from_file.params) == (None, 0.3)
+    # a flag that sets no term (device) keeps the file's terms
+    assert resolve(file, {"budget.device": "cpu"}).budget.params == 0.3
+    with pytest.raises(InvalidValueError, match="the budget has no term"):
+        resolve(None, {"budget.flops": "null"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("serch:\n  evaluations: 3\n", "unknown key in .*: 'serch'; did you mean 'search'"),
+        ("search:\n  evaluatons: 3\n", "'search.evaluatons'; did you mean 'search.evaluations'"),
+        ("search:\n  evaluations: 2.5\n", "'search.evaluations' in .* must be an integer >= 1, got 2.5"),
+        ("search:\n  min_keep: 0\n", "'search.min_keep' in .* must be a number > 0 and <= 1"),
+        ("budget:\n  device: tpu\n", "'budget.device' in .* must be one of cpu, cuda"),
+        ("search:\n  skip_gates: 3\n", "'search.skip_gates' in .* must be true or false"),
+        ("search: 3\n", "'search' must be a mapping"),
+        ("- a\n- b\n", "must hold a mapping of sections"),
+        ("search: [unclosed\n", "is not valid YAML"),
+        ("compare:\n  seeds: []\n", "'compare.seeds' in .* must be a list of integers"),
+    ],
+)
+def test_bad_config_files_fail_with_the_key_named(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "bad.yaml"
+    file.write_text(text)
+    with pytest.raises(InvalidValueError, match=message):
+        resolve(file)
+
+
+def test_bad_flags_fail_with_the_flag_named() -> None:
+    with pytest.raises(InvalidValueError, match="--search.evaluations must be an integer >= 1, got 'ten'"):
+        resolve(None, {"search.evaluations": "ten"})
+    with pytest.raises(InvalidValueError, match="unknown option 'budget.latency'; did you mean 'budget.latency_ms'"):
+        resolve(None, {"budget.latency": "3"})
+    with pytest.raises(UnknownNameError, match="unknown strategy 'amc'.*ddpg"):
+        check_names(resolve(None, {"search.strategy": "amc"}))
