@@ -104,7 +104,17 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "run"
-        args = ["search", "--search.strategy", "random", "--data.dataset", "digits", "--train.epochs", "8", "--train.batch_size", "32"]
+        args = [
+            "search",
+            "--search.strategy",
+            "random",
+            "--data.dataset",
+            "digits",
+            "--train.epochs",
+            "8",
+            "--train.batch_size",
+            "32",
+        ]
         args += ["--search.evaluations", "6", "--search.eval_size", "300", "--search.only"]
         args += ["--parallel.workers", "2", "--parallel.ray_address", cluster.address]
         proc = subprocess.run(
@@ -133,7 +143,17 @@ def test_unreachable_cluster_is_a_clear_error_within_seconds(tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # free once closed: nothing listens there
-    args = ["search", "--search.strategy", "random", "--data.dataset", "digits", "--train.epochs", "8", "--train.batch_size", "32"]
+    args = [
+        "search",
+        "--search.strategy",
+        "random",
+        "--data.dataset",
+        "digits",
+        "--train.epochs",
+        "8",
+        "--train.batch_size",
+        "32",
+    ]
     args += [
         "--search.evaluations",
         "2",

@@ -27,8 +27,14 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_readme_has_the_sections_a_user_needs() -> None:
-    for heading in ("## Quick start", "## Target a deployment budget", "## Launch a (distributed) search",
-                    "## Compare strategies", "## Configs", "## Each stage alone"):
+    for heading in (
+        "## Quick start",
+        "## Target a deployment budget",
+        "## Launch a (distributed) search",
+        "## Compare strategies",
+        "## Configs",
+        "## Each stage alone",
+    ):
         assert heading in README
     assert len(runnable_blocks()) >= 6
 
@@ -46,5 +52,13 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
         )
     # what the README says the main job leaves behind
-    for name in ("report.md", "report.json", "model.pt", "model.ts", "model.onnx", "keep_ratios.png", "search_curve.png"):
+    for name in (
+        "report.md",
+        "report.json",
+        "model.pt",
+        "model.ts",
+        "model.onnx",
+        "keep_ratios.png",
+        "search_curve.png",
+    ):
         assert (tmp_path / "runs" / "search" / name).is_file(), name

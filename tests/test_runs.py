@@ -45,7 +45,9 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     total = 30
     # the reference: the same search, uninterrupted (also trains and caches the baseline)
     subprocess.run(
-        _cli(*SEARCH, "--search.evaluations", str(total), "--out", str(tmp_path / "ref")), check=True, capture_output=True
+        _cli(*SEARCH, "--search.evaluations", str(total), "--out", str(tmp_path / "ref")),
+        check=True,
+        capture_output=True,
     )
     reference = [r["plan"] for r in _log(tmp_path / "ref")]
 

@@ -215,7 +215,9 @@ def test_optuna_cmaes(peaked) -> None:
 def test_optuna_cmaes_without_the_package_is_a_clear_error(peaked, monkeypatch) -> None:
     ev, space = peaked
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "cmaes" else real_find_spec(name, *a)
+    )
     with pytest.raises(AutomlPruneError, match="pip install cmaes"):
         OptunaStrategy("cmaes").search(ev, space, 2, seed=0)
 
