@@ -87,6 +87,7 @@ def run_comparison(
 
         started = not ray.is_initialized()
         if started:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster stays on loopback
             if address is None:
                 available = os.cpu_count() or 1
                 if workers > available:

@@ -169,7 +169,7 @@ class Evaluator:
         self.evaluations = 0
         dense_acc = evaluate_accuracy(self.model, self.val, self.config.batch_size)
         self.context = RewardContext(dense_acc, self.graph.flops, self.graph.params, budget.latency_ms)
-        self.dense = self._score(Plan(), dense_acc, self.cost(Plan()), None, 0.0)
+        self.dense = self._score(Plan(), dense_acc, self.cost(Plan()), self.predict_latency(Plan()), 0.0)
 
     def __deepcopy__(self, memo: dict) -> Evaluator:
         """Shared, not copied: envs and wrappers that deep-copy their kwargs keep using this instance."""

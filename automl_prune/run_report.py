@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 REQUIRED = ("baseline.pt", "model.pt", "result.json")
 ROUNDS = 3
+DRIFT = 0.15
+"""Relative change of the baseline's latency between search and report worth a note."""
 """Latency measurement rounds per model and batch size (see :func:`_interleaved_latency`)."""
 
 
@@ -64,8 +66,19 @@ def _device_name(device: str) -> str:
     return cpu_model_name()
 
 
-def _budget_terms(config: Config, base: dict[str, Any], pruned: dict[str, Any], predicted: float | None) -> list[dict]:
-    """One entry per budget term: limit, measured value, met, and by how much."""
+def _budget_terms(
+    config: Config,
+    base: dict[str, Any],
+    pruned: dict[str, Any],
+    predicted: float | None,
+    baseline_at_search: float | None = None,
+) -> list[dict]:
+    """One entry per budget term: limit, measured value, met, and by how much.
+
+    For a latency term it also records the baseline's latency measured now and when the
+    search calibrated its lookup table, so that a machine whose speed changed in between is
+    visible in the report.
+    """
     b = config.budget
     terms = []
     for name, limit in (("flops", b.flops), ("params", b.params)):
@@ -97,6 +110,8 @@ def _budget_terms(config: Config, base: dict[str, Any], pruned: dict[str, Any], 
                 "margin": measured / b.latency_ms - 1.0,
                 "device": b.device,
                 "batch_size": b.batch_size,
+                "baseline_measured": base["latency_ms"][str(b.batch_size)],
+                "baseline_at_search": baseline_at_search,
             }
         )
     return terms
@@ -172,7 +187,7 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
     if predicted is not None and config.budget.latency_ms is None:
         predicted = None
     base, new = models["baseline"], models["pruned"]
-    terms = _budget_terms(config, base, new, predicted)
+    terms = _budget_terms(config, base, new, predicted, result.get("dense", {}).get("latency_ms"))
     return {
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": base_info.spec.name,
@@ -231,6 +246,13 @@ def _budget_lines(report: dict[str, Any]) -> list[str]:
                 f"- latency <= {t['limit']:g} ms ({t['device']}, batch {t['batch_size']}): {verdict}: "
                 f"measured {t['measured']:.3f} ms end to end{pred}"
             )
+            then, now = t.get("baseline_at_search"), t.get("baseline_measured")
+            if then and now and abs(now / then - 1) > DRIFT:
+                lines.append(
+                    f"- note: the baseline measures {now:.3f} ms now against {then:.3f} ms when the search calibrated "
+                    f"its latency table ({now / then - 1:+.0%}): the machine's speed changed in between, which moves "
+                    "the measured figures by as much; `automl-prune report --run DIR` measures again"
+                )
         else:
             given = f"{t['limit_given']:.0%} of the baseline = " if t["limit_given"] <= 1 else ""
             lines.append(

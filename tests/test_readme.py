@@ -16,8 +16,24 @@ FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
 
 
 def runnable_blocks() -> list[tuple[str, str]]:
-    """(language, code) of every bash and python block; the test command itself is not re-entered."""
-    return [(lang, code) for lang, code in FENCE.findall(README) if "scripts/test.sh" not in code]
+    """(language, code) of every bash and python block to run here.
+
+    Left out: the test command itself (this test runs inside it) and the manual install
+    (``pip install ... -e``), which ``scripts/setup.sh`` runs on every CI run (checked below).
+    """
+    return [
+        (lang, code)
+        for lang, code in FENCE.findall(README)
+        if "scripts/test.sh" not in code and not code.startswith("pip install")
+    ]
+
+
+def test_the_manual_install_is_what_setup_runs() -> None:
+    (manual,) = [code for _, code in FENCE.findall(README) if code.startswith("pip install")]
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert manual.strip() == 'pip install --constraint constraints/cpu.txt -e ".[dev]"'
+    assert "CONSTRAINTS=${AUTOML_PRUNE_CONSTRAINTS:-constraints/cpu.txt}" in setup
+    assert '--constraint "$CONSTRAINTS" -e ".[dev]"' in setup
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
