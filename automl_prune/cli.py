@@ -458,9 +458,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         config = _resolve(args)
         if _printed(args, config):
             return 0
-        from automl_prune.config import check_names
+        from automl_prune.pipeline import preflight
 
-        check_names(config)
+        preflight(config)
         run = RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite)
     console = _console()
     try:

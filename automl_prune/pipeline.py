@@ -107,6 +107,20 @@ def set_threads(config: Config) -> None:
         torch.set_num_threads(config.threads)
 
 
+def preflight(config: Config) -> None:
+    """Checks that need no data or model: registered names and the device. Run before writing anything.
+
+    Raises:
+        UnknownNameError: A strategy, reward, criterion or dataset name is unknown.
+        InvalidValueError: ``budget.device`` is cuda on a machine without CUDA.
+    """
+    check_names(config)
+    if config.budget.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidValueError(
+            "budget.device is cuda but CUDA is not available here; use --budget.device cpu or run on a GPU machine"
+        )
+
+
 # --------------------------------------------------------------------------- stages
 def load_data(config: Config) -> DataSplits:
     """The configured dataset's splits."""
@@ -286,7 +300,7 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
     from automl_prune.export import check_onnx, export_model
     from automl_prune.run_report import write_run_report
 
-    check_names(config)
+    preflight(config)
     set_threads(config)
     seed_everything(config.seed)
     total = 3 if config.search.only else 5

@@ -40,6 +40,7 @@ def test_list_shows_registries() -> None:
         (["search", "--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
         (["search", "--search.strategy", "dqn"], "unknown strategy 'dqn'"),
         (["compare", "--compare.seeds", "0,x"], "--compare.seeds must be a list of integers"),
+        (["search", "--budget.device", "cuda"], "budget.device is cuda but CUDA is not available here"),
         (["train", "--search.evaluations", "3"], "`automl-prune train` does not use --search.evaluations"),
         (["export", "--checkpoint", "/nonexistent.pt", "--out", "x"], "does not exist"),
     ],
