@@ -501,21 +501,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run several strategies with the same seeds and evaluation budget; write the comparison."""
-    import yaml
-
     from automl_prune.compare import run_comparison
     from automl_prune.config import check_names
-    from automl_prune.io import write_text
     from automl_prune.parallel import spec_for
     from automl_prune.pipeline import budget_of, dense_model, load_data, make_evaluator, make_space, set_threads
     from automl_prune.report import write_comparison
+    from automl_prune.runs import RunDirectory
 
     config = _resolve(args)
     if _printed(args, config):
         return 0
     check_names(config)
     set_threads(config)
-    out = _prepare_out(Path(args.out))
+    out = RunDirectory(
+        args.out, config.to_dict(), overwrite=args.overwrite, resumable=False
+    ).path  # refuses a different comparison
     data = load_data(config)
     model, info, _ = dense_model(config, data)
     evaluator = make_evaluator(config, model, data)
@@ -540,7 +540,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         address=config.parallel.ray_address,
         evaluator=evaluator,
     )
-    write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     seeds = ",".join(map(str, c.seeds))
     rows = write_comparison(
         results,
@@ -584,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("compare", "compare strategies on equal evaluation budgets and seeds")
     _add_config_flags(p, ("model", "data", "train", "budget", "search", "prune", "parallel", "compare"), _TOP)
     p.add_argument("--out", default="runs/compare", help="output directory [runs/compare]")
+    p.add_argument("--overwrite", action="store_true", help="replace a different comparison already in --out")
     p.set_defaults(func=cmd_compare)
 
     p = command("train", "train a baseline (cached by everything that determines it)")

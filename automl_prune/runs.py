@@ -81,6 +81,7 @@ class RunDirectory:
         config: The run's resolved options (JSON-ready).
         resume: Continue the run already in ``path`` (its config must exist).
         overwrite: Start afresh even if ``path`` holds a different run.
+        resumable: Whether the run can be resumed (only changes what the refusal suggests).
 
     Raises:
         InvalidValueError: ``resume`` on a directory that is not a run, or ``path`` holding a
@@ -93,6 +94,7 @@ class RunDirectory:
         config: dict[str, Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        resumable: bool = True,
     ):
         self.path = Path(path)
         config_path = self.path / CONFIG
@@ -109,7 +111,11 @@ class RunDirectory:
                     changed = sorted(k for k in set(existing) | set(new) if existing.get(k) != new.get(k))
                     raise InvalidValueError(
                         f"'{self.path}' holds a different run (options differ: {', '.join(changed)}); "
-                        "use --resume to continue it, another --out, or --overwrite"
+                        + (
+                            "use --resume to continue it, another --out, or --overwrite"
+                            if resumable
+                            else "use another --out, or --overwrite"
+                        )
                     )
             if not config_path.is_file() and not overwrite and self.path.is_dir():
                 stray = [name for name in OUTPUTS if (self.path / name).exists()]

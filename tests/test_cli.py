@@ -133,3 +133,12 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
 
     lat = run("latency", "--checkpoint", str(tmp_path / "export" / "model.pt"), "--runs", "10", "--threads", "1").stdout
     assert "predicted ms (LUT)" in lat
+
+
+def test_compare_refuses_a_directory_holding_a_different_comparison(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 5\n")
+    proc = run("compare", "--compare.strategies", "random", "--out", str(out), check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "holds a different run" in proc.stderr and "--overwrite" in proc.stderr

@@ -135,6 +135,17 @@ def test_report_command_remeasures_a_finished_run(smoke: tuple[Path, str]) -> No
 
 
 @pytest.mark.slow
+def test_the_stored_config_reproduces_the_search(smoke: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = smoke
+    again = tmp_path / "again"
+    cli("search", "--config", str(out / "config.yaml"), "--search.only", "--out", str(again))
+    assert json.loads((again / "plan.json").read_text()) == json.loads((out / "plan.json").read_text())
+    first = [json.loads(line)["evaluation"]["accuracy"] for line in (out / "evaluations.jsonl").open()]
+    second = [json.loads(line)["evaluation"]["accuracy"] for line in (again / "evaluations.jsonl").open()]
+    assert first == second
+
+
+@pytest.mark.slow
 def test_a_different_run_in_the_same_directory_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     quick = ["search", "--config", "configs/smoke.yaml", "--search.only", "--search.evaluations", "3"]
