@@ -316,6 +316,11 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
             return None
         raise InvalidValueError(f"{label} must be {_describe(option)}, got null")
     bad = InvalidValueError(f"{label} must be {_describe(option)}, got {raw!r}")
+    if isinstance(value, str) and tp in (int, float):  # YAML 1.1 reads 3.7e6 (no exponent sign) as a string
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            raise bad from None
     if tp is bool:
         if not isinstance(value, bool):
             raise bad

@@ -100,7 +100,9 @@ class RunDirectory:
         config_path = self.path / CONFIG
         if resume:
             if not config_path.is_file():
-                raise InvalidValueError(f"'{self.path}' is not a run directory (no {CONFIG}); nothing to resume")
+                raise InvalidValueError(
+                    f"'{self.path}' is not a run directory (no {CONFIG}); give the directory a search wrote into"
+                )
             self.config = _read_config(config_path)
         else:
             if config is None:

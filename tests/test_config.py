@@ -48,6 +48,9 @@ def test_flags_override_the_file_and_lists_parse(tmp_path: Path) -> None:
     assert config.compare.strategies == ["abc", "random"] and config.compare.seeds == [4, 5]
     assert config.search.skip_gates is True
     assert resolve(None, {"threads": "null"}).threads is None
+    assert resolve(None, {"budget.flops": "3.7e6"}).budget.flops == 3.7e6  # absolute; YAML alone reads a string
+    file.write_text("budget:\n  params: 2e4\n")
+    assert resolve(file).budget.params == 2e4
 
 
 def test_budget_terms_of_a_layer_replace_the_layer_below(tmp_path: Path) -> None:
