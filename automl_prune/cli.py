@@ -104,9 +104,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(
-    p: argparse.ArgumentParser, sections: tuple[str, ...] | None, top_level: tuple[str, ...] = ("seed",)
+    p: argparse.ArgumentParser,
+    sections: tuple[str, ...] | None,
+    top_level: tuple[str, ...] = ("seed",),
+    exclude: tuple[str, ...] = (),
 ) -> None:
-    """``--config FILE`` and one ``--section.key VALUE`` flag per config key of ``sections``."""
+    """``--config FILE`` and one ``--section.key VALUE`` flag per config key of ``sections`` (but ``exclude``)."""
     from automl_prune.config import options_for
 
     p.add_argument(
@@ -119,6 +122,8 @@ def _add_config_flags(
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     group = p.add_argument_group("config keys (each overrides the config file; see docs in configs/default.yaml)")
     for option in options_for(sections, top_level):
+        if option.path in exclude:
+            continue
         names = [option.flag]
         if "_" in option.path:
             names.append(option.flag.replace("_", "-"))
@@ -448,12 +453,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.resume:
         given = [k for k in vars(args) if k.startswith(_CFG)]
-        if given or args.config:
+        if given or args.config or args.overwrite:
             raise InvalidValueError(
-                "--resume continues a run with its own config.yaml; give no --config or config flags"
+                "--resume continues a run with its own config.yaml; give no --config, config flags or --overwrite"
             )
         run = RunDirectory(args.resume, resume=True)
         config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
+        if _printed(args, config):
+            return 0
     else:
         config = _resolve(args)
         if _printed(args, config):
@@ -539,6 +546,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         workers=config.parallel.workers,
         address=config.parallel.ray_address,
         evaluator=evaluator,
+        cpus_per_worker=config.parallel.cpus_per_worker,
+        gpus_per_worker=config.parallel.gpus_per_worker,
     )
     seeds = ",".join(map(str, c.seeds))
     rows = write_comparison(
@@ -581,20 +590,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = command("compare", "compare strategies on equal evaluation budgets and seeds")
-    _add_config_flags(p, ("model", "data", "train", "budget", "search", "prune", "parallel", "compare"), _TOP)
+    _add_config_flags(
+        p,
+        ("model", "data", "train", "budget", "search", "prune", "parallel", "compare"),
+        _TOP,
+        exclude=("search.strategy", "search.only"),  # compare.strategies names them; there is no final model
+    )
     p.add_argument("--out", default="runs/compare", help="output directory [runs/compare]")
     p.add_argument("--overwrite", action="store_true", help="replace a different comparison already in --out")
     p.set_defaults(func=cmd_compare)
 
     p = command("train", "train a baseline (cached by everything that determines it)")
-    _add_config_flags(p, ("model", "data", "train"), _TOP)
+    _add_config_flags(p, ("model", "data", "train"), _TOP, exclude=("model.checkpoint",))
     p.add_argument("--out", default="runs/baseline", help="output directory [runs/baseline]")
     p.set_defaults(func=cmd_train)
 
-    p = command("prune", "prune a dense checkpoint with a plan file, or uniformly to --budget.flops")
+    p = command("prune", "prune a dense checkpoint with a plan file, or uniformly to --budget.flops (default 0.5)")
     p.add_argument("--checkpoint", required=True, help="the dense checkpoint")
     p.add_argument("--plan", default=None, help="plan JSON ({'keep_ratios': {group: keep}}), e.g. a run's plan.json")
-    _add_config_flags(p, ("data", "budget", "prune"), ("seed",))
+    _add_config_flags(
+        p,
+        ("data", "budget", "prune"),
+        ("seed",),
+        exclude=tuple(f"budget.{k}" for k in ("params", "latency_ms", "device", "batch_size", "threads")),
+    )
     p.add_argument("--out", default="runs/pruned", help="output directory [runs/pruned]")
     p.set_defaults(func=cmd_prune)
 

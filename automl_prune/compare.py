@@ -51,6 +51,8 @@ def run_comparison(
     workers: int = 1,
     address: str | None = None,
     evaluator: Evaluator | None = None,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, list[SearchResult]]:
     """Run every strategy with every seed on the same evaluation budget.
 
@@ -63,6 +65,8 @@ def run_comparison(
         workers: Searches run at once on Ray; 1 runs them here, one after another.
         address: Ray cluster address; None starts Ray locally.
         evaluator: An evaluator already built from ``spec`` (used when ``workers == 1``).
+        cpus_per_worker: CPUs each search task reserves on Ray.
+        gpus_per_worker: GPU fraction each search task reserves on Ray.
 
     Returns:
         Strategy name -> one result per seed, in seed order.
@@ -90,16 +94,31 @@ def run_comparison(
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster stays on loopback
             if address is None:
                 available = os.cpu_count() or 1
-                if workers > available:
-                    logger.warning("%d workers exceed the %d CPUs here; using %d", workers, available, available)
-                    workers = available
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                if workers * cpus_per_worker > available:
+                    capped = max(1, available // cpus_per_worker)
+                    logger.warning(
+                        "%d searches x %d CPUs exceed the %d CPUs here; running %d at once",
+                        workers,
+                        cpus_per_worker,
+                        available,
+                        capped,
+                    )
+                    workers = capped
+                ray.init(
+                    num_cpus=workers * cpus_per_worker,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
             else:
                 RayEvaluatorPool._connect(ray, address, 15.0)
         try:
-            task = ray.remote(num_cpus=1)(_remote_search)
+            task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_remote_search)
             spec_ref = ray.put(spec)
-            refs = {task.remote(spec_ref, s, seed, evaluations, space_kwargs, 1): (s, seed) for s, seed in jobs}
+            refs = {
+                task.remote(spec_ref, s, seed, evaluations, space_kwargs, cpus_per_worker): (s, seed)
+                for s, seed in jobs
+            }
             done: dict[tuple[str, int], SearchResult] = {}
             pending = list(refs)
             while pending:

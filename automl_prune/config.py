@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -61,8 +62,8 @@ class DataSection:
 
     dataset: str = _opt("fashion-mnist", "dataset name (see `list datasets`)")
     data_dir: str | None = _opt(None, "directory holding the dataset's files")
-    val_size: int | None = _opt(None, "search-val images held out of train (default: the dataset's)", ge=0)
-    image_size: int | None = _opt(None, "resize images to this square size", ge=1)
+    val_size: int | None = _opt(None, "search-val images held out of train (default: the dataset's)", ge=1)
+    image_size: int | None = _opt(None, "resize images to this square size", ge=8)
 
 
 @dataclass
@@ -141,14 +142,14 @@ class CompareSection:
     strategies: list[str] = _opt(
         ["ddpg", "ppo", "reinforce", "abc", "optuna", "random", "uniform", "global"], "strategies to compare"
     )
-    seeds: list[int] = _opt([0, 1, 2], "search seeds, the same for every strategy")
+    seeds: list[int] = _opt([0, 1, 2], "search seeds, the same for every strategy", ge=0)
 
 
 @dataclass
 class ReportSection:
     """What the final report measures."""
 
-    latency_batch_sizes: list[int] = _opt([1, 64], "batch sizes whose latency is measured end to end")
+    latency_batch_sizes: list[int] = _opt([1, 64], "batch sizes whose latency is measured end to end", ge=1)
     latency_runs: int = _opt(30, "timed runs per latency measurement (median reported)", ge=3)
     test_size: int | None = _opt(None, "test images scored (default: the whole test split)", ge=1)
 
@@ -329,7 +330,7 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad
         value = float(value)
     elif tp is str:
@@ -345,6 +346,10 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
             if any(not isinstance(v, (str, int)) for v in value):
                 raise bad
             value = [str(v) for v in value]
+        if "ge" in option.limits and any(v < option.limits["ge"] for v in value):
+            raise bad
+        if len(set(value)) != len(value):
+            raise InvalidValueError(f"{label} must not repeat an entry, got {raw!r}")
         return value
     limits = option.limits
     if "choices" in limits and value not in limits["choices"]:
@@ -411,6 +416,8 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InvalidValueError(f"config file '{p}' does not exist") from None
     except IsADirectoryError:
         raise InvalidValueError(f"config file '{p}' is a directory; give a .yaml file") from None
+    except UnicodeDecodeError:
+        raise InvalidValueError(f"config file '{p}' is not UTF-8 text; give a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

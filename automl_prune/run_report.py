@@ -50,7 +50,12 @@ DRIFT = 0.15
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidValueError(f"'{path}' is damaged (not valid JSON); rerun the search into a new --out") from None
 
 
 def _latency_sizes(config: Config) -> list[int]:
@@ -144,6 +149,11 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
     """
     run = Path(run_dir)
     missing = [name for name in REQUIRED if not (run / name).is_file()]
+    if missing and config.search.only:
+        raise InvalidValueError(
+            f"'{run}' is a search-only run (search.only): it has a plan but no pruned model to report on; "
+            f"prune its plan with `automl-prune prune --plan {run / 'plan.json'}`, or run the search without search.only"
+        )
     if missing:
         raise InvalidValueError(
             f"'{run}' lacks {', '.join(missing)}: the report needs a finished run (run `automl-prune search` "

@@ -48,15 +48,21 @@ OUTPUTS = (
     "report.md",
     "keep_ratios.png",
     "search_curve.png",
+    "comparison.md",
+    "comparison.csv",
+    "best_so_far.png",
+    "accuracy_vs_flops.png",
+    "accuracy_vs_latency.png",
 )
-"""Files a run writes; a run started afresh in a directory removes the previous run's."""
+"""Files a run (search or comparison) writes; a run started afresh in a directory removes the previous run's."""
 
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise InvalidValueError(f"'{path}' is not valid YAML ({exc}); the run directory is damaged") from None
+        first = str(exc).splitlines()[0]
+        raise InvalidValueError(f"'{path}' is not valid YAML ({first}); the run directory is damaged") from None
     if not isinstance(data, dict):
         raise InvalidValueError(f"'{path}' does not hold a config; the run directory is damaged")
     return data
@@ -107,6 +113,8 @@ class RunDirectory:
         else:
             if config is None:
                 raise InvalidValueError("a new run needs its config")
+            if config_path.is_file() and not overwrite and not self._holds_results():
+                overwrite = True  # a run that failed before its first evaluation: nothing to lose
             if config_path.is_file() and not overwrite:
                 existing, new = _flat(_read_config(config_path)), _flat(config)
                 if existing != new:
@@ -134,22 +142,35 @@ class RunDirectory:
                     (self.path / name).unlink(missing_ok=True)
             write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             self.config = config
-        self.records = self._read_log()
+        self.records = self._read_log(repair=True)
 
-    def _read_log(self) -> list[dict[str, Any]]:
+    def _read_log(self, repair: bool = False) -> list[dict[str, Any]]:
+        """The log's records; a torn last line (a run killed mid-write) is ignored, and cut off if ``repair``."""
         log = self.path / LOG
         if not log.is_file():
             return []
         records = []
-        for number, line in enumerate(log.read_text().splitlines(), 1):
+        good = 0  # bytes up to the end of the last complete record
+        data = log.read_bytes()
+        for number, line in enumerate(data.splitlines(keepends=True), 1):
             if not line.strip():
+                good += len(line)
                 continue
             try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline")
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("ignoring a torn line %d at the end of %s", number, log)  # killed mid-write
+            except ValueError:
+                logger.warning("ignoring a torn line %d at the end of %s", number, log)
+                if repair:  # so that appended records start on a line of their own
+                    os.truncate(log, good)
                 break
+            good += len(line)
         return records
+
+    def _holds_results(self) -> bool:
+        """Whether the directory holds any evaluation or output of a run."""
+        return bool(self._read_log()) or any((self.path / name).exists() for name in OUTPUTS if name != LOG)
 
     def logged(self) -> list[tuple[Plan, Evaluation]]:
         """The (plan, evaluation) pairs in the log, as it is on disk now."""

@@ -41,6 +41,15 @@ def test_list_shows_registries() -> None:
         (["search", "--search.strategy", "dqn"], "unknown strategy 'dqn'"),
         (["compare", "--compare.seeds", "0,x"], "--compare.seeds must be a list of integers"),
         (["search", "--budget.device", "cuda"], "budget.device is cuda but CUDA is not available here"),
+        (["compare", "--compare.seeds", "0,0"], "--compare.seeds must not repeat an entry"),
+        (
+            ["search", "--report.latency_batch_sizes", "0"],
+            "--report.latency_batch_sizes must be a list of integers >= 1",
+        ),
+        (["search", "--train.epochs", "inf"], "--train.epochs must be a number > 0"),
+        (["train", "--model.checkpoint", "x.pt"], "`automl-prune train` does not use --model.checkpoint"),
+        (["prune", "--checkpoint", "x.pt", "--budget.latency_ms", "1"], "`automl-prune prune` does not use"),
+        (["search", "--resume", "/nonexistent", "--search.evaluations", "3"], "give no --config, config flags"),
         (["train", "--search.evaluations", "3"], "`automl-prune train` does not use --search.evaluations"),
         (["export", "--checkpoint", "/nonexistent.pt", "--out", "x"], "does not exist"),
     ],
@@ -139,6 +148,7 @@ def test_compare_refuses_a_directory_holding_a_different_comparison(tmp_path: Pa
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "config.yaml").write_text("seed: 5\n")
+    (out / "comparison.md").write_text("# an earlier comparison\n")
     proc = run("compare", "--compare.strategies", "random", "--out", str(out), check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "holds a different run" in proc.stderr and "--overwrite" in proc.stderr

@@ -156,6 +156,12 @@ def test_a_different_run_in_the_same_directory_is_refused(tmp_path: Path) -> Non
     cli(*quick[:-1], "4", "--out", str(out), "--overwrite")
     assert len((out / "evaluations.jsonl").read_text().splitlines()) == 4
     assert resolve(out / "config.yaml").search.evaluations == 4
+    # a search-only run has nothing to report on, and says what to do instead
+    proc = cli("report", "--run", str(out), check=False)
+    assert proc.returncode == 2 and "search-only run" in proc.stderr and "automl-prune prune --plan" in proc.stderr
+    # --resume with --print-config prints the stored config and runs nothing
+    printed = cli("search", "--resume", str(out), "--print-config").stdout
+    assert "evaluations: 4" in printed
 
 
 @pytest.mark.slow

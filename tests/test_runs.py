@@ -77,6 +77,10 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
 
 def test_run_directory_refuses_to_mix_runs(tmp_path: Path) -> None:
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})
+    # a run that ended before its first evaluation (a typo in a flag) holds nothing: replaced without --overwrite
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 7})
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})
+    (tmp_path / "r" / "plan.json").write_text("{}")  # now it holds a result
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})  # same run: fine
     with pytest.raises(InvalidValueError, match="options differ: seed"):
         RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 1})
@@ -104,5 +108,20 @@ def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
             "cached": False,
         },
     }
-    (tmp_path / "r" / "evaluations.jsonl").write_text(json.dumps(record) + "\n" + '{"index": 2, "pla')
-    assert len(RunDirectory(run.path, resume=True).logged()) == 1
+    log = tmp_path / "r" / "evaluations.jsonl"
+    log.write_text(json.dumps(record) + "\n" + '{"index": 2, "pla')
+    resumed = RunDirectory(run.path, resume=True)
+    assert len(resumed.logged()) == 1
+    # the torn line is cut off, so what the resumed run appends starts on a line of its own
+    assert log.read_text() == json.dumps(record) + "\n"
+
+    class Session:
+        used = 2
+
+    from automl_prune.types import Evaluation, Plan
+
+    append = resumed.callback("random")
+    append(Session(), Plan({"g": 0.25}), Evaluation(**{**record["evaluation"], "accuracy": 0.4}))
+    append.close()
+    assert [r["index"] for r in (json.loads(line) for line in log.read_text().splitlines())] == [1, 2]
+    assert len(RunDirectory(run.path, resume=True).logged()) == 2
