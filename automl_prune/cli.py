@@ -277,14 +277,6 @@ def _read_plan(path: Path, graph: Any) -> Any:
     return plan
 
 
-def _check_data_fits(info: Any, data: Any, checkpoint: str) -> None:
-    if tuple(info.input_shape[1:]) != tuple(data.input_shape(1)[1:]):
-        raise InvalidValueError(
-            f"checkpoint '{checkpoint}' takes inputs {tuple(info.input_shape[1:])} but {data.name} gives "
-            f"{tuple(data.input_shape(1)[1:])}; set --data.dataset (and --data.image_size) to the model's data"
-        )
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a dense checkpoint with a plan file, or uniformly to budget.flops."""
     from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
@@ -292,7 +284,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from automl_prune.graph import LayerGraph, count_cost
     from automl_prune.io import write_json
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import load_data
+    from automl_prune.pipeline import check_data_fits, check_dense, load_data
     from automl_prune.pruning import apply
 
     config = _resolve(args)
@@ -300,10 +292,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     CRITERIA.get(config.prune.criterion)
     model, info = load_checkpoint(args.checkpoint)
-    if info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
-        raise InvalidValueError("the checkpoint is already pruned; prune its dense baseline instead")
+    check_dense(info, args.checkpoint)
     data = load_data(config)
-    _check_data_fits(info, data, args.checkpoint)
+    check_data_fits(info, data, args.checkpoint)
     graph = LayerGraph(model, info.example_inputs())
     p = config.prune
     if args.plan:
@@ -334,7 +325,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a (pruned) checkpoint; keep the best epoch on search-val."""
     from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import finetune_config_of, load_data, set_threads
+    from automl_prune.pipeline import check_data_fits, finetune_config_of, load_data, set_threads
     from automl_prune.training import train
 
     config = _resolve(args)
@@ -345,7 +336,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     set_threads(config)
     model, info = load_checkpoint(args.checkpoint)
     data = load_data(config)
-    _check_data_fits(info, data, args.checkpoint)
+    check_data_fits(info, data, args.checkpoint)
     before = evaluate_accuracy(model, data.test)
     ft = finetune_config_of(config)
     result = train(model, data, ft, description="fine-tune")
@@ -510,8 +501,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run several strategies with the same seeds and evaluation budget; write the comparison."""
     from automl_prune.compare import run_comparison
     from automl_prune.config import check_names
-    from automl_prune.parallel import spec_for
-    from automl_prune.pipeline import budget_of, dense_model, load_data, make_evaluator, make_space, set_threads
+    from automl_prune.pipeline import (
+        budget_of,
+        dense_model,
+        load_data,
+        make_evaluator,
+        make_space,
+        set_threads,
+        worker_spec_of,
+    )
     from automl_prune.report import write_comparison
     from automl_prune.runs import RunDirectory
 
@@ -528,17 +526,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     evaluator = make_evaluator(config, model, data)
     make_space(config, evaluator)  # a budget no plan can meet fails here, before any search
     s, c = config.search, config.compare
-    worker_spec = spec_for(
-        evaluator,
-        info.spec,
-        config.data.dataset,
-        data_dir=config.data.data_dir,
-        val_size=config.data.val_size,
-        data_seed=config.seed,
-        image_size=config.data.image_size,
-    )
     results = run_comparison(
-        worker_spec,
+        worker_spec_of(config, evaluator, info.spec),
         c.strategies,
         c.seeds,
         s.evaluations,

@@ -10,7 +10,6 @@ evaluator cache.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator
-from automl_prune.parallel import EvaluatorSpec, RayEvaluatorPool
+from automl_prune.parallel import EvaluatorSpec, connect_ray, start_local_ray
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import STRATEGIES, get_strategy
 from automl_prune.types import SearchResult
@@ -91,27 +90,10 @@ def run_comparison(
 
         started = not ray.is_initialized()
         if started:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster stays on loopback
             if address is None:
-                available = os.cpu_count() or 1
-                if workers * cpus_per_worker > available:
-                    capped = max(1, available // cpus_per_worker)
-                    logger.warning(
-                        "%d searches x %d CPUs exceed the %d CPUs here; running %d at once",
-                        workers,
-                        cpus_per_worker,
-                        available,
-                        capped,
-                    )
-                    workers = capped
-                ray.init(
-                    num_cpus=workers * cpus_per_worker,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                )
+                start_local_ray(workers, cpus_per_worker)
             else:
-                RayEvaluatorPool._connect(ray, address, 15.0)
+                connect_ray(address)
         try:
             task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_remote_search)
             spec_ref = ray.put(spec)

@@ -384,12 +384,17 @@ def _flatten(data: Mapping[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-def _apply(values: dict[str, Any], layer: dict[str, Any], label: Any) -> None:
+def _apply(values: dict[str, Any], layer: dict[str, Any]) -> None:
     """Put one layer's (already validated) values over ``values``, with the budget rule."""
     if any(f"budget.{t}" in layer for t in BUDGET_TERMS):
         for term in BUDGET_TERMS:
             values[f"budget.{term}"] = None
     values.update(layer)
+
+
+def _defaults() -> dict[str, Any]:
+    """{dotted key: default value} of every key (lists copied, so a config never shares one)."""
+    return {o.path: list(o.default) if isinstance(o.default, list) else o.default for o in OPTIONS.values()}
 
 
 def _build(values: dict[str, Any]) -> Config:
@@ -442,17 +447,17 @@ def resolve(
         InvalidValueError: Unknown keys, wrong types, out-of-range values, or a budget with
             no term at all.
     """
-    values: dict[str, Any] = {o.path: o.default for o in OPTIONS.values()}
+    values = _defaults()
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     for p in paths:
-        _apply(values, load_file(p), p)
+        _apply(values, load_file(p))
     if overrides:
         layer = {}
         for key, value in overrides.items():
             if key not in OPTIONS:
                 raise unknown_key_error(key, "option")
             layer[key] = check_value(OPTIONS[key], value, f"--{key}")
-        _apply(values, layer, "flags")
+        _apply(values, layer)
     config = _build(values)
     if all(getattr(config.budget, t) is None for t in BUDGET_TERMS):
         raise InvalidValueError(
@@ -464,7 +469,7 @@ def resolve(
 def from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
     """A config from :meth:`Config.to_dict` output (e.g. a run directory's ``config.yaml``)."""
     flat = _flatten(data, source)
-    values: dict[str, Any] = {o.path: o.default for o in OPTIONS.values()}
+    values = _defaults()
     values.update({k: check_value(OPTIONS[k], v, f"'{k}' in {source}") for k, v in flat.items()})
     return _build(values)
 

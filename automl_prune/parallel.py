@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,55 @@ class _Worker:
         return os.getpid()
 
 
+def connect_ray(address: str, timeout: float = 15.0) -> None:
+    """Join the Ray cluster at ``address``, or fail within ``timeout`` seconds with one clear error."""
+    import ray
+
+    errors: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or errors:
+        try:
+            ray.shutdown()
+        finally:
+            reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:.0f} s"
+        raise AutomlPruneError(f"cannot reach the Ray cluster at '{address}' ({reason}); check --parallel.ray_address")
+
+
+def start_local_ray(workers: int, cpus_per_worker: int = 1) -> int:
+    """Start Ray on this machine (loopback only) sized for ``workers`` x ``cpus_per_worker`` CPUs.
+
+    Returns:
+        The number of workers that fit: ``workers``, capped to the CPUs this machine has.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1, not the public interface
+    available = os.cpu_count() or 1
+    if workers * cpus_per_worker > available:
+        capped = max(1, available // cpus_per_worker)
+        logger.warning(
+            "%d workers x %d CPUs exceed the %d CPUs here; using %d workers",
+            workers,
+            cpus_per_worker,
+            available,
+            capped,
+        )
+        workers = capped
+    ray.init(
+        num_cpus=workers * cpus_per_worker, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
+    return workers
+
+
 class RayEvaluatorPool:
     """Evaluation workers on Ray (local by default, or an existing cluster).
 
@@ -137,29 +187,12 @@ class RayEvaluatorPool:
 
         if workers < 1:
             raise InvalidValueError(f"workers must be >= 1, got {workers}")
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         self._started_ray = False
         if not ray.is_initialized():
             if address is None:
-                available = os.cpu_count() or 1
-                if workers * cpus_per_worker > available:
-                    capped = max(1, available // cpus_per_worker)
-                    logger.warning(
-                        "%d workers x %d CPUs exceed the %d CPUs here; using %d workers",
-                        workers,
-                        cpus_per_worker,
-                        available,
-                        capped,
-                    )
-                    workers = capped
-                ray.init(
-                    num_cpus=workers * cpus_per_worker,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                )
+                workers = start_local_ray(workers, cpus_per_worker)
             else:
-                self._connect(ray, address, connect_timeout)
+                connect_ray(address, connect_timeout)
             self._started_ray = True
         self.spec = spec
         self.workers = workers
@@ -172,30 +205,6 @@ class RayEvaluatorPool:
         self.placements: list[tuple[int, str]] = []
         self.retries = 0
         self.failures = 0
-
-    @staticmethod
-    def _connect(ray: Any, address: str, timeout: float) -> None:
-        import threading
-
-        errors: list[BaseException] = []
-
-        def connect() -> None:
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        thread = threading.Thread(target=connect, daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive() or errors:
-            try:
-                ray.shutdown()
-            finally:
-                reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:.0f} s"
-            raise AutomlPruneError(
-                f"cannot reach the Ray cluster at '{address}' ({reason}); check --parallel.ray_address"
-            )
 
     def _start(self, index: int) -> Any:
         return self._actor_cls.remote(self._spec_ref, index, self.cpus_per_worker)

@@ -16,11 +16,12 @@ Stages, each usable alone and all run by :func:`run_job` (``automl-prune search`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from automl_prune.seeding import seed_everything
 from automl_prune.training import TrainConfig
 from automl_prune.types import Budget, Plan, SearchResult
 
+if TYPE_CHECKING:
+    from automl_prune.parallel import EvaluatorSpec
+
 logger = logging.getLogger(__name__)
 
 BATCHED = ("random", "abc", "optuna")
@@ -55,15 +59,7 @@ def _log_stage(text: str) -> None:
 # --------------------------------------------------------------------------- conversions
 def budget_of(config: Config) -> Budget:
     """The :class:`Budget` of a config."""
-    b = config.budget
-    return Budget(
-        flops=b.flops,
-        params=b.params,
-        latency_ms=b.latency_ms,
-        device=b.device,
-        batch_size=b.batch_size,
-        threads=b.threads,
-    )
+    return Budget(**dataclasses.asdict(config.budget))  # the section has exactly Budget's fields
 
 
 def train_config_of(config: Config) -> TrainConfig:
@@ -140,19 +136,43 @@ def dense_model(config: Config, data: DataSplits) -> tuple[nn.Module, Checkpoint
     if config.model.checkpoint:
         path = Path(config.model.checkpoint)
         model, info = load_checkpoint(path)
-        if info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
-            raise InvalidValueError(
-                f"checkpoint '{path}' is already pruned; give its dense baseline as model.checkpoint"
-            )
-        if tuple(info.input_shape[1:]) != tuple(data.input_shape(1)[1:]):
-            raise InvalidValueError(
-                f"checkpoint '{path}' takes inputs {tuple(info.input_shape[1:])} but {data.name} gives "
-                f"{tuple(data.input_shape(1)[1:])}; set data.image_size or use a matching checkpoint"
-            )
+        check_dense(info, path)
+        check_data_fits(info, data, path)
         return model, info, path
     spec = ModelSpec(config.model.name, data.in_channels, data.num_classes)
     baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
     return baseline.model, baseline.info, baseline.path
+
+
+def check_dense(info: CheckpointInfo, path: str | Path) -> None:
+    """Raise a clear error when the checkpoint at ``path`` is already pruned (plans apply to dense models)."""
+    if info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
+        raise InvalidValueError(f"checkpoint '{path}' is already pruned; give its dense baseline instead")
+
+
+def check_data_fits(info: CheckpointInfo, data: DataSplits, path: str | Path) -> None:
+    """Raise a clear error when the data's input shape is not the checkpoint's."""
+    if tuple(info.input_shape[1:]) != tuple(data.input_shape(1)[1:]):
+        raise InvalidValueError(
+            f"checkpoint '{path}' takes inputs {tuple(info.input_shape[1:])} but {data.name} gives "
+            f"{tuple(data.input_shape(1)[1:])}; set --data.dataset (and --data.image_size) to the model's data"
+        )
+
+
+def worker_spec_of(config: Config, evaluator: Evaluator, model_spec: ModelSpec) -> EvaluatorSpec:
+    """What a Ray worker needs to rebuild ``evaluator`` (the data is reloaded there from the config)."""
+    from automl_prune.parallel import spec_for
+
+    d = config.data
+    return spec_for(
+        evaluator,
+        model_spec,
+        d.dataset,
+        data_dir=d.data_dir,
+        val_size=d.val_size,
+        data_seed=config.seed,
+        image_size=d.image_size,
+    )
 
 
 def make_evaluator(config: Config, model: nn.Module, data: DataSplits) -> Evaluator:
@@ -201,18 +221,10 @@ def run_search(
     try:
         evaluate_many = None
         if par.workers > 1 or par.ray_address:
-            from automl_prune.parallel import RayEvaluatorPool, spec_for
+            from automl_prune.parallel import RayEvaluatorPool
 
             pool = RayEvaluatorPool(
-                spec_for(
-                    evaluator,
-                    spec,
-                    config.data.dataset,
-                    data_dir=config.data.data_dir,
-                    val_size=config.data.val_size,
-                    data_seed=config.seed,
-                    image_size=config.data.image_size,
-                ),
+                worker_spec_of(config, evaluator, spec),
                 workers=par.workers,
                 address=par.ray_address,
                 cpus_per_worker=par.cpus_per_worker,

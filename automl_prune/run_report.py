@@ -193,9 +193,7 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         for g in graph.groups
     ]
     best = result.get("best", {})
-    predicted = best.get("latency_ms")
-    if predicted is not None and config.budget.latency_ms is None:
-        predicted = None
+    predicted = best.get("latency_ms")  # None unless the budget has a latency term
     base, new = models["baseline"], models["pruned"]
     terms = _budget_terms(config, base, new, predicted, result.get("dense", {}).get("latency_ms"))
     return {
