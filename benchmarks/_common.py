@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from collections.abc import Callable
 
 from automl_prune.data import DataSplits, load_dataset
 from automl_prune.evaluator import EvaluatorConfig
@@ -12,6 +14,8 @@ from automl_prune.measure.latency import cpu_model_name as cpu_model
 __all__ = [
     "DEFAULT_EPOCHS",
     "csv_list",
+    "int_at_least",
+    "setup_logging",
     "cpu_model",
     "epochs_per_model",
     "evaluator_config",
@@ -71,3 +75,25 @@ def load_splits(args: argparse.Namespace) -> DataSplits:
         in_channels=full.in_channels,
         image_size=full.image_size,
     )
+
+
+def setup_logging(verbose: bool, quiet: tuple[str, ...] = ()) -> None:
+    """INFO logging (DEBUG when ``verbose``) on stderr; the loggers in ``quiet`` only warn."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import csv_list, load_splits
+from _common import csv_list, load_splits, setup_logging
 
 from automl_prune.baseline import train_baseline
 from automl_prune.criteria import CRITERIA, get_criterion
@@ -162,11 +162,7 @@ def markdown(rows: list[dict[str, object]], args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the markdown table."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("automl_prune.baseline", "automl_prune.training"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose, ("automl_prune.baseline", "automl_prune.training"))
     table = markdown(run(args), args)
     print(table)
     if args.output is not None:

@@ -43,7 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch_pruning as tp
-from _common import DEFAULT_EPOCHS, cpu_model, csv_list, epochs_per_model, evaluator_config, load_average, load_splits
+from _common import (
+    DEFAULT_EPOCHS,
+    cpu_model,
+    csv_list,
+    epochs_per_model,
+    evaluator_config,
+    load_average,
+    load_splits,
+    setup_logging,
+)
 
 import automl_prune.evaluator as evaluator_module
 from automl_prune.baseline import train_baseline
@@ -383,11 +392,7 @@ def correlation_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected parts and print (and optionally write) the markdown report."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("automl_prune.baseline", "automl_prune.training", "automl_prune.data"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose, ("automl_prune.baseline", "automl_prune.training", "automl_prune.data"))
     torch.set_num_threads(args.threads)
     load_start, started = load_average(), time.perf_counter()
     splits = load_splits(args)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _common import cpu_model
+from _common import cpu_model, int_at_least
 from tqdm import tqdm
 
 from automl_prune.graph import LayerGraph, count_cost
@@ -60,24 +60,8 @@ def _size(text: str) -> tuple[int, int, int]:
     return h, w, c
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+_positive = int_at_least(1)
+_non_negative = int_at_least(0)
 
 
 def _runs_at(text: str) -> tuple[int, int]:

@@ -39,7 +39,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import DEFAULT_EPOCHS, cpu_model, csv_list, epochs_per_model, evaluator_config, load_average, load_splits
+from _common import (
+    DEFAULT_EPOCHS,
+    cpu_model,
+    csv_list,
+    epochs_per_model,
+    evaluator_config,
+    load_average,
+    load_splits,
+    setup_logging,
+)
 
 from automl_prune.baseline import train_baseline
 from automl_prune.data import DataSplits
@@ -309,17 +318,16 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the markdown and optionally write it."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    setup_logging(
+        args.verbose,
+        (
+            "automl_prune.baseline",
+            "automl_prune.training",
+            "automl_prune.data",
+            "automl_prune.evaluator",
+            "automl_prune.measure.latency",
+        ),
     )
-    for noisy in (
-        "automl_prune.baseline",
-        "automl_prune.training",
-        "automl_prune.data",
-        "automl_prune.evaluator",
-        "automl_prune.measure.latency",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     load_start, started = load_average(), time.perf_counter()
     table = markdown(run(args), args)
