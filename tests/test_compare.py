@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import DIGITS_QUICK
 
 from automl_prune.report import pareto_front
 
@@ -26,16 +27,9 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
         "0,1",
         "--parallel.workers",
         "2",
-        "--data.dataset",
-        "digits",
-        "--train.epochs",
-        "8",
-        "--train.batch_size",
-        "32",
+        *DIGITS_QUICK,
         "--search.evaluations",
         "5",
-        "--search.eval_size",
-        "300",
         "--out",
         str(out),
     ]

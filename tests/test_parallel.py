@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+from cli_helpers import DIGITS_QUICK
 
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.models import ModelSpec, build_model
@@ -104,18 +105,8 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "run"
-        args = [
-            "search",
-            "--search.strategy",
-            "random",
-            "--data.dataset",
-            "digits",
-            "--train.epochs",
-            "8",
-            "--train.batch_size",
-            "32",
-        ]
-        args += ["--search.evaluations", "6", "--search.eval_size", "300", "--search.only"]
+        args = ["search", "--search.strategy", "random", *DIGITS_QUICK]
+        args += ["--search.evaluations", "6", "--search.only"]
         args += ["--parallel.workers", "2", "--parallel.ray_address", cluster.address]
         proc = subprocess.run(
             [sys.executable, "-m", "automl_prune.cli", *args, "--out", str(out)],
@@ -143,27 +134,8 @@ def test_unreachable_cluster_is_a_clear_error_within_seconds(tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # free once closed: nothing listens there
-    args = [
-        "search",
-        "--search.strategy",
-        "random",
-        "--data.dataset",
-        "digits",
-        "--train.epochs",
-        "8",
-        "--train.batch_size",
-        "32",
-    ]
-    args += [
-        "--search.evaluations",
-        "2",
-        "--search.eval_size",
-        "300",
-        "--parallel.ray_address",
-        f"127.0.0.1:{port}",
-        "--out",
-        str(tmp_path / "r"),
-    ]
+    args = ["search", "--search.strategy", "random", *DIGITS_QUICK, "--search.evaluations", "2"]
+    args += ["--parallel.ray_address", f"127.0.0.1:{port}", "--out", str(tmp_path / "r")]
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "automl_prune.cli", *args],

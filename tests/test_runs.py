@@ -6,33 +6,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import DIGITS_QUICK, command
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.runs import RunDirectory
 
-SEARCH = [
-    "search",
-    "--search.strategy",
-    "random",
-    "--data.dataset",
-    "digits",
-    "--train.epochs",
-    "8",
-    "--train.batch_size",
-    "32",
-    "--search.eval_size",
-    "300",
-    "--search.only",
-]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "automl_prune.cli", *args]
+SEARCH = ["search", "--search.strategy", "random", *DIGITS_QUICK, "--search.only"]
 
 
 def _log(directory: Path) -> list[dict]:
@@ -45,7 +28,7 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     total = 30
     # the reference: the same search, uninterrupted (also trains and caches the baseline)
     subprocess.run(
-        _cli(*SEARCH, "--search.evaluations", str(total), "--out", str(tmp_path / "ref")),
+        command(*SEARCH, "--search.evaluations", str(total), "--out", str(tmp_path / "ref")),
         check=True,
         capture_output=True,
     )
@@ -53,7 +36,7 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        _cli(*SEARCH, "--search.evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
+        command(*SEARCH, "--search.evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
     )
     deadline = time.time() + 120
     while len(_log(run)) < 5 and time.time() < deadline and proc.poll() is None:
@@ -65,7 +48,7 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     assert 5 <= len(done) < total
     assert f"automl-prune search --resume {run}" in stderr
 
-    subprocess.run(_cli("search", "--resume", str(run)), check=True, capture_output=True, env=os.environ.copy())
+    subprocess.run(command("search", "--resume", str(run)), check=True, capture_output=True, env=os.environ.copy())
     log = _log(run)
     assert [r["index"] for r in log] == list(range(1, total + 1))  # nothing repeated, nothing missing
     assert log[: len(done)] == done  # the finished evaluations were not rewritten
