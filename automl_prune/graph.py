@@ -18,7 +18,7 @@ way :func:`automl_prune.pruning.apply` computes them), without building the mode
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +32,31 @@ from automl_prune.types import GroupInfo, LayerInfo, Plan
 logger = logging.getLogger(__name__)
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One conv or linear layer of a pruned model: kept channels, output size and FLOPs.
+
+    Attributes:
+        name: Qualified module name in the dense model.
+        kind: ``"conv"``, ``"dwconv"`` or ``"linear"``.
+        kernel: Kernel size ``(kh, kw)`` (``(1, 1)`` for linear).
+        in_channels: Kept input channels (features).
+        out_channels: Kept output channels (features).
+        out_size: Spatial output size ``(H, W)`` (``(1, 1)`` for linear).
+        positions: Positions a linear layer is applied at (1 for a classifier; 1 for convs).
+        flops: Multiply-accumulates for one input sample.
+    """
+
+    name: str
+    kind: str
+    kernel: tuple[int, int]
+    in_channels: int
+    out_channels: int
+    out_size: tuple[int, int]
+    positions: int
+    flops: int
 
 
 @dataclass(frozen=True)
@@ -299,12 +324,11 @@ class LayerGraph:
         self.validate(plan)
         return {g.name: channels_to_keep(g.channels, plan.keep_ratio(g.name), round_to) for g in self.groups}
 
-    def cost(self, plan: Plan, round_to: int = 1) -> Cost:
-        """Exact FLOPs and parameters of the model ``apply(model, plan, round_to=...)`` builds."""
+    def _kept_dims(self, plan: Plan, round_to: int) -> Iterator[tuple[nn.Module, int, int]]:
+        """(module, kept input channels, kept output channels) of every parametrised module ``plan`` keeps."""
         kept = self.kept_channels(plan, round_to)
         fraction = [kept[g.name] / g.channels for g in self.groups]
         skipped = tuple(f"{b}." for b, on in plan.skip.items() if on)
-        flops = params = 0
         for module, dims in self._dims.items():
             if skipped and self._names[module].startswith(skipped):
                 continue
@@ -312,10 +336,56 @@ class LayerGraph:
             c_in = dims.in_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.in_deps))
             if _is_depthwise(module):
                 c_in = c_out
+            yield module, c_in, c_out
+
+    def cost(self, plan: Plan, round_to: int = 1) -> Cost:
+        """Exact FLOPs and parameters of the model ``apply(model, plan, round_to=...)`` builds."""
+        flops = params = 0
+        for module, c_in, c_out in self._kept_dims(plan, round_to):
             params += _module_params(module, c_in, c_out)
             if module in self._positions:
                 flops += _layer_flops(module, c_in, c_out, self._out_sizes[module], self._positions[module])
         return Cost(flops=flops, params=params)
+
+    def layer_shapes(self, plan: Plan, round_to: int = 1) -> list[LayerShape]:
+        """The conv and linear layers of ``plan``'s pruned model with their kept channels, in forward order.
+
+        Skipped blocks' layers are left out. This is what latency models are fitted on
+        (:mod:`automl_prune.measure.latency_model`): exact, and computed without building the model.
+        """
+        shapes = []
+        for module, c_in, c_out in self._kept_dims(plan, round_to):
+            if module not in self._positions:
+                continue
+            info = self.layers[self._names[module]]
+            size = self._out_sizes[module]
+            shapes.append(
+                LayerShape(
+                    name=info.name,
+                    kind=info.kind,
+                    kernel=info.kernel,
+                    in_channels=c_in,
+                    out_channels=c_out,
+                    out_size=size,
+                    positions=self._positions[module],
+                    flops=_layer_flops(module, c_in, c_out, size, self._positions[module]),
+                )
+            )
+        return sorted(shapes, key=lambda s: self._rank[self.get_module(s.name)])
+
+    def get_module(self, name: str) -> nn.Module:
+        """The model's submodule called ``name``."""
+        return self.model.get_submodule(name)
+
+    def fingerprint(self) -> str:
+        """A short hash of the architecture (layers, groups, input shape), equal for equal architectures."""
+        import hashlib
+
+        parts = [str(tuple(self.example_inputs.shape[1:]))]
+        parts += [repr(info) for info in self.layers.values()]
+        parts += [f"{g.name}:{g.channels}:{g.members}" for g in self.groups]
+        parts += self.blocks
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
     def skipped_blocks(self, plan: Plan) -> list[str]:
         """Names of the blocks ``plan`` removes, in model order."""

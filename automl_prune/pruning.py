@@ -28,23 +28,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def channel_multiple(channels: int, round_to: int) -> int:
+    """The multiple a group of ``channels`` is rounded to: ``round_to``, halved until it is below ``channels``.
+
+    A group no larger than ``round_to`` (16 channels rounded to 16) would otherwise be
+    all-or-nothing; halving keeps it prunable in widths the kernels still like (8 of 16).
+    """
+    if round_to < 1:
+        raise InvalidValueError(f"round_to must be a positive integer, got {round_to}")
+    multiple = round_to
+    while multiple > 1 and channels <= multiple:
+        multiple //= 2
+    return multiple
+
+
 def channels_to_keep(channels: int, keep_ratio: float, round_to: int = 1) -> int:
     """Channels a group of ``channels`` keeps at ``keep_ratio``.
 
-    The count is ``round(keep_ratio * channels)``, rounded to the nearest multiple of
-    ``round_to`` (never below one multiple, never above ``channels``), and at least 1.
+    The count is ``round(keep_ratio * channels)``, rounded to the nearest multiple of the
+    group's :func:`channel_multiple` (never below one multiple, never above ``channels``),
+    and at least 1; a keep ratio of 1 keeps the whole group whatever ``round_to``.
 
     Args:
         channels: Channels in the group.
         keep_ratio: Fraction to keep, in (0, 1].
         round_to: Multiple to round to (1 = no rounding). Channel counts that are multiples
-            of 8 or 16 often run faster on CPUs and GPUs.
+            of 8 or 16 run faster on CPUs and GPUs (BENCHMARKS.md, "Channel widths").
     """
-    if round_to < 1:
-        raise InvalidValueError(f"round_to must be a positive integer, got {round_to}")
+    multiple = channel_multiple(channels, round_to)
+    if keep_ratio >= 1.0:
+        return channels
     keep = max(1, int(math.floor(keep_ratio * channels + 0.5)))
-    if round_to > 1 and channels > round_to:
-        keep = max(round_to, int(math.floor(keep / round_to + 0.5)) * round_to)
+    if multiple > 1:
+        keep = max(multiple, int(math.floor(keep / multiple + 0.5)) * multiple)
     return min(channels, keep)
 
 

@@ -10,7 +10,7 @@ import torch
 from automl_prune.errors import InvalidValueError, UnknownNameError
 from automl_prune.graph import LayerGraph
 from automl_prune.measure.accuracy import evaluate_accuracy
-from automl_prune.pruning import apply, channels_to_keep, prune_ratio
+from automl_prune.pruning import apply, channel_multiple, channels_to_keep, prune_ratio
 from automl_prune.training import TrainConfig, train
 from automl_prune.types import Plan
 
@@ -33,7 +33,12 @@ def test_channel_counts_and_rounding() -> None:
     assert channels_to_keep(64, 0.01) == 1
     assert channels_to_keep(64, 0.3, round_to=8) == 16  # 19.2 -> 19 -> nearest multiple of 8
     assert channels_to_keep(64, 0.01, round_to=8) == 8
-    assert channels_to_keep(6, 0.5, round_to=8) == 3  # groups smaller than the multiple are not rounded
+    # a group no larger than the multiple is rounded to half of it (8 -> 4 -> 2), so it stays prunable
+    assert channels_to_keep(6, 0.5, round_to=8) == 4
+    assert channels_to_keep(16, 0.3, round_to=16) == 8 and channel_multiple(16, 16) == 8
+    assert channels_to_keep(3, 0.5, round_to=16) == 2 and channel_multiple(64, 16) == 16
+    # keeping all channels keeps all, even when the group is not a multiple (24 with 16)
+    assert channels_to_keep(24, 1.0, round_to=16) == 24 and channels_to_keep(24, 0.9, round_to=16) == 16
     assert prune_ratio(64, 0.25) == 0.75
 
 
