@@ -24,6 +24,8 @@ from automl_prune.errors import AutomlPruneError, InvalidValueError
 logger = logging.getLogger("automl_prune")
 
 EXIT_USAGE = 2
+EXIT_BUDGET_MISSED = 3
+"""Exit status of ``search`` and ``report`` when the measured figures miss the budget."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -206,7 +208,9 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         model, info = load_checkpoint(args.checkpoint)
         return model, info.example_inputs(), info
     if not getattr(args, "model", None):
-        raise InvalidValueError("give --checkpoint FILE or --model NAME")
+        raise InvalidValueError(
+            "give --checkpoint FILE or --model NAME" + (" (or --artifact FILE)" if hasattr(args, "artifact") else "")
+        )
     spec = ModelSpec(args.model, args.in_channels, args.num_classes)
     return build_model(spec).eval(), torch.zeros(1, args.in_channels, args.input_size, args.input_size), None
 
@@ -263,7 +267,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_plan(path: Path, graph: Any) -> Any:
+def _read_plan(path: Path, graph: Any, point: int | None = None) -> Any:
+    """A plan file (``plan.json``, or one point of a ``pareto.json`` chosen with ``point``)."""
+    from automl_prune.pareto import plan_from_front
     from automl_prune.types import Plan
 
     try:
@@ -272,7 +278,12 @@ def _read_plan(path: Path, graph: Any) -> Any:
         raise InvalidValueError(f"plan file '{path}' does not exist") from None
     except json.JSONDecodeError as exc:
         raise InvalidValueError(f"plan file '{path}' is not valid JSON: {exc}") from None
-    plan = Plan.from_dict(data)
+    if isinstance(data, dict) and "points" in data:
+        plan = plan_from_front(data, point, str(path))
+    elif point is not None:
+        raise InvalidValueError(f"--point chooses a point of a Pareto front (pareto.json); '{path}' is a single plan")
+    else:
+        plan = Plan.from_dict(data)
     graph.validate(plan)
     return plan
 
@@ -284,7 +295,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from automl_prune.graph import LayerGraph, count_cost
     from automl_prune.io import write_json
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import check_data_fits, check_dense, load_data
+    from automl_prune.pipeline import check_data_fits, check_dense, load_data, round_to_of
     from automl_prune.pruning import apply
 
     config = _resolve(args)
@@ -297,17 +308,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_data_fits(info, data, args.checkpoint)
     graph = LayerGraph(model, info.example_inputs())
     p = config.prune
+    round_to = round_to_of(config)
     if args.plan:
-        plan = _read_plan(Path(args.plan), graph)
+        plan = _read_plan(Path(args.plan), graph, args.point)
+    elif args.point is not None:
+        raise InvalidValueError("--point needs --plan PARETO.json (a run's pareto.json)")
     elif config.budget.flops is not None and config.budget.flops <= 1:
-        plan = graph.uniform_plan(config.budget.flops, round_to=p.round_to)
+        plan = graph.uniform_plan(config.budget.flops, round_to=round_to)
     else:
         raise InvalidValueError("give --plan FILE, or --budget.flops FRACTION for a uniform plan")
     batches = list(data.search_val.batches(128))[: p.criterion_batches]
-    pruned = apply(model, plan, p.criterion, graph=graph, round_to=p.round_to, data=batches)
+    pruned = apply(model, plan, p.criterion, graph=graph, round_to=round_to, data=batches)
     out = _prepare_out(Path(args.out))
     meta = {**info.meta, "criterion": p.criterion}
-    save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, p.round_to, meta))
+    save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta))
     write_json(out / "plan.json", plan.to_dict())
     cost = count_cost(pruned, info.example_inputs())
     _table(
@@ -377,23 +391,92 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_latency(args: argparse.Namespace) -> int:
-    """Measure a model's latency end to end and predict it from the lookup table."""
-    from automl_prune.measure.latency import LatencyTable, measure_latency
+def _onnx_input_shape(path: str) -> tuple[int, ...] | None:
+    """(C, H, W) of an ONNX model's input, when its non-batch dimensions are fixed."""
+    from automl_prune.runtimes import onnx_session
 
-    model, x, _ = _model_and_input(args)
-    shape = (args.batch_size, *x.shape[1:])
-    stats = measure_latency(
-        model, shape, device=args.device, threads=args.threads, runs=args.runs, channels_last=args.channels_last
-    )
-    table = LatencyTable(device=args.device, threads=stats.threads, batch_size=args.batch_size)
-    predicted = table.predict(model, shape)
-    error = (predicted - stats.median_ms) / stats.median_ms
+    dims = onnx_session(path).get_inputs()[0].shape[1:]
+    return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    """Measure a model (checkpoint, zoo model or exported file) on a runtime; predict it where a latency table exists."""
+    import torch
+
+    from automl_prune.graph import LayerGraph
+    from automl_prune.measure.latency import measure_interleaved
+    from automl_prune.measure.latency_model import LatencyTable, calibrate
+    from automl_prune.models import build_model
+    from automl_prune.runtimes import check_runtime, runtime_for_file
+
+    threads = args.threads or torch.get_num_threads()
+    dense = info = None
+    if args.artifact:
+        if args.checkpoint or args.model or args.rebuild:
+            raise InvalidValueError(
+                "--artifact measures an exported file as is; give no --checkpoint, --model or --rebuild"
+            )
+        runtime = runtime_for_file(args.artifact)
+        if args.runtime and args.runtime != runtime.name:
+            raise InvalidValueError(f"'{args.artifact}' runs in {runtime.name}, not {args.runtime}; drop --runtime")
+        runtime.check(args.device)
+        sample = (args.in_channels, args.input_size, args.input_size)
+        if runtime.name == "onnxruntime":
+            sample = _onnx_input_shape(args.artifact) or sample
+        shape = (args.batch_size, *sample)
+        runners = {"model": runtime.open(args.artifact, shape, args.device, threads)}
+    else:
+        runtime = check_runtime(args.runtime or "onnxruntime", args.device)
+        model, x, info = _model_and_input(args)
+        shape = (args.batch_size, *x.shape[1:])
+        runners = {"model": runtime.compile(model, shape, args.device, threads)}
+        dense = build_model(info.spec).eval() if info is not None else model
+        if info is not None and info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
+            runners["dense"] = runtime.compile(dense, shape, args.device, threads)
+    try:
+        stats = measure_interleaved(runners, rounds=args.rounds, reference="dense" if "dense" in runners else None)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    measured = stats["model"]
+    columns = ["runtime", "median ms", "p10", "p90", "runs", "noisy"]
+    row: list[object] = [runtime.name, measured.median_ms, measured.p10_ms, measured.p90_ms, measured.runs]
+    row.append(measured.note or "no")
+    if "dense" in stats:
+        columns.append("speed-up over dense")
+        row.append(f"x{stats['dense'].median_ms / measured.median_ms:.2f}")
+    if dense is not None:
+        graph = LayerGraph(dense, x)
+        table = LatencyTable(graph, runtime.name, args.device, threads, args.batch_size)
+        plan = info.plan if info is not None and info.plan is not None else None
+        fitted = None
+        if args.rebuild:
+            table.rebuild()
+            fitted = calibrate(dense, graph, table, plans=args.plans, round_to=info.round_to if info else 1)
+        elif len(table) >= 2 and table.dense_ms is not None:
+            reference = stats["dense"].median_ms if "dense" in stats else (measured.median_ms if plan is None else None)
+            fitted = table.fit(reference or table.dense_ms)
+        columns += ["predicted ms", "error"]
+        if fitted is not None:
+            from automl_prune.types import Plan
+
+            predicted = fitted.predict_ms(graph.layer_shapes(plan or Plan(), info.round_to if info else 1))
+            row += [predicted, f"{predicted / measured.median_ms - 1:+.1%}"]
+        else:
+            row += ["n/a", ""]
     _table(
-        f"latency on {args.device}, batch {args.batch_size}, {stats.threads} threads",
-        ["measured median ms", "p10", "p90", "runs", "predicted ms (LUT)", "error"],
-        [[stats.median_ms, stats.p10_ms, stats.p90_ms, stats.runs, predicted, f"{error:+.1%}"]],
+        f"latency on {runtime.name}, {args.device}, batch {args.batch_size}, {threads} thread(s)",
+        columns,
+        [row],
     )
+    if dense is not None:
+        console = _console()
+        if fitted is not None:
+            console.print(f"{fitted.describe()}; table {table.path}")
+        else:
+            console.print(
+                f"no latency table for this architecture on {runtime.name} here; --rebuild measures one ({table.path})"
+            )
     return 0
 
 
@@ -409,30 +492,33 @@ def _print_run_summary(report: dict[str, Any], out: Path) -> None:
             *new["latency_ms"].values(),
         ],
     ]
+    runtime = report["machine"].get("runtime", "torch")
     _table(
         f"{report['model']} on {report['dataset']}: {report['strategy']} under {report['budget']['description']} -> {out}",
-        ["model", "test acc", "FLOPs", "params", *[f"ms (b={b})" for b in base["latency_ms"]]],
+        ["model", "test acc", "FLOPs", "params", *[f"{runtime} ms (b={b})" for b in base["latency_ms"]]],
         rows,
     )
     console = _console()
     speed = ", ".join(f"x{v:.2f} (b={b})" for b, v in report["speedup"].items())
     console.print(
-        f"FLOPs x{base['flops'] / new['flops']:.2f} smaller, params x{base['params'] / new['params']:.2f}, speed-up {speed}"
+        f"FLOPs x{base['flops'] / new['flops']:.2f} smaller, params x{base['params'] / new['params']:.2f}, "
+        f"speed-up on {runtime} {speed}"
     )
     for term in report["budget"]["terms"]:
-        name = {"flops": "FLOPs", "params": "params", "latency_ms": "latency"}[term["term"]]
+        name = {"flops": "FLOPs", "params": "params", "latency_ms": "latency", "speedup": "speed-up"}[term["term"]]
         if term["term"] == "latency_ms":
-            figure = (
-                f"measured {term['measured']:.3f} ms <= {term['limit']:g} ms"
-                if term["met"]
-                else (f"measured {term['measured']:.3f} ms > {term['limit']:g} ms")
-            )
+            figure = f"measured {term['measured']:.4g} ms {'<=' if term['met'] else '>'} {term['limit']:g} ms"
             if term.get("predicted") is not None:
-                figure += f" (predicted {term['predicted']:.3f} ms, error {term['prediction_error']:+.1%})"
+                figure += f" (predicted {term['predicted']:.4g} ms, error {term['prediction_error']:+.1%})"
+        elif term["term"] == "speedup":
+            figure = f"measured x{term['measured']:.2f} {'>=' if term['met'] else '<'} x{term['limit']:g}"
         else:
             figure = f"{term['measured']:,} {'<=' if term['met'] else '>'} {term['limit']:,.0f}"
-        verdict = "met" if term["met"] else f"MISSED by {term['margin']:.1%}"
-        console.print(f"budget {name}: {verdict}: {figure}")
+        verdict = "met" if term["met"] else f"MISSED by {abs(term['margin']):.1%}"
+        noisy = " [NOISY measurement: re-run `automl-prune report --run DIR`]" if term.get("noisy") else ""
+        console.print(f"budget {name}: {verdict}: {figure}{noisy}")
+    for line in report.get("latency_noisy", []):
+        console.print(f"noisy latency: {line}")
     console.print(f"report: {out / 'report.md'}")
 
 
@@ -462,7 +548,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         run = RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite)
     console = _console()
     try:
-        job = run_job(config, run, stage=lambda text: console.print(text))
+        job = run_job(config, run, stage=lambda text: console.print(text, highlight=False))
     except KeyboardInterrupt:
         print(
             f"automl-prune: interrupted; {len(run.logged())} evaluations are logged in {run.path}. "
@@ -471,14 +557,23 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         return 130
     if job.report is None:
-        best = job.search.best_evaluation
+        best = job.search.evaluation
         _table(
-            f"{config.search.strategy}: best of {job.search.evaluations} evaluations -> {run.path / 'plan.json'}",
+            f"{config.search.strategy}: best of {job.search.result.evaluations} evaluations -> {run.path / 'plan.json'}",
             ["search-val acc", "FLOPs ratio", "params", "feasible"],
             [[best.accuracy, best.flops_ratio, best.params, best.feasible]],
         )
+        if job.search.budget_met is False:
+            console.print("budget: MISSED: no finalist met the latency budget when measured (see finalists.json)")
+            return EXIT_BUDGET_MISSED
         return 0
     _print_run_summary(job.report, run.path)
+    if not job.report["budget_met"]:
+        print(
+            f"automl-prune: the pruned model misses the budget by the measured figures (see {run.path / 'report.md'})",
+            file=sys.stderr,
+        )
+        return EXIT_BUDGET_MISSED
     return 0
 
 
@@ -494,7 +589,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     set_threads(config)
     report = write_run_report(run.path, config, load_data(config))
     _print_run_summary(report, run.path)
-    return 0
+    return 0 if report["budget_met"] else EXIT_BUDGET_MISSED
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -583,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         ("model", "data", "train", "budget", "search", "prune", "parallel", "compare"),
         _TOP,
-        exclude=("search.strategy", "search.only"),  # compare.strategies names them; there is no final model
+        # compare.strategies names them; there is no final model, so nothing to measure as a finalist
+        exclude=("search.strategy", "search.only", "search.finalists"),
     )
     p.add_argument("--out", default="runs/compare", help="output directory [runs/compare]")
     p.add_argument("--overwrite", action="store_true", help="replace a different comparison already in --out")
@@ -594,14 +690,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/baseline", help="output directory [runs/baseline]")
     p.set_defaults(func=cmd_train)
 
-    p = command("prune", "prune a dense checkpoint with a plan file, or uniformly to --budget.flops (default 0.5)")
+    p = command(
+        "prune",
+        "prune a dense checkpoint with a plan file (or a point of a Pareto front), or uniformly to --budget.flops",
+    )
     p.add_argument("--checkpoint", required=True, help="the dense checkpoint")
-    p.add_argument("--plan", default=None, help="plan JSON ({'keep_ratios': {group: keep}}), e.g. a run's plan.json")
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="plan JSON ({'keep_ratios': {group: keep}}): a run's plan.json, or its pareto.json with --point",
+    )
+    p.add_argument(
+        "--point", type=_int_at_least(0), default=None, help="the point of a pareto.json to prune (0 = cheapest)"
+    )
     _add_config_flags(
         p,
         ("data", "budget", "prune"),
         ("seed",),
-        exclude=tuple(f"budget.{k}" for k in ("params", "latency_ms", "device", "batch_size", "threads")),
+        exclude=tuple(f"budget.{k}" for k in ("params", "latency_ms", "speedup", "batch_size", "threads")),
     )
     p.add_argument("--out", default="runs/pruned", help="output directory [runs/pruned]")
     p.set_defaults(func=cmd_prune)
@@ -624,13 +730,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-classes", type=_positive_int, default=10)
         p.add_argument("--input-size", type=_positive_int, default=28, help="square input size")
 
-    p = command("latency", "measured vs lookup-table-predicted latency of a model")
+    p = command("latency", "measure a model on a deployment runtime, and its latency-model prediction")
     model_args(p)
+    p.add_argument("--artifact", default=None, help="an exported model file (.onnx, .ts) measured as is")
+    p.add_argument("--runtime", default=None, help="onnxruntime (default), torchscript or torch")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=_positive_int, default=1)
-    p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--runs", type=_positive_int, default=30)
-    p.add_argument("--channels-last", action="store_true", help="measure in channels_last memory format")
+    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads [torch's]")
+    p.add_argument("--rounds", type=_int_at_least(2), default=5, help="interleaved measurement rounds [5]")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="measure the architecture's latency table again (e.g. after noisy measurements) and refit",
+    )
+    p.add_argument("--plans", type=_int_at_least(3), default=16, help="plans measured by --rebuild [16]")
     p.set_defaults(func=cmd_latency)
 
     p = command("report", "measure a finished run again and rewrite report.md / report.json")

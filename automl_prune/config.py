@@ -12,7 +12,7 @@ Rules:
 - Unknown keys are rejected with the key's name and the nearest valid one.
 - Values are checked for type and range; a bad one is reported as one line naming it.
 - Several files may be given; each is a layer over the one before, and flags come last.
-- Budget terms (``flops``, ``params``, ``latency_ms``) given by a layer (a file, or the
+- Budget terms (``flops``, ``params``, ``latency_ms``, ``speedup``) given by a layer (a file, or the
   flags) replace the terms of the layer below: ``--budget.latency_ms 2`` on top of the
   default 50%-FLOPs budget gives a latency-only budget. Give both to combine them.
 
@@ -38,7 +38,9 @@ import yaml
 
 from automl_prune.errors import InvalidValueError
 
-BUDGET_TERMS = ("flops", "params", "latency_ms")
+BUDGET_TERMS = ("flops", "params", "latency_ms", "speedup")
+RUNTIME_NAMES = ("onnxruntime", "torchscript", "torch")
+"""The registered runtimes (kept equal to :data:`automl_prune.runtimes.RUNTIMES` by a test)."""
 
 
 def _opt(default: Any, help: str, **limits: Any) -> Any:
@@ -79,14 +81,16 @@ class TrainSection:
 
 @dataclass
 class BudgetSection:
-    """The deployment budget: any of FLOPs, parameters and latency."""
+    """The deployment budget: any of FLOPs, parameters and latency, and where the model runs."""
 
     flops: float | None = _opt(0.5, "FLOPs (MACs) limit: fraction of the dense model (<= 1) or absolute", gt=0)
     params: float | None = _opt(None, "parameter limit: fraction (<= 1) or absolute", gt=0)
-    latency_ms: float | None = _opt(None, "latency limit in ms on `device` at `batch_size` with `threads`", gt=0)
-    device: str = _opt("cpu", "device of the latency budget", choices=("cpu", "cuda"))
+    latency_ms: float | None = _opt(None, "latency limit in ms on `runtime` and `device` at `batch_size`", gt=0)
+    speedup: float | None = _opt(None, "minimum speed-up over the dense model on `runtime` (e.g. 1.6)", ge=1)
+    runtime: str = _opt("onnxruntime", "runtime the model ships in and latency is measured on", choices=RUNTIME_NAMES)
+    device: str = _opt("cpu", "device the model runs on", choices=("cpu", "cuda"))
     batch_size: int = _opt(1, "batch size of the latency budget", ge=1)
-    threads: int | None = _opt(None, "CPU threads of the latency budget (default: torch's)", ge=1)
+    threads: int | None = _opt(None, "intra-op threads of the runtime (default: torch's)", ge=1)
 
 
 @dataclass
@@ -103,6 +107,11 @@ class SearchSection:
     skip_gates: bool = _opt(False, "also search skip gates of residual blocks")
     fitness_finetune_steps: int = _opt(0, "SGD steps on each pruned model before scoring it (0 = off)", ge=0)
     criterion: str | None = _opt(None, "criterion used when scoring plans (default: prune.criterion)")
+    latency_plans: int = _opt(16, "plans measured on the runtime to fit the latency model (latency budgets)", ge=3)
+    finalists: int = _opt(8, "best distinct plans measured end to end before one ships (latency budgets)", ge=0)
+    latency_margin: float = _opt(
+        0.05, "search against a latency limit this much tighter than the budget (headroom for noise)", ge=0, le=0.5
+    )
     only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
 
 
@@ -111,7 +120,9 @@ class PruneSection:
     """How the chosen plan is cut out of the dense model."""
 
     criterion: str = _opt("l1", "importance criterion (see `list criteria`)")
-    round_to: int = _opt(1, "round kept channel counts to a multiple of this", ge=1)
+    round_to: int | None = _opt(
+        None, "round kept channel counts to a multiple of this (default: what the runtime is fast at)", ge=1
+    )
     criterion_batches: int = _opt(8, "search-val batches given to data-driven criteria", ge=1)
 
 
@@ -150,7 +161,7 @@ class ReportSection:
     """What the final report measures."""
 
     latency_batch_sizes: list[int] = _opt([1, 64], "batch sizes whose latency is measured end to end", ge=1)
-    latency_runs: int = _opt(30, "timed runs per latency measurement (median reported)", ge=3)
+    latency_rounds: int = _opt(5, "interleaved rounds per latency measurement (runs per round adapt to speed)", ge=2)
     test_size: int | None = _opt(None, "test images scored (default: the whole test split)", ge=1)
 
 
@@ -461,7 +472,8 @@ def resolve(
     config = _build(values)
     if all(getattr(config.budget, t) is None for t in BUDGET_TERMS):
         raise InvalidValueError(
-            "the budget has no term: set budget.flops, budget.params or budget.latency_ms (e.g. --budget.flops 0.5)"
+            "the budget has no term: set budget.flops, budget.params, budget.latency_ms or budget.speedup "
+            "(e.g. --budget.flops 0.5)"
         )
     return config
 

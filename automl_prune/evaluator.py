@@ -8,10 +8,10 @@ match its features and raw accuracy is near chance for most plans, which leaves 
 little to learn from. :meth:`Evaluator.build` returns exactly the model that was scored.
 
 Costs come from the :class:`~automl_prune.graph.LayerGraph` (exact FLOPs/params) and, for
-latency budgets, from the per-device lookup table scaled so that the dense model's
-prediction equals its measured end-to-end latency (the table alone leaves out functional
-ops and framework overhead). Identical plans (same channel counts and skips) are served
-from a cache.
+latency budgets, from a :class:`~automl_prune.measure.latency_model.LatencyModel` fitted on
+plans measured on the budget's runtime (computed from the kept channel counts, without
+building the model). Identical plans (same channel counts and skips) are served from a
+cache.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from automl_prune.data import DataSplits, TensorData
 from automl_prune.errors import InvalidValueError
 from automl_prune.graph import Cost, LayerGraph
 from automl_prune.measure.accuracy import evaluate_accuracy
-from automl_prune.measure.latency import LatencyTable, measure_latency
-from automl_prune.pruning import apply, rebuild_structure
+from automl_prune.measure.latency_model import LatencyModel, LatencyTable, Measured, calibrate, measure_plans
+from automl_prune.pruning import apply
 from automl_prune.reward import REWARDS, RewardContext, budget_penalty
 from automl_prune.seeding import derive_seed
 from automl_prune.types import Budget, Evaluation, Plan
@@ -55,6 +55,11 @@ class EvaluatorConfig:
         criterion_batches: Search-val batches given to data-driven criteria.
         round_to: Round kept channel counts to a multiple of this.
         seed: Seed of the calibration batches.
+        latency_plans: Plans measured on the runtime to fit the latency model (latency budgets).
+        latency_margin: Plans are scored against a latency limit this much tighter than the
+            budget's, so that the plan that ships meets the budget when measured despite
+            prediction error and measurement noise.
+        cache_dir: Cache root of latency tables (None: the default).
         finetune_steps: SGD steps (batch ``batch_size``, lr ``finetune_lr``, the same
             training batches for every plan) run on each pruned model before scoring, as
             ABCPruner scores candidates after a fraction of an epoch of fine-tuning
@@ -73,12 +78,19 @@ class EvaluatorConfig:
     seed: int = 0
     finetune_steps: int = 0
     finetune_lr: float = 0.01
+    latency_plans: int = 16
+    latency_margin: float = 0.05
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.finetune_steps < 0 or not self.finetune_lr > 0:
             raise InvalidValueError("finetune_steps must be >= 0 and finetune_lr > 0")
         if self.eval_size < 1 or self.batch_size < 1 or self.recalibration_batches < 1 or self.round_to < 1:
             raise InvalidValueError("eval_size, batch_size, recalibration_batches and round_to must be >= 1")
+        if self.latency_plans < 3:
+            raise InvalidValueError(f"latency_plans must be >= 3, got {self.latency_plans}")
+        if not 0.0 <= self.latency_margin < 1.0:
+            raise InvalidValueError(f"latency_margin must be in [0, 1), got {self.latency_margin}")
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
@@ -116,15 +128,17 @@ class Evaluator:
         data: Dataset splits (train for BN recalibration, search_val for scoring).
         budget: The deployment budget.
         config: Scoring options.
-        latency_table: Lookup table for latency budgets (built for the budget's device,
-            threads and batch size when omitted and the budget has a latency term).
-        latency_scale: Measured/predicted latency ratio of the dense model; measured
-            when omitted (parallel workers get the driver's, so all predict alike).
+        latency_model: A fitted latency model for latency budgets; fitted here (measuring
+            what the cached table lacks) when omitted. Parallel workers and resumed runs get
+            the driver's, so that all predict alike.
 
     Attributes:
         graph: The dense model's LayerGraph.
         dense: Evaluation of the unpruned model.
-        limits: Absolute limits: ``{"flops": ..., "params": ..., "latency_ms": ...}``.
+        limits: Absolute limits plans are scored against: ``{"flops": ..., "params": ...,
+            "latency_ms": ...}`` (a speed-up term is turned into ms with the dense model's
+            measured latency; the latency limit is tightened by ``config.latency_margin``).
+        latency_model: The latency model (None without a latency term).
         evaluations: Plans scored so far (cache hits included).
     """
 
@@ -134,8 +148,7 @@ class Evaluator:
         data: DataSplits,
         budget: Budget,
         config: EvaluatorConfig | None = None,
-        latency_table: LatencyTable | None = None,
-        latency_scale: float | None = None,
+        latency_model: LatencyModel | None = None,
     ):
         self.config = config or EvaluatorConfig()
         self.model = model.eval()
@@ -155,20 +168,30 @@ class Evaluator:
             )
             self.calibration = [x for (x, _), _ in zip(calib, range(self.config.recalibration_batches))]
         self.criterion_data = list(self.val.batches(self.config.batch_size))[: self.config.criterion_batches]
-        self.latency_table = latency_table
-        self.latency_scale = 1.0
-        self._latency_cache: dict[tuple, float] = {}
-        if budget.latency_ms is not None:
-            self._setup_latency(latency_scale)
+        self.latency_model: LatencyModel | None = None
+        self._latency_table: LatencyTable | None = None
+        if budget.has_latency:
+            self.latency_model = latency_model or calibrate(
+                self.model,
+                self.graph,
+                self.latency_table,
+                plans=self.config.latency_plans,
+                round_to=self.config.round_to,
+                skip_gates=bool(self.graph.blocks),
+            )
         self.limits = {
             "flops": Budget.absolute(budget.flops, self.graph.flops),
             "params": Budget.absolute(budget.params, self.graph.params),
-            "latency_ms": budget.latency_ms,
+            "latency_ms": (
+                budget.latency_limit(self.latency_model.dense_ms) * (1.0 - self.config.latency_margin)
+                if self.latency_model
+                else None
+            ),
         }
         self._cache: dict[tuple, Evaluation] = {}
         self.evaluations = 0
         dense_acc = evaluate_accuracy(self.model, self.val, self.config.batch_size)
-        self.context = RewardContext(dense_acc, self.graph.flops, self.graph.params, budget.latency_ms)
+        self.context = RewardContext(dense_acc, self.graph.flops, self.graph.params, self.limits["latency_ms"])
         self.dense = self._score(Plan(), dense_acc, self.cost(Plan()), self.predict_latency(Plan()), 0.0)
 
     def __deepcopy__(self, memo: dict) -> Evaluator:
@@ -176,26 +199,20 @@ class Evaluator:
         return self
 
     # ------------------------------------------------------------------ costs
-    def _setup_latency(self, scale: float | None) -> None:
-        shape = self.latency_shape
-        if self.latency_table is None:
-            self.latency_table = LatencyTable(
-                device=self.budget.device,
-                threads=self.budget.threads or torch.get_num_threads(),
-                batch_size=self.budget.batch_size,
+    @property
+    def latency_table(self) -> LatencyTable:
+        """The cached table of plans measured on the budget's runtime (opened on first use)."""
+        if self._latency_table is None:
+            b = self.budget
+            self._latency_table = LatencyTable(
+                self.graph,
+                b.runtime,
+                b.device,
+                b.threads or torch.get_num_threads(),
+                b.batch_size,
+                self.config.cache_dir,
             )
-        predicted = self.latency_table.predict(self.model, shape)
-        if scale is not None:
-            self.latency_scale = scale
-            return
-        measured = measure_latency(self.model, shape, device=self.budget.device, threads=self.budget.threads).median_ms
-        self.latency_scale = measured / predicted if predicted > 0 else 1.0
-        logger.info(
-            "latency table predicts %.3f ms for the dense model, measured %.3f ms (scale %.2f)",
-            predicted,
-            measured,
-            self.latency_scale,
-        )
+        return self._latency_table
 
     @property
     def latency_shape(self) -> tuple[int, ...]:
@@ -212,14 +229,10 @@ class Evaluator:
         return self.graph.cost(plan, self.config.round_to)
 
     def predict_latency(self, plan: Plan) -> float | None:
-        """Latency (ms) of ``plan``'s model from the lookup table, scaled to end-to-end; None without a latency budget."""
-        if self.latency_table is None:
+        """Predicted latency (ms) of ``plan``'s model on the budget's runtime; None without a latency budget."""
+        if self.latency_model is None:
             return None
-        key = self.structure_key(plan)
-        if key not in self._latency_cache:
-            structure = rebuild_structure(self.model, self.graph, plan, self.config.round_to)
-            self._latency_cache[key] = self.latency_scale * self.latency_table.predict(structure, self.latency_shape)
-        return self._latency_cache[key]
+        return self.latency_model.predict_ms(self.graph.layer_shapes(plan, self.config.round_to))
 
     def excess(self, flops: float, params: float, latency_ms: float | None) -> float:
         """Largest relative overshoot of any budget term (<= 0 when within budget)."""
@@ -317,9 +330,11 @@ class Evaluator:
         """Put a known evaluation of ``plan`` in the cache (used to resume a run from its log)."""
         self._cache[self.structure_key(plan)] = evaluation
 
-    def measure_latency(self, plan: Plan, runs: int = 30) -> float:
-        """End-to-end measured latency (ms) of ``plan``'s model on the budget's device."""
-        model = rebuild_structure(self.model, self.graph, plan, self.config.round_to)
-        return measure_latency(
-            model, self.latency_shape, device=self.budget.device, threads=self.budget.threads, runs=runs
-        ).median_ms
+    def measure(self, plans: list[Plan], progress: str | None = None) -> list[Measured]:
+        """Measure ``plans`` end to end on the budget's runtime, interleaved with the dense model.
+
+        The measurements join the cached latency table (improving later fits). Works for any
+        budget: without a latency term the runtime, device, threads and batch size still
+        come from the budget.
+        """
+        return measure_plans(self.model, self.graph, plans, self.latency_table, self.config.round_to, progress=progress)

@@ -12,7 +12,7 @@ was scoring: the worker is restarted and the plan retried once; if it fails agai
 is recorded as an infeasible evaluation with the reason, and the search goes on.
 
 Evaluations are deterministic given the plan (fixed BN-calibration batches, fixed
-search-val subset, and the driver's latency calibration shared with every worker), so a
+search-val subset, and the driver's latency model shared with every worker), so a
 parallel search gives the same results as a serial one with the same seed.
 """
 
@@ -28,6 +28,7 @@ import torch
 
 from automl_prune.errors import AutomlPruneError, InvalidValueError
 from automl_prune.evaluator import FAILED_REWARD, Evaluator, EvaluatorConfig
+from automl_prune.measure.latency_model import LatencyModel
 from automl_prune.models import ModelSpec, build_model
 from automl_prune.types import Budget, Evaluation, Plan
 
@@ -48,8 +49,8 @@ class EvaluatorSpec:
         image_size: Image size override.
         budget: The budget.
         config: Scoring options.
-        latency_scale: The driver's measured/predicted latency ratio (shared so that all
-            workers predict the same latency).
+        latency_model: The driver's fitted latency model (shared so that all workers
+            predict the same latency and none measures the runtime again).
     """
 
     model_spec: ModelSpec
@@ -61,7 +62,7 @@ class EvaluatorSpec:
     val_size: int | None = None
     data_seed: int = 0
     image_size: int | None = None
-    latency_scale: float | None = None
+    latency_model: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Evaluator:
@@ -73,7 +74,8 @@ class EvaluatorSpec:
         )
         model = build_model(self.model_spec)
         model.load_state_dict(self.state_dict)
-        evaluator = Evaluator(model.eval(), data, self.budget, self.config, latency_scale=self.latency_scale)
+        latency = LatencyModel.from_dict(self.latency_model) if self.latency_model is not None else None
+        evaluator = Evaluator(model.eval(), data, self.budget, self.config, latency_model=latency)
         return evaluator
 
 
@@ -304,6 +306,6 @@ def spec_for(evaluator: Evaluator, model_spec: ModelSpec, dataset: str, **data_k
         dataset=dataset,
         budget=evaluator.budget,
         config=evaluator.config,
-        latency_scale=evaluator.latency_scale if evaluator.latency_table is not None else None,
+        latency_model=evaluator.latency_model.to_dict() if evaluator.latency_model is not None else None,
         **data_kwargs,
     )

@@ -5,11 +5,14 @@ Stages, each usable alone and all run by :func:`run_job` (``automl-prune search`
 1. :func:`load_data` and :func:`dense_model`: the dataset, and the dense baseline (trained and
    cached on first use, or ``model.checkpoint``); copied into the run as ``baseline.pt``.
 2. :func:`make_evaluator` / :func:`run_search`: the search under the budget with the
-   configured strategy, logged to ``evaluations.jsonl`` (resumable), ending in ``plan.json``
-   and ``result.json``. A latency budget builds the device's lookup table first.
-3. :func:`prune_and_finetune`: the best plan cut out of the dense model with
+   configured strategy, logged to ``evaluations.jsonl`` (resumable). A latency budget first
+   fits a latency model on plans measured on the budget's runtime (``latency_model.json``),
+   and ends with measured finalists (``finalists.json``): the plan that ships is the best one
+   whose measured latency meets the budget. Every search saves its accuracy-vs-cost front
+   (``pareto.json``, ``pareto.png``), then ``plan.json`` and ``result.json``.
+3. :func:`prune_and_finetune`: the chosen plan cut out of the dense model with
    ``prune.criterion``, then fine-tuned; exported as ``model.pt``, ``model.ts`` and
-   ``model.onnx``.
+   ``model.onnx`` (and the baseline as ``baseline.ts`` / ``baseline.onnx``).
 4. :func:`automl_prune.report.write_run_report`: baseline vs pruned, measured again from the
    files in the run directory (``report.md``, ``report.json`` and PNG plots).
 """
@@ -32,13 +35,15 @@ from automl_prune.config import Config, check_names
 from automl_prune.data import DataSplits, load_dataset
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.finalists import FinalistChoice
 from automl_prune.io import write_json
+from automl_prune.measure.latency_model import LatencyModel
 from automl_prune.models import ModelSpec
 from automl_prune.runs import RunDirectory
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.seeding import seed_everything
 from automl_prune.training import TrainConfig
-from automl_prune.types import Budget, Plan, SearchResult
+from automl_prune.types import Budget, Evaluation, Plan, SearchResult
 
 if TYPE_CHECKING:
     from automl_prune.parallel import EvaluatorSpec
@@ -76,6 +81,15 @@ def finetune_config_of(config: Config) -> TrainConfig:
     return TrainConfig(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay, seed=config.seed)
 
 
+def round_to_of(config: Config) -> int:
+    """The channel multiple of the run: ``prune.round_to``, or what the budget's runtime is fast at."""
+    from automl_prune.runtimes import get_runtime
+
+    if config.prune.round_to is not None:
+        return config.prune.round_to
+    return get_runtime(config.budget.runtime).preferred_multiple(config.budget.device)
+
+
 def evaluator_config_of(config: Config) -> EvaluatorConfig:
     """How the search scores plans."""
     s = config.search
@@ -87,8 +101,11 @@ def evaluator_config_of(config: Config) -> EvaluatorConfig:
         recalibration_batches=s.recalibration_batches,
         criterion_batches=config.prune.criterion_batches,
         finetune_steps=s.fitness_finetune_steps,
-        round_to=config.prune.round_to,
+        round_to=round_to_of(config),
         seed=config.seed,
+        latency_plans=s.latency_plans,
+        latency_margin=s.latency_margin,
+        cache_dir=config.cache_dir,
     )
 
 
@@ -104,17 +121,21 @@ def set_threads(config: Config) -> None:
 
 
 def preflight(config: Config) -> None:
-    """Checks that need no data or model: registered names and the device. Run before writing anything.
+    """Checks that need no data or model: registered names, the device and the runtime. Run before writing anything.
 
     Raises:
         UnknownNameError: A strategy, reward, criterion or dataset name is unknown.
-        InvalidValueError: ``budget.device`` is cuda on a machine without CUDA.
+        InvalidValueError: ``budget.device`` is cuda on a machine without CUDA, or the
+            runtime cannot run there (not installed, no CUDA provider).
     """
+    from automl_prune.runtimes import check_runtime
+
     check_names(config)
     if config.budget.device == "cuda" and not torch.cuda.is_available():
         raise InvalidValueError(
             "budget.device is cuda but CUDA is not available here; use --budget.device cpu or run on a GPU machine"
         )
+    check_runtime(config.budget.runtime, config.budget.device)
 
 
 # --------------------------------------------------------------------------- stages
@@ -175,15 +196,55 @@ def worker_spec_of(config: Config, evaluator: Evaluator, model_spec: ModelSpec) 
     )
 
 
-def make_evaluator(config: Config, model: nn.Module, data: DataSplits) -> Evaluator:
-    """The evaluator of the search (builds the latency lookup table first for a latency budget)."""
-    return Evaluator(model, data, budget_of(config), evaluator_config_of(config))
+def make_evaluator(
+    config: Config, model: nn.Module, data: DataSplits, latency_model: LatencyModel | None = None
+) -> Evaluator:
+    """The evaluator of the search (a latency budget fits its latency model first, unless given one)."""
+    return Evaluator(model, data, budget_of(config), evaluator_config_of(config), latency_model=latency_model)
+
+
+LATENCY_MODEL_FILE = "latency_model.json"
+
+
+def run_latency_model(run: RunDirectory) -> LatencyModel | None:
+    """The latency model a run fitted (so that a resumed run predicts exactly as before), or None."""
+    import json
+
+    path = run.path / LATENCY_MODEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        return LatencyModel.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, InvalidValueError) as exc:
+        raise InvalidValueError(f"'{path}' is damaged ({exc}); rerun the search into a new --out") from None
 
 
 def make_space(config: Config, evaluator: Evaluator) -> SearchSpace:
     """The search space; fails here when no plan can meet the budget."""
     skip = config.search.skip_gates or config.search.strategy == "skipnet"
     return SearchSpace(evaluator, min_keep=config.search.min_keep, skip_gates=skip)
+
+
+@dataclass
+class SearchOutcome:
+    """What :func:`run_search` produced.
+
+    Attributes:
+        result: The strategy's result (its best plan by the search's own, predicted, figures).
+        plan: The plan that ships: the chosen finalist for a latency budget, else the best plan.
+        evaluation: That plan's evaluation (with its measured latency when it was measured).
+        finalists: The measured finalists of a latency budget (None otherwise).
+    """
+
+    result: SearchResult
+    plan: Plan
+    evaluation: Evaluation
+    finalists: FinalistChoice | None = None
+
+    @property
+    def budget_met(self) -> bool | None:
+        """Whether the shipped plan's measured latency meets the budget (None when not measured)."""
+        return None if self.finalists is None else self.finalists.met
 
 
 def run_search(
@@ -193,14 +254,20 @@ def run_search(
     space: SearchSpace,
     spec: ModelSpec,
     progress: bool = True,
-) -> SearchResult:
+    stage: Stage | None = None,
+) -> SearchOutcome:
     """Search with the configured strategy, logging every evaluation into ``run``.
 
     Evaluations already in the run's log are preloaded, so a resumed run repeats none of them.
-    Writes ``plan.json`` and ``result.json`` when the search completes.
+    A latency budget's best distinct plans are then measured on the runtime
+    (:func:`automl_prune.finalists.choose_finalist`, ``finalists.json``). Writes the search's
+    accuracy-vs-cost front (``pareto.json``, ``pareto.png``), ``plan.json`` (the plan that
+    ships) and ``result.json``.
     """
     from tqdm.auto import tqdm
 
+    from automl_prune.finalists import choose_finalist
+    from automl_prune.pareto import front, write_front
     from automl_prune.strategy import get_strategy
 
     s, par = config.search, config.parallel
@@ -242,23 +309,45 @@ def run_search(
             pool.close()
         if log is not None:
             log.close()
-    write_json(run.path / "plan.json", result.best_plan.to_dict())
+    outcome = SearchOutcome(result, result.best_plan, result.best_evaluation)
+    measured: dict[int, float] = {}
+    if evaluator.latency_model is not None and s.finalists > 0:
+        if stage is not None:
+            stage(f"      measuring up to {s.finalists} finalists on {evaluator.budget.where()}")
+        choice = choose_finalist(evaluator, result.history, s.finalists, progress=progress)
+        if choice is not None:
+            chosen = choice.finalists[choice.chosen]
+            evaluation = dataclasses.replace(chosen.evaluation, measured_latency_ms=chosen.measured_ms)
+            outcome = SearchOutcome(result, chosen.plan, evaluation, choice)
+            first = {}
+            for i, (plan, _) in enumerate(result.history):
+                first.setdefault(evaluator.structure_key(plan), i)
+            for f in choice.finalists:
+                measured[first[evaluator.structure_key(f.plan)]] = f.measured_ms
+            write_json(run.path / "finalists.json", choice.to_dict())
+    write_front(run.path, front(result.history, measured, key=evaluator.structure_key))
+    write_json(run.path / "plan.json", outcome.plan.to_dict())
     write_json(
         run.path / "result.json",
         {
             "strategy": result.strategy,
             "seed": result.seed,
             "budget": evaluator.budget.to_dict(),
+            "limits": evaluator.limits,
+            "round_to": evaluator.config.round_to,
             "evaluations": result.evaluations,
             "wall_time": result.wall_time,
             "dense": evaluator.dense.to_dict(),
-            "latency_scale": evaluator.latency_scale if evaluator.latency_table is not None else None,
+            "latency_model": evaluator.latency_model.to_dict() if evaluator.latency_model is not None else None,
             "best_plan": result.best_plan.to_dict(),
             "best": result.best_evaluation.to_dict(),
+            "chosen_plan": outcome.plan.to_dict(),
+            "chosen": outcome.evaluation.to_dict(),
+            "budget_met_measured": outcome.budget_met,
             "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in result.history],
         },
     )
-    return result
+    return outcome
 
 
 def prune_and_finetune(
@@ -275,9 +364,10 @@ def prune_and_finetune(
     from automl_prune.training import train
 
     p = config.prune
+    round_to = round_to_of(config)
     batches = list(data.search_val.batches(128))[: p.criterion_batches]
     seed_everything(config.seed)
-    pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=p.round_to, data=batches)
+    pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=round_to, data=batches)
     before = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     meta: dict[str, Any] = {
         **{k: v for k, v in info.meta.items() if k in ("dataset", "train")},
@@ -288,7 +378,7 @@ def prune_and_finetune(
         result = train(pruned, data, finetune_config_of(config), description="fine-tune")
         pruned = result.model
         meta["finetune"] = {**finetune_config_of(config).to_dict(), "best_val_accuracy": result.val_accuracy}
-    return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, p.round_to, meta)
+    return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta)
 
 
 @dataclass
@@ -296,7 +386,7 @@ class JobResult:
     """What :func:`run_job` produced."""
 
     run_dir: Path
-    search: SearchResult
+    search: SearchOutcome
     report: dict[str, Any] | None
 
 
@@ -321,22 +411,31 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
     model, info, source = dense_model(config, data)
     copy_checkpoint(source, run.path / "baseline.pt")
     budget = budget_of(config)
+    known = run_latency_model(run)
+    fitting = budget.has_latency and known is None
     stage(
         f"[2/{total}] evaluator under {budget.describe()}"
-        + (" (building the latency lookup table)" if budget.latency_ms is not None else "")
+        + (f" (measuring {config.search.latency_plans} plans to fit the latency model)" if fitting else "")
     )
-    evaluator = make_evaluator(config, model, data)
+    evaluator = make_evaluator(config, model, data, latency_model=known)
+    if evaluator.latency_model is not None:
+        write_json(run.path / LATENCY_MODEL_FILE, evaluator.latency_model.to_dict())
+        if fitting:
+            stage(f"      {evaluator.latency_model.describe()}")
     space = make_space(config, evaluator)
     stage(f"[3/{total}] search: {config.search.strategy}, {config.search.evaluations} evaluations")
-    result = run_search(config, run, evaluator, space, info.spec, progress=progress)
+    outcome = run_search(config, run, evaluator, space, info.spec, progress=progress, stage=stage)
     if config.search.only:
-        return JobResult(run.path, result, None)
+        return JobResult(run.path, outcome, None)
     ft = f"fine-tune {config.finetune.epochs:g} epochs" if config.finetune.epochs > 0 else "no fine-tune"
     stage(f"[4/{total}] prune with {config.prune.criterion}, {ft}, export")
-    pruned, pruned_info = prune_and_finetune(config, model, info, result.best_plan, data)
+    pruned, pruned_info = prune_and_finetune(config, model, info, outcome.plan, data)
     paths = export_model(pruned, pruned_info, run.path)
+    export_model(model, info, run.path, stem="baseline", checkpoint=False)
     onnx_diff = check_onnx(pruned, paths.onnx, data.test.images[:8])
     write_json(run.path / "export.json", {"onnx_max_abs_diff": onnx_diff})
-    stage(f"[5/{total}] report: test accuracy and latency of baseline and pruned model")
+    stage(
+        f"[5/{total}] report: test accuracy and latency of baseline and pruned model on {budget.runtime} ({budget.device})"
+    )
     report = write_run_report(run.path, config, data)
-    return JobResult(run.path, result, report)
+    return JobResult(run.path, outcome, report)

@@ -73,14 +73,23 @@ def summarise(results: dict[str, list[SearchResult]]) -> list[StrategySummary]:
     return sorted(rows, key=lambda r: -r.best_mean)
 
 
+def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (cost, accuracy) points, sorted by cost.
+
+    Lower cost and higher accuracy are better; of equal points the first is kept.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Non-dominated (cost, accuracy) points: lower cost and higher accuracy are better; sorted by cost."""
-    front, best = [], -math.inf
-    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if acc > best:
-            front.append((cost, acc))
-            best = acc
-    return front
+    return [points[i] for i in pareto_indices(points)]
 
 
 def _markdown(rows: list[StrategySummary], title: str) -> str:

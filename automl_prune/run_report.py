@@ -1,13 +1,15 @@
 """The report of one main-job run: baseline vs pruned model, measured from the run's files.
 
 :func:`write_run_report` reads ``baseline.pt``, ``model.pt``, ``result.json`` and
-``export.json`` from a run directory, measures both models again (test accuracy, exact
-FLOPs and parameters of the built models, end-to-end latency at each configured batch size
-on the budget's device) and writes:
+``export.json`` from a run directory and measures both models again: test accuracy, exact
+FLOPs and parameters of the built models, and end-to-end latency of the *exported files*
+(``baseline.onnx`` / ``model.onnx`` for onnxruntime, ``.ts`` for TorchScript, the checkpoints
+for eager torch) on the budget's runtime, device and threads at each configured batch size,
+in interleaved rounds, with p10/p90 and a noise flag. It writes:
 
 - ``report.json``: every figure, the budget with whether each term is met by the measured
-  value, the per-group channels, the config;
-- ``report.md``: the same for people;
+  value, the measured finalists, the Pareto front, the per-group channels, the config;
+- ``report.md``: the same for people, with how to load each file;
 - ``keep_ratios.png``: original vs kept channels per group;
 - ``search_curve.png``: every evaluation's search-val accuracy and the best so far.
 
@@ -22,7 +24,6 @@ import json
 import logging
 import math
 import platform
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,16 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.io import atomic_path, write_json, write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
-from automl_prune.measure.latency import cpu_model_name, measure_latency
+from automl_prune.measure.latency import LatencyStats, cpu_model_name, measure_interleaved, round_ratio
 from automl_prune.report import best_so_far
+from automl_prune.runtimes import Runner, Runtime, get_runtime
 from automl_prune.types import Budget, Evaluation
 
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("baseline.pt", "model.pt", "result.json")
-ROUNDS = 3
 DRIFT = 0.15
 """Relative change of the baseline's latency between search and report worth a note."""
-"""Latency measurement rounds per model and batch size (see :func:`_interleaved_latency`)."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -60,7 +60,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _latency_sizes(config: Config) -> list[int]:
     sizes = list(dict.fromkeys(config.report.latency_batch_sizes))
-    if config.budget.latency_ms is not None and config.budget.batch_size not in sizes:
+    if config.budget.batch_size not in sizes and (
+        config.budget.latency_ms is not None or config.budget.speedup is not None
+    ):
         sizes.append(config.budget.batch_size)
     return sizes
 
@@ -71,17 +73,12 @@ def _device_name(device: str) -> str:
     return cpu_model_name()
 
 
-def _budget_terms(
-    config: Config,
-    base: dict[str, Any],
-    pruned: dict[str, Any],
-    predicted: float | None,
-    baseline_at_search: float | None = None,
-) -> list[dict]:
+def _budget_terms(config: Config, base: dict[str, Any], pruned: dict[str, Any], result: dict[str, Any]) -> list[dict]:
     """One entry per budget term: limit, measured value, met, and by how much.
 
-    For a latency term it also records the baseline's latency measured now and when the
-    search calibrated its lookup table, so that a machine whose speed changed in between is
+    A latency term also records the prediction of the search, the measurement of the
+    finalists, whether today's measurement is noisy, and the baseline's latency now and
+    when the latency model was fitted, so that a machine whose speed changed in between is
     visible in the report.
     """
     b = config.budget
@@ -101,8 +98,22 @@ def _budget_terms(
                 "margin": value / absolute - 1.0,
             }
         )
+    size = str(b.batch_size)
+    chosen = result.get("chosen", {})
+    fitted = result.get("latency_model") or {}
+    common = {
+        "runtime": b.runtime,
+        "device": b.device,
+        "batch_size": b.batch_size,
+        "noisy": pruned["latency"][size]["noisy"] or base["latency"][size]["noisy"]
+        if size in pruned["latency"]
+        else False,
+        "baseline_measured": base["latency_ms"].get(size),
+        "baseline_at_search": fitted.get("dense_ms"),
+    }
     if b.latency_ms is not None:
-        measured = pruned["latency_ms"][str(b.batch_size)]
+        measured = pruned["latency_ms"][size]
+        predicted = chosen.get("latency_ms")
         terms.append(
             {
                 "term": "latency_ms",
@@ -111,33 +122,62 @@ def _budget_terms(
                 "measured": measured,
                 "predicted": predicted,
                 "prediction_error": (predicted - measured) / measured if predicted is not None else None,
+                "measured_at_search": chosen.get("measured_latency_ms"),
                 "met": measured <= b.latency_ms,
                 "margin": measured / b.latency_ms - 1.0,
-                "device": b.device,
-                "batch_size": b.batch_size,
-                "baseline_measured": base["latency_ms"][str(b.batch_size)],
-                "baseline_at_search": baseline_at_search,
+                **common,
+            }
+        )
+    if b.speedup is not None:
+        measured = pruned["speedup"][size]
+        terms.append(
+            {
+                "term": "speedup",
+                "limit": b.speedup,
+                "limit_given": b.speedup,
+                "measured": measured,
+                "met": measured >= b.speedup,
+                "margin": b.speedup / measured - 1.0,
+                **common,
             }
         )
     return terms
 
 
-def _interleaved_latency(
-    models: dict[str, torch.nn.Module], shape: tuple[int, ...], sizes: list[int], config: Config, threads: int
-) -> dict[str, dict[int, list[float]]]:
-    """Median latency of each model per batch size in ``ROUNDS`` rounds, the models taking turns.
+def _artifact_runner(
+    runtime: Runtime, run: Path, stem: str, model: torch.nn.Module, shape: tuple, config: Config
+) -> Runner:
+    """A runner of ``run/stem<suffix>`` (the exported file), or of ``model`` converted alike when the file is missing."""
+    b = config.budget
+    path = run / f"{stem}{runtime.suffix}"
+    if path.is_file():
+        return runtime.open(path, shape, b.device, b.threads)
+    logger.info("%s is missing; converting the checkpoint for %s instead", path.name, runtime.name)
+    return runtime.compile(model, shape, b.device, b.threads)
+
+
+def _measure_latency(
+    run: Path, config: Config, models: dict[str, torch.nn.Module], shape: tuple[int, ...], sizes: list[int]
+) -> dict[int, dict[str, LatencyStats]]:
+    """Latency of the baseline's and the pruned model's files per batch size, in interleaved rounds.
 
     Taking turns spreads a transient slowdown of a shared machine over both models instead of
-    charging it to whichever was being timed; the report gives the median of the rounds.
+    charging it to whichever was being timed; a measurement that stays noisy is flagged.
     """
-    out: dict[str, dict[int, list[float]]] = {label: {s: [] for s in sizes} for label in models}
+    runtime = get_runtime(config.budget.runtime)
+    runtime.check(config.budget.device)
+    stems = {"baseline": "baseline", "pruned": "model"}
+    out = {}
     for size in sizes:
-        for _ in range(ROUNDS):
-            for label, model in models.items():
-                stats = measure_latency(
-                    model, (size, *shape), device=config.budget.device, threads=threads, runs=config.report.latency_runs
-                )
-                out[label][size].append(stats.median_ms)
+        runners = {
+            label: _artifact_runner(runtime, run, stems[label], model, (size, *shape), config)
+            for label, model in models.items()
+        }
+        try:
+            out[size] = measure_interleaved(runners, rounds=config.report.latency_rounds)
+        finally:
+            for runner in runners.values():
+                runner.close()
     return out
 
 
@@ -164,10 +204,11 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
     result = _read_json(run / "result.json")
     export = _read_json(run / "export.json")
     x = base_info.example_inputs()
-    threads = config.budget.threads or torch.get_num_threads()
+    b = config.budget
+    threads = b.threads or torch.get_num_threads()
     sizes = _latency_sizes(config)
     pair = {"baseline": baseline, "pruned": pruned}
-    latency = _interleaved_latency(pair, tuple(x.shape[1:]), sizes, config, threads)
+    latency = _measure_latency(run, config, pair, tuple(x.shape[1:]), sizes)
     models: dict[str, dict[str, Any]] = {}
     for label, model in pair.items():
         cost = count_cost(model, x)
@@ -175,9 +216,11 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
             "test_accuracy": evaluate_accuracy(model, data.test, limit=config.report.test_size),
             "flops": cost.flops,
             "params": cost.params,
-            "latency_ms": {str(size): statistics.median(latency[label][size]) for size in sizes},
-            "latency_rounds_ms": {str(size): latency[label][size] for size in sizes},
+            "latency_ms": {str(size): latency[size][label].median_ms for size in sizes},
+            "latency": {str(size): latency[size][label].to_dict() for size in sizes},
         }
+    speedup = {str(size): 1.0 / round_ratio(latency[size]["pruned"], latency[size]["baseline"]) for size in sizes}
+    models["pruned"]["speedup"] = speedup
     graph = LayerGraph(baseline, x)
     plan = info.plan
     assert plan is not None  # model.pt is written by prune_and_finetune, always with its plan
@@ -192,10 +235,17 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         }
         for g in graph.groups
     ]
-    best = result.get("best", {})
-    predicted = best.get("latency_ms")  # None unless the budget has a latency term
+    best = result.get("chosen") or result.get("best", {})
     base, new = models["baseline"], models["pruned"]
-    terms = _budget_terms(config, base, new, predicted, result.get("dense", {}).get("latency_ms"))
+    terms = _budget_terms(config, base, new, result)
+    noisy = [
+        f"{label} at batch {size}: {latency[size][label].note}"
+        for size in sizes
+        for label in pair
+        if latency[size][label].noisy
+    ]
+    finalists = _read_json(run / "finalists.json")
+    front = _read_json(run / "pareto.json")
     return {
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": base_info.spec.name,
@@ -204,19 +254,22 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         "strategy": result.get("strategy", config.search.strategy),
         "criterion": info.meta.get("criterion", config.prune.criterion),
         "machine": {
-            "device": config.budget.device,
-            "device_name": _device_name(config.budget.device),
+            "runtime": b.runtime,
+            "device": b.device,
+            "device_name": _device_name(b.device),
             "threads": threads,
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
         "budget": {"description": Budget(**result["budget"]).describe() if "budget" in result else "", "terms": terms},
         "budget_met": all(t["met"] for t in terms),
+        "latency_noisy": noisy,
         "baseline": base,
         "pruned": new,
         "pruned_before_finetune_test_accuracy": info.meta.get("test_accuracy_before_finetune"),
         "finetune": info.meta.get("finetune"),
-        "speedup": {s: base["latency_ms"][s] / new["latency_ms"][s] for s in base["latency_ms"]},
+        "speedup": speedup,
+        "round_to": info.round_to,
         "skipped_blocks": graph.skipped_blocks(plan),
         "layers": layers,
         "search": {
@@ -225,14 +278,45 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
             "best_search_val_accuracy": best.get("accuracy"),
             "dense_search_val_accuracy": result.get("dense", {}).get("accuracy"),
             "best_flops_ratio": best.get("flops_ratio"),
+            "latency_model": result.get("latency_model"),
         },
+        "finalists": finalists.get("finalists", []),
+        "chosen_finalist": finalists.get("chosen"),
+        "pareto": front.get("points", []),
+        "pareto_cost": front.get("cost_label"),
+        "inputs": _inputs(base_info.input_shape, data, base_info.meta),
         "onnx_max_abs_diff": export.get("onnx_max_abs_diff"),
-        "files": {
-            name: name
-            for name in ("model.pt", "model.ts", "model.onnx", "baseline.pt", "plan.json", "result.json", "config.yaml")
-            if (run / name).is_file()
-        },
+        "files": {name: name for name in FILES if (run / name).is_file()},
         "config": config.to_dict(),
+    }
+
+
+FILES = {
+    "model.onnx": "the pruned model in ONNX (BatchNorm folded): `onnxruntime.InferenceSession('model.onnx')`",
+    "model.ts": "the pruned model in TorchScript (frozen): `torch.jit.load('model.ts')`",
+    "model.pt": "the pruned model as a checkpoint: `automl_prune.checkpoint.load_checkpoint('model.pt')` "
+    "(trainable, rebuilds its architecture)",
+    "baseline.onnx": "the dense model in ONNX, for comparison",
+    "baseline.ts": "the dense model in TorchScript",
+    "baseline.pt": "the dense model as a checkpoint",
+    "plan.json": "the plan that shipped (keep ratio per group)",
+    "pareto.json": "the accuracy-vs-cost front of the search: `automl-prune prune --plan pareto.json --point N` "
+    "ships another point",
+    "finalists.json": "the finalists measured on the runtime, with their prediction errors",
+    "latency_model.json": "the latency model the search predicted with",
+    "result.json": "the search's result and every evaluation",
+    "config.yaml": "the resolved config: `automl-prune search --config config.yaml` reruns the search",
+}
+"""Files a run directory may hold, with how to use each (listed in the report)."""
+
+
+def _inputs(input_shape: tuple[int, ...], data: DataSplits, meta: dict[str, Any]) -> dict[str, Any]:
+    """How to feed the model: input shape, dtype and class count."""
+    return {
+        "shape": ["batch", *input_shape[1:]],
+        "dtype": "float32",
+        "classes": data.num_classes,
+        "dataset": meta.get("dataset", data.name),
     }
 
 
@@ -240,34 +324,60 @@ def _pct(x: float) -> str:
     return f"{x:+.1%}"
 
 
+def _noise_tail(t: dict[str, Any]) -> str:
+    return " (the measurement stayed noisy; `automl-prune report --run DIR` measures again)" if t.get("noisy") else ""
+
+
 def _budget_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for t in report["budget"]["terms"]:
-        verdict = "**met**" if t["met"] else f"**missed by {t['margin']:.1%}**"
+        verdict = "**met**" if t["met"] else f"**missed by {abs(t['margin']):.1%}**"
+        where = f"{t.get('runtime', 'torch')}, {t.get('device', 'cpu')}, batch {t.get('batch_size', 1)}"
         if t["term"] == "latency_ms":
             pred = (
-                f"; predicted {t['predicted']:.3f} ms by the lookup table (error {_pct(t['prediction_error'])})"
+                f"; predicted {t['predicted']:.4g} ms by the latency model (error {_pct(t['prediction_error'])})"
                 if t.get("predicted") is not None
                 else ""
             )
+            if t.get("measured_at_search") is not None:
+                pred += f"; {t['measured_at_search']:.4g} ms when measured as a finalist"
             lines.append(
-                f"- latency <= {t['limit']:g} ms ({t['device']}, batch {t['batch_size']}): {verdict}: "
-                f"measured {t['measured']:.3f} ms end to end{pred}"
+                f"- latency <= {t['limit']:g} ms ({where}): {verdict}: measured {t['measured']:.4g} ms "
+                f"end to end{pred}{_noise_tail(t)}"
             )
-            then, now = t.get("baseline_at_search"), t.get("baseline_measured")
-            if then and now and abs(now / then - 1) > DRIFT:
-                lines.append(
-                    f"- note: the baseline measures {now:.3f} ms now against {then:.3f} ms when the search calibrated "
-                    f"its latency table ({now / then - 1:+.0%}): the machine's speed changed in between, which moves "
-                    "the measured figures by as much; `automl-prune report --run DIR` measures again"
-                )
+        elif t["term"] == "speedup":
+            lines.append(
+                f"- speed-up >= {t['limit']:g}x over the baseline ({where}): {verdict}: measured "
+                f"x{t['measured']:.2f} (interleaved rounds){_noise_tail(t)}"
+            )
         else:
             given = f"{t['limit_given']:.0%} of the baseline = " if t["limit_given"] <= 1 else ""
             lines.append(
                 f"- {t['term']} <= {given}{t['limit']:,.0f}: {verdict}: the pruned model has {t['measured']:,} "
                 f"({t['measured'] / report['baseline'][t['term']]:.1%} of the baseline)"
             )
+            continue
+        then, now = t.get("baseline_at_search"), t.get("baseline_measured")
+        if then and now and abs(now / then - 1) > DRIFT:
+            lines.append(
+                f"- note: the baseline measures {now:.4g} ms now against {then:.4g} ms when the search fitted its "
+                f"latency model ({now / then - 1:+.0%}): the machine's speed changed in between, which moves the "
+                "absolute figures by as much (speed-ups are measured in interleaved rounds and hold)"
+            )
     return lines
+
+
+def _latency_rows(report: dict[str, Any]) -> list[str]:
+    base, new = report["baseline"], report["pruned"]
+    rows = []
+    for size in base["latency_ms"]:
+        b, p = base["latency"][size], new["latency"][size]
+        flag = " NOISY" if b["noisy"] or p["noisy"] else ""
+        rows.append(
+            f"| {size} | {b['median_ms']:.4g} ({b['p10_ms']:.4g}-{b['p90_ms']:.4g}) | "
+            f"{p['median_ms']:.4g} ({p['p10_ms']:.4g}-{p['p90_ms']:.4g}) | x{report['speedup'][size]:.2f}{flag} |"
+        )
+    return rows
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -287,15 +397,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("parameters", f"{base['params']:,}", f"{new['params']:,}", f"x{base['params'] / new['params']:.2f} smaller"),
         ("FLOPs (MACs)", f"{base['flops']:,}", f"{new['flops']:,}", f"x{base['flops'] / new['flops']:.2f} smaller"),
     ]
-    for size, ms in base["latency_ms"].items():
-        rows.append(
-            (
-                f"latency, batch {size} (ms)",
-                f"{ms:.3f}",
-                f"{new['latency_ms'][size]:.3f}",
-                f"speed-up x{report['speedup'][size]:.2f}",
-            )
-        )
     lines = [
         f"# automl-prune report: {report['model']} on {report['dataset']}",
         "",
@@ -304,14 +405,31 @@ def render_markdown(report: dict[str, Any]) -> str:
         *_budget_lines(report),
         "",
         f"Strategy `{report['strategy']}` ({report['search']['evaluations']} evaluations, "
-        f"{report['search']['wall_time_s'] or 0:.0f} s), criterion `{report['criterion']}`, seed {report['seed']}. "
-        f"Measured on {m['device']} ({m['device_name']}), {m['threads']} thread(s), torch {m['torch']}, {report['created']}.",
+        f"{report['search']['wall_time_s'] or 0:.0f} s), criterion `{report['criterion']}`, seed {report['seed']}, "
+        f"channel widths in multiples of {report.get('round_to', 1)}. {report['created']}.",
         "",
         "| | baseline | pruned | change |",
         "|---|---:|---:|---:|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
         "",
+        "## Latency",
+        "",
+        f"Measured on the exported files in {m.get('runtime', 'torch')} on {m['device']} ({m['device_name']}), "
+        f"{m['threads']} thread(s), torch {m['torch']}: median of interleaved rounds (baseline, pruned, baseline, "
+        "...), p10-p90 of all runs in brackets, speed-up as the median of the per-round ratios.",
+        "",
+        "| batch | baseline ms | pruned ms | speed-up |",
+        "|---:|---:|---:|---:|",
+        *_latency_rows(report),
+        "",
     ]
+    if report.get("latency_noisy"):
+        lines += [
+            "Noisy measurements (repeated, and still too spread to be taken as fact): "
+            + "; ".join(report["latency_noisy"])
+            + ".",
+            "",
+        ]
     before = report.get("pruned_before_finetune_test_accuracy")
     if before is not None:
         ft = report.get("finetune")
@@ -320,10 +438,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     s = report["search"]
     if s.get("best_search_val_accuracy") is not None:
         lines += [
-            f"Best plan's search-val accuracy during the search (no fine-tune): {s['best_search_val_accuracy']:.4f} "
-            f"(dense: {s['dense_search_val_accuracy']:.4f}).",
+            f"The shipped plan's search-val accuracy during the search (no fine-tune): "
+            f"{s['best_search_val_accuracy']:.4f} (dense: {s['dense_search_val_accuracy']:.4f}).",
             "",
         ]
+    lines += _finalist_lines(report)
     lines += [
         "## Channels kept per group",
         "",
@@ -345,8 +464,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         "![search curve](search_curve.png)",
         "",
     ]
+    lines += _pareto_lines(report)
+    inputs = report.get("inputs")
     lines += ["## Files", ""]
-    lines += [f"- `{name}`" for name in report["files"]]
+    if inputs:
+        lines += [
+            f"Inputs: {inputs['dtype']} tensors of shape ({', '.join(map(str, inputs['shape']))}), preprocessed as "
+            f"the `{inputs['dataset']}` dataset of automl-prune; outputs: {inputs['classes']} class logits.",
+            "",
+        ]
+    lines += [f"- `{name}`: {FILES[name]}" for name in report["files"]]
     if report.get("onnx_max_abs_diff") is not None:
         lines += [
             "",
@@ -354,6 +481,51 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _finalist_lines(report: dict[str, Any]) -> list[str]:
+    finalists = report.get("finalists") or []
+    if not finalists:
+        return []
+    lines = [
+        "## Finalists",
+        "",
+        "The best distinct plans of the search, measured end to end on the runtime (interleaved with the "
+        "baseline); the plan that shipped is the best one whose measurement met the budget.",
+        "",
+        "| # | search-val acc | FLOPs | predicted ms | measured ms (p10-p90) | error | meets | shipped |",
+        "|---:|---:|---:|---:|---:|---:|:---:|:---:|",
+    ]
+    for i, f in enumerate(finalists):
+        lat = f["latency"]
+        pred = f"{f['predicted_ms']:.4g}" if f.get("predicted_ms") is not None else "n/a"
+        err = _pct(f["prediction_error"]) if f.get("prediction_error") is not None else "n/a"
+        lines.append(
+            f"| {i + 1} | {f['accuracy']:.4f} | {f['flops']:,} | {pred} | {lat['median_ms']:.4g} "
+            f"({lat['p10_ms']:.4g}-{lat['p90_ms']:.4g}){' NOISY' if f.get('noisy') else ''} | {err} | "
+            f"{'yes' if f['meets'] else 'no'} | {'**yes**' if i == report.get('chosen_finalist') else ''} |"
+        )
+    return [*lines, ""]
+
+
+def _pareto_lines(report: dict[str, Any]) -> list[str]:
+    points = report.get("pareto") or []
+    if not points:
+        return []
+    lines = [
+        "## Pareto front",
+        "",
+        f"Plans of the search no other plan beats on both search-val accuracy and {report.get('pareto_cost')}; "
+        "ship another one with `automl-prune prune --checkpoint baseline.pt --plan pareto.json --point N`.",
+        "",
+        "| point | search-val acc | FLOPs ratio | predicted ms | measured ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        pred = f"{p['predicted_ms']:.4g}" if p.get("predicted_ms") is not None else ""
+        meas = f"{p['measured_ms']:.4g}" if p.get("measured_ms") is not None else ""
+        lines.append(f"| {p['point']} | {p['accuracy']:.4f} | {p['flops_ratio']:.3f} | {pred} | {meas} |")
+    return [*lines, "", "![pareto front](pareto.png)", ""]
 
 
 def _plot_keep(report: dict[str, Any], out: Path) -> None:

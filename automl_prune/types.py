@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from automl_prune.errors import InvalidValueError
@@ -142,33 +142,52 @@ class Plan:
 class Budget:
     """A deployment budget: any combination of FLOPs, parameters and latency.
 
+    Latency is measured on ``runtime`` (the form the model ships in) on ``device`` with
+    ``threads`` intra-op threads at ``batch_size``; it is predicted during the search by a
+    latency model fitted on measured plans, and measured end to end at the end.
+
     Attributes:
         flops: FLOPs (MACs per sample) limit; a value <= 1 is a fraction of the dense
             model's, a larger value an absolute count.
         params: Parameter limit, fraction (<= 1) or absolute like ``flops``.
-        latency_ms: Latency limit in milliseconds on ``device`` (lookup-table prediction
-            during the search, measured end to end at the end).
-        device: ``"cpu"`` or ``"cuda"``, for latency.
+        latency_ms: Latency limit in milliseconds.
+        speedup: Minimum speed-up over the dense model on the same runtime (>= 1), a
+            latency limit that holds on any machine.
+        runtime: ``"onnxruntime"``, ``"torchscript"`` or ``"torch"``.
+        device: ``"cpu"`` or ``"cuda"``.
         batch_size: Batch size latency is measured at.
-        threads: CPU threads latency is measured with (None = torch's current setting).
+        threads: Intra-op threads latency is measured with (None = torch's current setting).
     """
 
     flops: float | None = None
     params: float | None = None
     latency_ms: float | None = None
+    speedup: float | None = None
+    runtime: str = "onnxruntime"
     device: str = "cpu"
     batch_size: int = 1
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("flops", "params", "latency_ms"):
+        for name in ("flops", "params", "latency_ms", "speedup"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
                 raise InvalidValueError(f"budget {name} must be a positive number, got {value!r}")
-        if self.flops is None and self.params is None and self.latency_ms is None:
-            raise InvalidValueError("a budget needs at least one of flops, params or latency_ms")
+        if self.speedup is not None and self.speedup < 1.0:
+            raise InvalidValueError(
+                f"budget speedup must be >= 1 (times faster than the dense model), got {self.speedup}"
+            )
+        if self.flops is None and self.params is None and not self.has_latency:
+            raise InvalidValueError("a budget needs at least one of flops, params, latency_ms or speedup")
         if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
             raise InvalidValueError("budget batch_size and threads must be >= 1")
+
+    @property
+    def has_latency(self) -> bool:
+        """True when the budget limits latency (in ms or as a speed-up)."""
+        return self.latency_ms is not None or self.speedup is not None
 
     @staticmethod
     def absolute(limit: float | None, dense: int) -> float | None:
@@ -177,19 +196,34 @@ class Budget:
             return None
         return limit * dense if limit <= 1.0 else float(limit)
 
+    def latency_limit(self, dense_ms: float) -> float | None:
+        """The latency limit in ms given the dense model's latency (the tighter of both terms)."""
+        limits = [v for v in (self.latency_ms, dense_ms / self.speedup if self.speedup else None) if v is not None]
+        return min(limits) if limits else None
+
+    def where(self) -> str:
+        """Where latency is measured, e.g. ``onnxruntime, cpu, 2 threads, b=1``."""
+        threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
+        return f"{self.runtime}, {self.device}{threads}, b={self.batch_size}"
+
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``flops<=50%, latency<=3ms (cpu, b=1)``."""
+        """Short human-readable form, e.g. ``flops<=50%, latency<=3ms (onnxruntime, cpu, b=1)``."""
         parts = []
         for name, value in (("flops", self.flops), ("params", self.params)):
             if value is not None:
                 parts.append(f"{name}<={value:.0%}" if value <= 1 else f"{name}<={value:,.0f}")
+        latency = []
         if self.latency_ms is not None:
-            parts.append(f"latency<={self.latency_ms:g}ms ({self.device}, b={self.batch_size})")
+            latency.append(f"latency<={self.latency_ms:g}ms")
+        if self.speedup is not None:
+            latency.append(f"speed-up>={self.speedup:g}x")
+        if latency:
+            parts.append(", ".join(latency) + f" ({self.where()})")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {k: getattr(self, k) for k in ("flops", "params", "latency_ms", "device", "batch_size", "threads")}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -200,8 +234,9 @@ class Evaluation:
         accuracy: Top-1 accuracy on the search-val subset (NaN when it failed).
         flops: FLOPs (MACs per sample) of the pruned model.
         params: Parameters of the pruned model.
-        latency_ms: Predicted latency (lookup table), when the budget has a latency term.
-        measured_latency_ms: End-to-end measured latency, when asked for.
+        latency_ms: Predicted latency (the fitted latency model), when the budget has a latency term.
+        measured_latency_ms: End-to-end measured latency on the budget's runtime, when measured
+            (the finalists of a latency-budget search).
         flops_ratio: ``flops`` over the dense model's.
         reward: The reward the strategies maximise.
         feasible: True when the plan meets every term of the budget and evaluated cleanly.

@@ -41,6 +41,11 @@ def test_list_shows_registries() -> None:
         (["search", "--resume", "/nonexistent", "--search.evaluations", "3"], "give no --config, config flags"),
         (["train", "--search.evaluations", "3"], "`automl-prune train` does not use --search.evaluations"),
         (["export", "--checkpoint", "/nonexistent.pt", "--out", "x"], "does not exist"),
+        (["search", "--budget.runtime", "tensorrt"], "--budget.runtime must be one of onnxruntime, torchscript, torch"),
+        (["search", "--budget.speedup", "0.5"], "--budget.speedup must be a number >= 1"),
+        (["latency", "--artifact", "model.tflite"], "give one ending in .onnx"),
+        (["latency", "--artifact", "m.onnx", "--model", "resnet20"], "--artifact measures an exported file as is"),
+        (["prune", "--checkpoint", "x.pt", "--point", "-1"], "must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
@@ -129,8 +134,16 @@ def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
     assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 32, 64]
     assert info.meta["finetune"]["test_after"] > 0.5
 
-    lat = run("latency", "--checkpoint", str(tmp_path / "export" / "model.pt"), "--runs", "10", "--threads", "1").stdout
-    assert "predicted ms (LUT)" in lat
+    # measured on onnxruntime (the default runtime) against its dense architecture, then the file itself
+    pruned = str(tmp_path / "export" / "model.pt")
+    lat = run("latency", "--checkpoint", pruned, "--rounds", "3", "--threads", "1").stdout
+    assert "latency on onnxruntime" in lat and "speed-up over dense" in lat and "no latency table" in lat
+    rebuilt = run("latency", "--checkpoint", pruned, "--rounds", "3", "--threads", "1", "--rebuild", "--plans", "5")
+    assert "latency model fitted on 6 measured plans" in rebuilt.stdout and "predicted ms" in rebuilt.stdout
+    artifact = run("latency", "--artifact", str(tmp_path / "export" / "model.onnx"), "--rounds", "3").stdout
+    assert "latency on onnxruntime" in artifact and "median ms" in artifact
+    ts = run("latency", "--checkpoint", pruned, "--runtime", "torchscript", "--rounds", "3").stdout
+    assert "latency on torchscript" in ts
 
 
 def test_compare_refuses_a_directory_holding_a_different_comparison(tmp_path: Path) -> None:

@@ -44,7 +44,12 @@ def test_bad_budgets_are_rejected(kwargs) -> None:
 def test_budget_fraction_or_absolute() -> None:
     assert Budget.absolute(0.5, 1000) == 500
     assert Budget.absolute(300, 1000) == 300
-    assert Budget(flops=0.5, latency_ms=3).describe() == "flops<=50%, latency<=3ms (cpu, b=1)"
+    assert Budget(flops=0.5, latency_ms=3).describe() == "flops<=50%, latency<=3ms (onnxruntime, cpu, b=1)"
+    both = Budget(latency_ms=3, speedup=2, runtime="torch", threads=1)
+    assert both.describe() == "latency<=3ms, speed-up>=2x (torch, cpu, 1 thread, b=1)"
+    assert both.latency_limit(dense_ms=4.0) == 2.0 and both.latency_limit(dense_ms=10.0) == 3.0
+    with pytest.raises(InvalidValueError, match="speedup must be >= 1"):
+        Budget(speedup=0.5)
 
 
 def test_reward_formulas() -> None:
@@ -136,8 +141,8 @@ def test_every_random_episode_ends_inside_a_latency_budget(trained_cnn, fashion_
     probe = Evaluator(trained_cnn.model, fashion_small, Budget(latency_ms=1e6, threads=1), CONFIG)
     dense_ms = probe.predict_latency(Plan())
     budget = Budget(latency_ms=0.6 * dense_ms, threads=1)
-    evaluator = Evaluator(trained_cnn.model, fashion_small, budget, CONFIG, latency_table=probe.latency_table)
-    evaluator.latency_scale = probe.latency_scale  # same table, same calibration: a deterministic test
+    # the same fitted latency model: a deterministic test
+    evaluator = Evaluator(trained_cnn.model, fashion_small, budget, CONFIG, latency_model=probe.latency_model)
     space = SearchSpace(evaluator, min_keep=0.1)
     rng = np.random.default_rng(1)
     for _ in range(15):
@@ -183,3 +188,22 @@ def test_fitness_after_a_few_finetuning_steps_scores_higher(trained_resnet20, fa
     assert first.accuracy > plain.evaluate(plan).accuracy
     tuned.clear_cache()
     assert tuned.evaluate(plan).accuracy == first.accuracy
+
+
+def test_the_space_steps_in_the_runtimes_channel_multiple(trained_resnet20, fashion_small) -> None:
+    """Every keep ratio the space produces is the exact width of the model that will be built."""
+    evaluator = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.5), EvaluatorConfig(round_to=16))
+    space = SearchSpace(evaluator, min_keep=0.2)
+    graph = evaluator.graph
+    rng = np.random.default_rng(0)
+    plans = [space.sample(rng) for _ in range(10)]
+    assert all(space.is_feasible(p) for p in plans)
+    plans.append(space.decode(rng.uniform(-1, 1, space.dim)))  # an RL action vector, as the envs decode it
+    for plan in plans:
+        for group, keep in zip(graph.groups, space.keeps(plan)):
+            width = keep * group.channels
+            assert abs(width - round(width)) < 1e-9  # an exact channel count
+            multiple = 8 if group.channels == 16 else 16  # a 16-channel group is rounded to 8 (half)
+            assert round(width) % multiple == 0 or round(width) == group.channels
+        assert graph.kept_channels(plan, 16) == graph.kept_channels(plan, 1)  # nothing is rounded later
+    assert list(space.min_keep[:1]) == [0.5]  # 16 channels: the smallest width is one multiple of 8

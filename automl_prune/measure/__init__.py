@@ -1,7 +1,7 @@
-"""Measurements of a network's cost on real hardware (latency)."""
+"""Measurements of a network's cost on real hardware (latency) and its prediction."""
 
 from __future__ import annotations
 
-from automl_prune.measure.latency import LatencyStats, LatencyTable, measure_latency, num_threads
+from automl_prune.measure.latency import LatencyStats, measure_interleaved, measure_latency, num_threads
 
-__all__ = ["LatencyStats", "LatencyTable", "measure_latency", "num_threads"]
+__all__ = ["LatencyStats", "measure_interleaved", "measure_latency", "num_threads"]

@@ -1,27 +1,27 @@
-"""Inference latency: end-to-end measurement and a per-layer lookup table.
+"""Measured inference latency, robust to a shared machine.
 
-Two tools live here:
+Every figure is measured on a :class:`~automl_prune.runtimes.Runner`, i.e. on the form of
+the model that ships (onnxruntime session, frozen TorchScript or eager torch):
 
-* :func:`measure_latency` times a whole model on a random input (warm-up runs, then
-  timed runs with :func:`time.perf_counter`) and summarises the run times in a
-  :class:`LatencyStats`.
-* :class:`LatencyTable` predicts a model's latency as the sum of the latencies of its
-  leaf modules, each measured once in isolation and cached on disk per device, machine,
-  thread count and batch size. Candidate pruned networks share most layer shapes, so a
-  search can estimate thousands of them after measuring a few hundred layers.
+* :func:`time_runner` times one runner (garbage collector paused, threads pinned);
+* :func:`measure_latency` converts a model to a runtime and times it once;
+* :func:`measure_interleaved` times several runners in interleaved rounds (a, b, a, b, ...),
+  so that a slowdown of the machine lands on all of them alike; it reports the median of
+  the round medians with the p10/p90 of all runs, repeats a measurement whose rounds
+  disagree or whose runs spread too widely, and flags it as noisy if it stays so;
+* :func:`round_ratio` turns two interleaved measurements into a ratio (e.g. a pruned
+  model's latency over the dense model's), which the machine's drift cancels out of.
 
-Timings depend on the thread count; both tools pin it with :func:`num_threads` for the
-measurement and restore the previous value afterwards.
+Timings on this project's shared 2-core machine drift by 10-50% over minutes (BENCHMARKS.md);
+ratios measured in interleaved rounds moved by a few percent.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import gc
-import json
 import logging
 import math
 import os
@@ -29,57 +29,44 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from automl_prune.errors import InvalidValueError
-from automl_prune.io import write_json
+from automl_prune.runtimes import Runner, get_runtime, resolve_device
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LatencyStats",
-    "LatencyTable",
+    "NOISE_ROUNDS",
+    "NOISE_SPREAD",
+    "cpu_model_name",
     "default_cache_dir",
     "hardware_slug",
-    "layer_key",
+    "measure_interleaved",
     "measure_latency",
     "num_threads",
+    "round_ratio",
+    "time_runner",
 ]
 
 CACHE_ENV_VAR = "AUTOML_PRUNE_CACHE"
-_FORMAT = "automl-prune-latency-table"
-_VERSION = 1
-_PROGRESS_MIN_MISSING = 5  # show a progress bar when more keys than this must be measured
-_INPUT_SEED = 0  # random inputs are drawn from a fixed seed so runs are repeatable
+NOISE_ROUNDS = 0.25
+"""A measurement whose round medians differ by more than this (max/min - 1) is noisy."""
+NOISE_SPREAD = 1.0
+"""A measurement whose p10-p90 range exceeds this fraction of its median is noisy."""
+ROUND_MS = 50.0
+"""Timed milliseconds per runner and round that :func:`measure_interleaved` aims for."""
+MIN_RUNS_PER_ROUND = 5
+MAX_RUNS_PER_ROUND = 500
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """Parse and check a device name; raise :class:`InvalidValueError` if it cannot be used."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidValueError(f"unknown device {device!r}; use 'cpu' or 'cuda[:index]'") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidValueError(f"unsupported device {device!r}; use 'cpu' or 'cuda[:index]'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InvalidValueError(
-                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    return dev
-
-
 def _check_threads(threads: int | None, *, allow_none: bool) -> None:
     if threads is None and allow_none:
         return
@@ -92,7 +79,12 @@ def _check_count(name: str, value: int, minimum: int) -> None:
         raise InvalidValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive integers.
+
+    Raises:
+        InvalidValueError: When it is not one.
+    """
     try:
         shape = tuple(input_shape)
     except TypeError as exc:
@@ -128,18 +120,6 @@ def num_threads(n: int | None) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode inside the block and restore every module's flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Disable the garbage collector inside the block so collections do not land in timed runs."""
     enabled = gc.isenabled()
@@ -149,47 +129,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter or buffer (CPU for a model without tensors)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _on_device(model: nn.Module, device: torch.device) -> bool:
-    def same(d: torch.device) -> bool:
-        if d.type != device.type:
-            return False
-        if device.type == "cuda":
-            want = device.index if device.index is not None else torch.cuda.current_device()
-            return d.index == want
-        return True
-
-    return all(same(t.device) for t in (*model.parameters(), *model.buffers()))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_runs(fn: Callable[[], Any], device: torch.device, warmup: int, runs: int) -> list[float]:
-    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed; return the run times in ms."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        _synchronize(device)
-        times: list[float] = []
-        with _gc_paused():
-            for _ in range(runs):
-                _synchronize(device)
-                start = time.perf_counter()
-                fn()
-                _synchronize(device)
-                times.append((time.perf_counter() - start) * 1000.0)
-    return times
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -202,28 +141,44 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
 
 
-def _generator() -> torch.Generator:
-    return torch.Generator().manual_seed(_INPUT_SEED)
+def time_runner(runner: Runner, warmup: int, runs: int) -> list[float]:
+    """Call ``runner`` ``warmup`` times untimed, then ``runs`` times timed; return the run times in ms."""
+    _check_count("warmup", warmup, 0)
+    _check_count("runs", runs, 1)
+    with runner.pinned():
+        for _ in range(warmup):
+            runner()
+        times: list[float] = []
+        with _gc_paused():
+            for _ in range(runs):
+                start = time.perf_counter()
+                runner()
+                times.append((time.perf_counter() - start) * 1000.0)
+    return times
 
 
-# --------------------------------------------------------------------------- end to end
-
-
+# --------------------------------------------------------------------------- statistics
 @dataclasses.dataclass(frozen=True)
 class LatencyStats:
-    """Summary of repeated latency measurements of one model and input shape.
+    """Summary of repeated latency measurements of one model, input shape and runtime.
 
     Attributes:
-        median_ms: Median run time in milliseconds (the robust headline number).
-        mean_ms: Mean run time in milliseconds.
-        p10_ms: 10th percentile run time in milliseconds.
-        p90_ms: 90th percentile run time in milliseconds.
-        std_ms: Sample standard deviation of the run times in milliseconds (0 for one run).
-        runs: Number of timed runs.
-        warmup: Number of untimed warm-up runs before them.
+        median_ms: Median run time in ms (for interleaved measurements: the median of the
+            round medians), the headline figure.
+        mean_ms: Mean run time in ms.
+        p10_ms: 10th percentile run time in ms.
+        p90_ms: 90th percentile run time in ms.
+        std_ms: Sample standard deviation of the run times in ms (0 for one run).
+        runs: Timed runs (all rounds together).
+        warmup: Untimed warm-up runs before them.
         batch_size: Leading dimension of the input shape.
-        threads: torch intra-op thread count during the measurement.
+        threads: Intra-op threads during the measurement.
         device: Device the model ran on, e.g. ``"cpu"`` or ``"cuda:0"``.
+        runtime: Runtime it ran in.
+        rounds: Median of each interleaved round (one entry for a plain measurement).
+        noisy: True when the rounds disagreed or the runs spread too widely even after
+            repeating; the figure is then not to be taken as fact.
+        note: Why it is noisy ("" otherwise).
     """
 
     median_ms: float
@@ -236,28 +191,36 @@ class LatencyStats:
     batch_size: int
     threads: int
     device: str
+    runtime: str = "torch"
+    rounds: tuple[float, ...] = ()
+    noisy: bool = False
+    note: str = ""
 
     @classmethod
     def from_times(
-        cls, times_ms: Sequence[float], *, warmup: int, batch_size: int, threads: int, device: str
+        cls,
+        times_ms: Sequence[float],
+        *,
+        warmup: int,
+        batch_size: int,
+        threads: int,
+        device: str,
+        runtime: str = "torch",
+        rounds: Sequence[Sequence[float]] | None = None,
     ) -> LatencyStats:
-        """Summarise a list of run times.
+        """Summarise run times (pooled over ``rounds`` when given).
 
-        Args:
-            times_ms: Run times in milliseconds (at least one).
-            warmup: Number of warm-up runs that preceded them.
-            batch_size: Batch size of the measured input.
-            threads: Thread count used.
-            device: Device name.
-
-        Returns:
-            The statistics.
+        Raises:
+            InvalidValueError: For an empty list.
         """
+        if rounds is not None:
+            times_ms = [t for r in rounds for t in r]
         if not times_ms:
             raise InvalidValueError("cannot summarise an empty list of run times")
         ordered = sorted(float(t) for t in times_ms)
+        medians = tuple(float(statistics.median(r)) for r in rounds) if rounds else (float(statistics.median(ordered)),)
         return cls(
-            median_ms=float(statistics.median(ordered)),
+            median_ms=float(statistics.median(medians)),
             mean_ms=float(statistics.fmean(ordered)),
             p10_ms=_percentile(ordered, 10),
             p90_ms=_percentile(ordered, 90),
@@ -267,11 +230,63 @@ class LatencyStats:
             batch_size=batch_size,
             threads=threads,
             device=device,
+            runtime=runtime,
+            rounds=medians,
         )
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the relative width of the run times."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms > 0 else math.inf
+
+    @property
+    def round_disagreement(self) -> float:
+        """max / min of the round medians, minus one (0 for one round)."""
+        return _disagreement(self.rounds)
+
+    def describe(self) -> str:
+        """``0.123 ms (p10-p90 0.110-0.140)``, with a noise flag when noisy."""
+        text = f"{self.median_ms:.4g} ms (p10-p90 {self.p10_ms:.4g}-{self.p90_ms:.4g})"
+        return text + (f" [NOISY: {self.note}]" if self.noisy else "")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the statistics as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["rounds"] = list(self.rounds)
+        return out
+
+
+def round_ratio(numerator: LatencyStats, denominator: LatencyStats) -> float:
+    """Median over rounds of ``numerator``'s round median over ``denominator``'s.
+
+    For two runners measured in the same interleaved rounds this ratio cancels a machine
+    that slowed down or sped up during the measurement.
+    """
+    pairs = list(zip(numerator.rounds, denominator.rounds))
+    if not pairs:
+        return numerator.median_ms / denominator.median_ms
+    return float(statistics.median(a / b for a, b in pairs if b > 0))
+
+
+# --------------------------------------------------------------------------- measuring
+def _stats(
+    runner: Runner, rounds: Sequence[Sequence[float]], warmup: int, noisy: bool = False, note: str = ""
+) -> LatencyStats:
+    stats = LatencyStats.from_times(
+        [],
+        warmup=warmup,
+        batch_size=runner.input_shape[0],
+        threads=runner.threads,
+        device=str(runner.device),
+        runtime=runner.runtime,
+        rounds=rounds,
+    )
+    return dataclasses.replace(stats, noisy=noisy, note=note)
+
+
+def measure_runner(runner: Runner, warmup: int = 10, runs: int = 30) -> LatencyStats:
+    """One plain measurement of ``runner``: ``warmup`` untimed, then ``runs`` timed calls."""
+    return _stats(runner, [time_runner(runner, warmup, runs)], warmup)
 
 
 def measure_latency(
@@ -282,61 +297,155 @@ def measure_latency(
     threads: int | None = None,
     warmup: int = 10,
     runs: int = 30,
-    channels_last: bool = False,
+    runtime: str = "torch",
 ) -> LatencyStats:
-    """Measure the end-to-end inference latency of ``model`` on a random input.
+    """Measure ``model`` converted to ``runtime`` (as it would be exported) on a random input.
 
-    The model runs in eval mode under :func:`torch.inference_mode`; after ``warmup``
-    untimed runs, ``runs`` forward passes are timed one by one with
-    :func:`time.perf_counter` (with :func:`torch.cuda.synchronize` before and after each
-    on CUDA). The caller's model is left as it was: its training flags are restored, and
-    it is copied only when it must move to another device or memory format.
+    The caller's model is not modified (the runtime converts a copy).
 
     Args:
         model: The network to time.
         input_shape: Full input shape including the batch dimension, e.g. ``(1, 3, 32, 32)``.
         device: ``"cpu"`` or ``"cuda[:index]"``.
-        threads: torch intra-op threads for the measurement (restored afterwards);
-            ``None`` keeps the current setting. The value used is recorded either way.
+        threads: Intra-op threads (``None``: torch's current setting, recorded either way).
         warmup: Untimed runs before timing (>= 0).
         runs: Timed runs (>= 1).
-        channels_last: Run model and input in ``torch.channels_last`` memory format
-            (4-D inputs only).
+        runtime: ``"torch"``, ``"torchscript"`` or ``"onnxruntime"``.
 
     Returns:
         The run-time statistics.
 
     Raises:
-        InvalidValueError: For an unknown or unavailable device, ``threads < 1``, a bad
-            shape, ``warmup < 0``, ``runs < 1``, or ``channels_last`` with a non-4-D input.
+        InvalidValueError: For an unknown or unavailable device or runtime, ``threads < 1``,
+            a bad shape, ``warmup < 0`` or ``runs < 1``.
+        UnknownNameError: For an unknown runtime name.
     """
-    dev = _resolve_device(device)
+    resolve_device(device)
     _check_threads(threads, allow_none=True)
     _check_count("warmup", warmup, 0)
     _check_count("runs", runs, 1)
-    shape = _check_shape(input_shape)
-    if channels_last and len(shape) != 4:
-        raise InvalidValueError(f"channels_last needs a 4-D input shape (N, C, H, W), got {shape}")
-
-    target = model
-    if channels_last or not _on_device(model, dev):
-        target = copy.deepcopy(model).to(dev)
-        if channels_last:
-            target = target.to(memory_format=torch.channels_last)
-    x = torch.randn(shape, generator=_generator()).to(dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    with num_threads(threads) as used_threads, _eval_mode(target):
-        times = _time_runs(lambda: target(x), dev, warmup, runs)
-    stats = LatencyStats.from_times(times, warmup=warmup, batch_size=shape[0], threads=used_threads, device=str(dev))
-    logger.debug("measured %s on %s: %s", type(model).__name__, shape, stats)
+    shape = check_shape(input_shape)
+    with get_runtime(runtime).compile(model, shape, device, threads) as runner:
+        stats = measure_runner(runner, warmup, runs)
+    logger.debug("measured %s on %s in %s: %s", type(model).__name__, shape, runtime, stats.describe())
     return stats
 
 
-# --------------------------------------------------------------------------- lookup table
+def _runs_for(runner: Runner, runs: int | None) -> int:
+    """Timed runs per round: ``runs``, or enough for about :data:`ROUND_MS` (within the min and max per round)."""
+    if runs is not None:
+        return runs
+    probe = statistics.median(time_runner(runner, 0, 3))
+    return max(MIN_RUNS_PER_ROUND, min(MAX_RUNS_PER_ROUND, math.ceil(ROUND_MS / max(probe, 1e-3))))
 
 
+def _disagreement(rounds: Sequence[float]) -> float:
+    """max / min of per-round figures, minus one (0 for one round)."""
+    return max(rounds) / min(rounds) - 1.0 if len(rounds) > 1 and min(rounds) > 0 else 0.0
+
+
+def _noise(stats: Mapping[str, LatencyStats], label: str, reference: str | None) -> str:
+    """Why ``stats[label]`` is too noisy to trust ("" when it is not).
+
+    Measured against a ``reference``, what must hold still is the per-round ratio to it
+    (a machine that slows down for a round slows both alike); alone, the round medians.
+    """
+    s = stats[label]
+    reasons = []
+    if reference is None:
+        disagreement = s.round_disagreement
+    elif label == reference:
+        disagreement = 0.0
+    else:
+        ref = stats[reference]
+        disagreement = _disagreement([a / b for a, b in zip(s.rounds, ref.rounds) if b > 0])
+    if disagreement > NOISE_ROUNDS:
+        what = f"its ratio to {reference} varies" if reference and label != reference else "rounds disagree"
+        reasons.append(f"{what} by {disagreement:.0%} between rounds")
+    if s.spread > NOISE_SPREAD:
+        reasons.append(f"p10-p90 spread {s.spread:.0%} of the median")
+    return ", ".join(reasons)
+
+
+def measure_interleaved(
+    runners: Mapping[str, Runner],
+    *,
+    rounds: int = 5,
+    runs: int | None = None,
+    warmup: int = 5,
+    retries: int = 2,
+    reference: str | None = None,
+) -> dict[str, LatencyStats]:
+    """Time ``runners`` in interleaved rounds; repeat a noisy measurement, then flag it.
+
+    Each round times every runner in turn (``runs`` calls each, or enough for about
+    :data:`ROUND_MS`). A runner is noisy when its round medians (or, with a ``reference``,
+    its per-round ratios to the reference) disagree by more than :data:`NOISE_ROUNDS`, or
+    its p10-p90 range exceeds :data:`NOISE_SPREAD` of its median. While any runner is noisy
+    the whole measurement is repeated (up to ``retries`` times); the least noisy attempt is
+    returned, its still-noisy runners flagged (``noisy`` and ``note``) and logged as a warning.
+
+    Args:
+        runners: Label -> runner (e.g. ``{"dense": ..., "pruned": ...}``).
+        rounds: Interleaved rounds (>= 1).
+        runs: Timed calls per runner and round (None: adapted to the runner's speed).
+        warmup: Untimed calls per runner before the first round.
+        retries: Repeats of a noisy measurement.
+        reference: Label of the runner the others are compared with (their ratios to it
+            must hold still, not their absolute times).
+
+    Returns:
+        Label -> statistics, in the order given.
+    """
+    _check_count("rounds", rounds, 1)
+    _check_count("retries", retries, 0)
+    if runs is not None:
+        _check_count("runs", runs, 1)
+    if reference is not None and reference not in runners:
+        raise InvalidValueError(f"reference {reference!r} is not one of the runners {sorted(runners)}")
+    for runner in runners.values():
+        with runner.pinned():
+            for _ in range(warmup):
+                runner()
+    counts = {label: _runs_for(r, runs) for label, r in runners.items()}
+    best: dict[str, LatencyStats] | None = None
+    best_notes: dict[str, str] = {}
+    for attempt in range(retries + 1):
+        times: dict[str, list[list[float]]] = {label: [] for label in runners}
+        for _ in range(rounds):
+            for label, runner in runners.items():
+                times[label].append(time_runner(runner, 0, counts[label]))
+        stats = {label: _stats(runners[label], times[label], warmup) for label in runners}
+        notes = {label: _noise(stats, label, reference) for label in runners}
+        if best is None or sum(map(bool, notes.values())) < sum(map(bool, best_notes.values())):
+            best, best_notes = stats, notes
+        if not any(notes.values()):
+            break
+        if attempt < retries:
+            text = "; ".join(f"{k}: {v}" for k, v in notes.items() if v)
+            logger.info("latency measurement %d was noisy (%s); measuring again", attempt + 1, text)
+    assert best is not None
+    out = {}
+    for label, s in best.items():
+        note = best_notes[label]
+        if note:
+            note += _load_note()
+            logger.warning("latency of %s is noisy: %s (%s)", label, s.describe(), note)
+        out[label] = dataclasses.replace(s, noisy=bool(note), note=note)
+    return out
+
+
+def _load_note() -> str:
+    """``; load average 3.1 on 2 cores`` when the machine is busier than its cores, else ""."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = os.cpu_count() or 1
+    return f"; load average {load:.1f} on {cores} cores" if load > cores else ""
+
+
+# --------------------------------------------------------------------------- machine
 def default_cache_dir() -> Path:
     """Cache root: ``$AUTOML_PRUNE_CACHE`` if set, else ``~/.cache/automl-prune``."""
     env = os.environ.get(CACHE_ENV_VAR)
@@ -345,9 +454,10 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "automl-prune"
 
 
-def _slug(text: str, max_len: int = 60) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:max_len].rstrip("-") or "unknown"
+def slug(text: str, max_len: int = 60) -> str:
+    """Lower-case, filename-safe form of ``text``."""
+    out = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return out[:max_len].rstrip("-") or "unknown"
 
 
 @functools.lru_cache(maxsize=1)
@@ -372,320 +482,7 @@ def hardware_slug(device: str | torch.device) -> str:
     Returns:
         A lower-case slug such as ``"amd-epyc"`` or ``"nvidia-h100-80gb-hbm3"``.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        return _slug(torch.cuda.get_device_name(dev))
-    return _slug(cpu_model_name())
-
-
-def _input_spec(args: Sequence[Any]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...] | None:
-    """Shapes and dtypes of positional tensor inputs, or ``None`` if any input is not a tensor."""
-    spec = []
-    for arg in args:
-        if not isinstance(arg, torch.Tensor):
-            return None
-        spec.append((tuple(arg.shape), arg.dtype))
-    return tuple(spec)
-
-
-def _spec_text(spec: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
-    parts = []
-    for shape, dtype in spec:
-        text = "x".join(str(d) for d in shape) or "scalar"
-        if dtype != torch.float32:
-            text += ":" + str(dtype).removeprefix("torch.")
-        parts.append(text)
-    return ",".join(parts)
-
-
-def layer_key(module: nn.Module, spec: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
-    """Table key of a leaf module called on inputs of the given shapes and dtypes.
-
-    The key is ``type(module).__name__`` plus its ``extra_repr()`` with whitespace
-    removed, then ``@`` and the full input shape(s) including the batch dimension, e.g.
-    ``Conv2d(16,32,kernel_size=(3,3),stride=(1,1),padding=(1,1),bias=False)@1x16x32x32``.
-    Inputs that are not float32 get their dtype appended (``@1x8:int64``); several
-    inputs are joined by commas.
-
-    Args:
-        module: The leaf module.
-        spec: ``(shape, dtype)`` of each positional input.
-
-    Returns:
-        The key string.
-    """
-    extra = re.sub(r"\s+", "", module.extra_repr())
-    return f"{type(module).__name__}({extra})@{_spec_text(spec)}"
-
-
-def _make_inputs(spec: Sequence[tuple[tuple[int, ...], torch.dtype]], device: torch.device) -> list[torch.Tensor]:
-    """Random inputs of the given shapes (zeros for integer and bool dtypes, valid as indices)."""
-    gen = _generator()
-    inputs = []
-    for shape, dtype in spec:
-        if dtype.is_floating_point or dtype.is_complex:
-            tensor = torch.randn(shape, generator=gen).to(dtype)
-        else:
-            tensor = torch.zeros(shape, dtype=dtype)
-        inputs.append(tensor.to(device))
-    return inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class _LeafCall:
-    name: str
-    module: nn.Module
-    key: str
-    spec: tuple[tuple[tuple[int, ...], torch.dtype], ...]
-
-
-class LatencyTable:
-    """Per-device lookup table of leaf-module latencies, cached on disk as JSON.
-
-    A model's latency is predicted as the sum over its leaf modules (modules without
-    children: ``Conv2d``, ``Linear``, ``BatchNorm2d``, activations, pooling, ``Flatten``,
-    ``Dropout``, ``Identity`` and any custom leaf) of the latency of that module on the
-    input shape it receives. Each distinct key (see :func:`layer_key`) is measured once by
-    timing a ``copy.deepcopy`` of the module on a random input of that shape in eval mode;
-    the median of the timed runs is stored.
-
-    The cache file is ``<cache_dir>/latency/<device>-<hardware>-t<threads>-b<batch>.json``
-    where ``<hardware>`` is the CPU model or GPU name (:func:`hardware_slug`), so tables
-    from different machines, thread counts and batch sizes never mix. It is loaded on
-    construction and written atomically; a corrupt or mismatching file is reported with a
-    warning and rebuilt.
-
-    Limitations: functional operations in ``forward`` (residual additions,
-    ``torch.relu`` or ``torch.flatten`` called as functions, concatenations) are not leaf
-    modules, so they are not in the table and the prediction leaves them out. Python
-    overhead of container modules and cache effects between consecutive layers are not
-    captured either. The prediction therefore underestimates end-to-end latency
-    somewhat (more for residual networks and small batches); use it to rank or constrain
-    candidate networks on one machine, and :func:`measure_latency` for final numbers.
-
-    Attributes:
-        device: The device entries are measured on.
-        threads: torch intra-op thread count used for measuring.
-        batch_size: Batch size the table is for; inputs passed to :meth:`predict` must
-            have it as their leading dimension.
-        path: The cache file.
-        measured_count: Number of entries this instance has measured (not loaded).
-    """
-
-    def __init__(
-        self,
-        device: str | torch.device = "cpu",
-        threads: int = 1,
-        batch_size: int = 1,
-        cache_dir: str | os.PathLike[str] | None = None,
-        warmup: int = 5,
-        runs: int = 20,
-    ) -> None:
-        """Create the table and load its cache file if there is one.
-
-        Args:
-            device: ``"cpu"`` or ``"cuda[:index]"``.
-            threads: torch intra-op threads for measuring (>= 1).
-            batch_size: Batch size of the inputs the table describes (>= 1).
-            cache_dir: Cache root; defaults to :func:`default_cache_dir`.
-            warmup: Untimed runs before timing each entry (>= 0).
-            runs: Timed runs per entry (>= 1).
-
-        Raises:
-            InvalidValueError: For an unknown or unavailable device or a bad count.
-        """
-        self.device = _resolve_device(device)
-        _check_threads(threads, allow_none=False)
-        _check_count("batch_size", batch_size, 1)
-        _check_count("warmup", warmup, 0)
-        _check_count("runs", runs, 1)
-        self.threads = threads
-        self.batch_size = batch_size
-        self.warmup = warmup
-        self.runs = runs
-        self.hardware = hardware_slug(self.device)
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        device_slug = _slug(str(self.device))
-        self.path = root / "latency" / f"{device_slug}-{self.hardware}-t{threads}-b{batch_size}.json"
-        self.measured_count = 0
-        self._entries: dict[str, float] = {}
-        self._entries.update(self._read_file(warn=True))
-
-    # ------------------------------------------------------------------ mapping-like access
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __getitem__(self, key: str) -> float:
-        return self._entries[key]
-
-    @property
-    def entries(self) -> dict[str, float]:
-        """A copy of the table: key to median latency in ms."""
-        return dict(self._entries)
-
-    # ------------------------------------------------------------------ persistence
-
-    def _metadata(self) -> dict[str, Any]:
-        return {
-            "device": str(self.device),
-            "hardware": self.hardware,
-            "threads": self.threads,
-            "batch_size": self.batch_size,
-        }
-
-    def _read_file(self, *, warn: bool) -> dict[str, float]:
-        """Entries of the cache file; empty (with a warning if ``warn``) when missing or unusable."""
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("format") != _FORMAT or data.get("version") != _VERSION:
-                raise ValueError("not a latency table of this format version")
-            if data.get("meta") != self._metadata():
-                raise ValueError(f"made for {data.get('meta')}, not {self._metadata()}")
-            raw = data["entries"]
-            if not isinstance(raw, dict):
-                raise TypeError("'entries' is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            if warn:
-                logger.warning("ignoring unusable latency cache %s (%s); it will be rebuilt", self.path, exc)
-            return {}
-        entries: dict[str, float] = {}
-        dropped = 0
-        for key, value in raw.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-                entries[str(key)] = float(value)
-            else:
-                dropped += 1
-        if dropped and warn:
-            logger.warning("dropped %d invalid entries from latency cache %s", dropped, self.path)
-        logger.debug("loaded %d latency entries from %s", len(entries), self.path)
-        return entries
-
-    def save(self) -> Path:
-        """Write the table to its cache file atomically and return the path.
-
-        Entries another process added to the file since it was loaded are merged in
-        (this instance's values win on conflicts).
-        """
-        merged = self._read_file(warn=False)
-        merged.update(self._entries)
-        self._entries = merged
-        payload = {
-            "format": _FORMAT,
-            "version": _VERSION,
-            "meta": self._metadata(),
-            "torch": torch.__version__,
-            "entries": dict(sorted(merged.items())),
-        }
-        write_json(self.path, payload)
-        logger.debug("saved %d latency entries to %s", len(merged), self.path)
-        return self.path
-
-    # ------------------------------------------------------------------ measuring
-
-    def _collect(self, model: nn.Module, input_shape: Sequence[int]) -> list[_LeafCall]:
-        """Run ``model`` once and record every leaf-module call in execution order."""
-        shape = _check_shape(input_shape)
-        if shape[0] != self.batch_size:
-            raise InvalidValueError(
-                f"input_shape {shape} has batch size {shape[0]} but this table is for batch size "
-                f"{self.batch_size}; create LatencyTable(batch_size={shape[0]})"
-            )
-        calls: list[_LeafCall] = []
-        skipped: set[str] = set()
-
-        def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                spec = _input_spec(args)
-                if spec is None or kwargs:
-                    skipped.add(name)
-                    return
-                calls.append(_LeafCall(name, module, layer_key(module, spec), spec))
-
-            return hook
-
-        handles = []
-        try:
-            for name, module in model.named_modules():
-                if next(module.children(), None) is None:
-                    handles.append(module.register_forward_pre_hook(make_hook(name or "<root>"), with_kwargs=True))
-            x = torch.randn(shape, generator=_generator()).to(_model_device(model))
-            with _eval_mode(model), torch.inference_mode():
-                model(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if skipped:
-            logger.warning(
-                "leaf modules called with non-tensor or keyword inputs are left out of the latency table: %s",
-                ", ".join(sorted(skipped)),
-            )
-        return calls
-
-    def _measure(self, call: _LeafCall) -> float:
-        """Median latency (ms) of a fresh copy of the call's module on a random input."""
-        module = copy.deepcopy(call.module).to(self.device).eval()
-        inputs = _make_inputs(call.spec, self.device)
-        times = _time_runs(lambda: module(*inputs), self.device, self.warmup, self.runs)
-        self.measured_count += 1
-        median = float(statistics.median(times))
-        logger.debug("measured %s: %.4f ms", call.key, median)
-        return median
-
-    def _ensure(self, calls: Sequence[_LeafCall]) -> None:
-        """Measure the keys among ``calls`` missing from the table and save the table if any were."""
-        missing: dict[str, _LeafCall] = {}
-        for call in calls:
-            if call.key not in self._entries and call.key not in missing:
-                missing[call.key] = call
-        if not missing:
-            return
-        logger.info("measuring %d layer latencies on %s (%d threads)", len(missing), self.device, self.threads)
-        todo: Any = missing.values()
-        if len(missing) > _PROGRESS_MIN_MISSING:
-            todo = tqdm(todo, total=len(missing), desc="latency table", unit="layer", disable=None)
-        with num_threads(self.threads):
-            for call in todo:
-                self._entries[call.key] = self._measure(call)
-        self.save()
-
-    def breakdown(self, model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, str, float]]:
-        """Per-leaf predicted latency, in execution order, measuring missing entries first.
-
-        Args:
-            model: The network; it is run once (eval mode, restored afterwards) to
-                record the leaf calls and is not otherwise modified.
-            input_shape: Full input shape; its leading dimension must equal ``batch_size``.
-
-        Returns:
-            ``(module name, key, ms)`` per leaf-module call; a module called twice appears twice.
-
-        Raises:
-            InvalidValueError: For a bad shape or a batch size other than the table's.
-        """
-        calls = self._collect(model, input_shape)
-        self._ensure(calls)
-        return [(call.name, call.key, self._entries[call.key]) for call in calls]
-
-    def predict(self, model: nn.Module, input_shape: Sequence[int]) -> float:
-        """Predicted latency of ``model`` in ms: the sum of its leaf-module latencies.
-
-        Missing entries are measured (with a progress bar when there are many) and the
-        cache is saved. See the class docstring for what the sum leaves out.
-
-        Args:
-            model: The network.
-            input_shape: Full input shape; its leading dimension must equal ``batch_size``.
-
-        Returns:
-            The predicted latency in milliseconds.
-
-        Raises:
-            InvalidValueError: For a bad shape or a batch size other than the table's.
-        """
-        return float(sum(ms for _, _, ms in self.breakdown(model, input_shape)))
+        return slug(torch.cuda.get_device_name(dev))
+    return slug(cpu_model_name())

@@ -3,7 +3,11 @@
 A :class:`SearchSpace` holds, for every prunable group, a keep-ratio interval
 ``[min_keep, 1]`` (``min_keep`` configurable per layer type), optionally discrete levels
 ``k / levels`` (as ABCPruner), and optionally a skip gate per residual block whose shortcut
-is the identity. It converts between plans, flat vectors and the symmetric ``[-1, 1]``
+is the identity. Keep ratios step in the evaluator's channel multiple (``round_to``, by
+default what the deployment runtime is fast at): every keep ratio the space produces is
+exactly ``kept / channels`` of a width the pruned model will have (with discrete levels, a
+level whose width the evaluator derives the same way for scoring and for the final model),
+so no strategy scores a width that is rounded later. It converts between plans, flat vectors and the symmetric ``[-1, 1]``
 actions of the Gymnasium envs (:meth:`SearchSpace.action_to_keep` is the only place actions
 are rescaled), and provides AMC's budget-feasible action bounds:
 :meth:`SearchSpace.feasible_interval` gives, for the next group, the largest keep ratio
@@ -25,6 +29,7 @@ import numpy as np
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator
+from automl_prune.pruning import channel_multiple, channels_to_keep
 from automl_prune.types import Plan
 
 logger = logging.getLogger(__name__)
@@ -70,19 +75,25 @@ class SearchSpace:
         if levels is not None and levels < 2:
             raise InvalidValueError(f"levels must be >= 2, got {levels}")
         self.levels = levels
+        self.round_to = evaluator.config.round_to
         self.groups = self.graph.group_names()
-        self.min_keep = np.array([per_type[g.root.kind] for g in self.graph.groups])
-        if levels is not None:
-            self.min_keep = np.ceil(self.min_keep * levels - 1e-9) / levels
+        self._channels = np.array([g.channels for g in self.graph.groups])
+        min_keep_per_group = np.array([per_type[g.root.kind] for g in self.graph.groups])
+        if levels is not None:  # ABCPruner's grid of levels (the evaluator derives the widths from them)
+            self.min_keep = np.ceil(min_keep_per_group * levels - 1e-9) / levels
+        else:
+            widths = [self._smallest_width(int(c), float(k)) for c, k in zip(self._channels, min_keep_per_group)]
+            self.min_keep = np.array(widths) / self._channels
         self.blocks = list(self.graph.blocks) if skip_gates else []
         smallest = self.plan_from_keeps(self.min_keep)
         if self._excess(smallest) > 1e-9:
             cost = evaluator.cost(smallest)
             lat = evaluator.predict_latency(smallest)
+            dense = evaluator.latency_model.dense_ms if evaluator.latency_model is not None else None
             raise InvalidValueError(
                 f"the budget ({evaluator.budget.describe()}) cannot be met: with every group at min_keep the model "
                 f"still has {cost.flops:,} FLOPs ({cost.flops / self.graph.flops:.1%}), {cost.params:,} params"
-                + (f", {lat:.3f} ms" if lat is not None else "")
+                + (f", {lat:.4g} ms predicted (the dense model measures {dense:.4g} ms)" if lat and dense else "")
                 + "; lower min_keep or relax the budget"
             )
 
@@ -96,12 +107,19 @@ class SearchSpace:
         """Number of keep-ratio dimensions (one per group)."""
         return len(self.groups)
 
+    def _smallest_width(self, channels: int, min_keep: float) -> int:
+        """Smallest width of a group that ``round_to`` allows and that keeps at least ``min_keep``."""
+        r = channel_multiple(channels, self.round_to)
+        return min(channels, max(r, math.ceil(min_keep * channels / r - 1e-9) * r))
+
     def snap(self, keep: float, index: int) -> float:
-        """Clip ``keep`` into the group's range and, for a discrete space, down to a level."""
+        """``keep`` clipped into the group's range, as the exact ``kept / channels`` of the width it
+        builds (a multiple of ``round_to``, or the whole group); in a discrete space, down to a level."""
         keep = float(min(1.0, max(self.min_keep[index], keep)))
         if self.levels is not None:
-            keep = max(self.min_keep[index], math.floor(keep * self.levels + 1e-9) / self.levels)
-        return keep
+            return max(self.min_keep[index], math.floor(keep * self.levels + 1e-9) / self.levels)
+        channels = int(self._channels[index])
+        return channels_to_keep(channels, keep, self.round_to) / channels
 
     def action_to_keep(self, action: float, index: int) -> float:
         """Map an action in [-1, 1] to a keep ratio in ``[min_keep, 1]`` of group ``index``."""

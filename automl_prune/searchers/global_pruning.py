@@ -51,19 +51,22 @@ group importance also counts consumer layers and BatchNorm). Skip gates are not 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch_pruning as tp
 
 from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator
 from automl_prune.graph import LayerGraph
+from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import AskTellStrategy, SearchSession
 from automl_prune.types import Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NORMALIZERS", "REDUCTIONS", "GlobalStrategy", "group_importance"]
+__all__ = ["NORMALIZERS", "REDUCTIONS", "GlobalRanking", "GlobalStrategy", "group_importance"]
 
 NORMALIZERS = ("mean", "sum", "max", "standarization", "gaussian", "lamp")
 """Within-group normalisations of Torch-Pruning's GroupMagnitudeImportance."""
@@ -103,6 +106,41 @@ def group_importance(
                 raise RuntimeError(f"importance of group {group.name} has the wrong size")
             scores.append(imp.detach().double().cpu().numpy())
     return scores
+
+
+@dataclass
+class GlobalRanking:
+    """Every channel ranked by normalised group importance, and the plans a global threshold makes.
+
+    Attributes:
+        space: The search space plans are snapped into.
+        channels: Channels per group, in group order.
+        owner: The group of each channel, lowest score first.
+        scores: The scores, ascending.
+    """
+
+    space: SearchSpace
+    channels: np.ndarray
+    owner: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def total(self) -> int:
+        """Channels ranked."""
+        return int(self.owner.size)
+
+    def lost(self, removed: int) -> np.ndarray:
+        """Channels each group loses when the ``removed`` lowest-ranked go."""
+        return np.bincount(self.owner[:removed], minlength=len(self.channels))
+
+    def plan(self, lost: np.ndarray) -> Plan:
+        """The plan keeping ``channels - lost`` per group (snapped into the space: min_keep, widths, levels)."""
+        keeps = [self.space.snap((self.channels[g] - lost[g]) / self.channels[g], g) for g in range(len(self.channels))]
+        return self.space.plan_from_keeps(keeps)
+
+    def keeping(self, share: float) -> Plan:
+        """The global-threshold plan that keeps ``share`` of all channels (before snapping)."""
+        return self.plan(self.lost(round((1.0 - min(max(share, 0.0), 1.0)) * self.total)))
 
 
 class GlobalStrategy(AskTellStrategy):
@@ -151,28 +189,26 @@ class GlobalStrategy(AskTellStrategy):
         """Score every channel and solve the global threshold for the budget."""
         self.plan = self.solve(session)
 
+    def ranking(self, evaluator: Evaluator, space: SearchSpace) -> GlobalRanking:
+        """Every channel of the dense model ranked by its normalised group importance (steps 1-2)."""
+        scores = group_importance(evaluator.model, evaluator.graph, self.p, self.group_reduction, self.normalizer)
+        owner = np.concatenate([np.full(len(s), g) for g, s in enumerate(scores)])
+        flat = np.concatenate(scores)
+        order = np.lexsort((np.arange(flat.size), owner, flat))  # by score, then group, then channel
+        return GlobalRanking(space, np.array([len(s) for s in scores]), owner[order], flat[order])
+
     def solve(self, session: SearchSession) -> Plan:
         """The global-threshold plan that just meets the budget (steps 1-5 of the module docstring)."""
         space = session.space
         evaluator = session.evaluator
-        scores = group_importance(evaluator.model, evaluator.graph, self.p, self.group_reduction, self.normalizer)
-        channels = np.array([len(s) for s in scores])
-        owner = np.concatenate([np.full(len(s), g) for g, s in enumerate(scores)])
-        flat = np.concatenate(scores)
-        order = np.lexsort((np.arange(flat.size), owner, flat))  # by score, then group, then channel
-        owner_sorted = owner[order]
-
-        def plan_from_lost(lost: np.ndarray) -> Plan:
-            keeps = [space.snap((channels[g] - lost[g]) / channels[g], g) for g in range(len(scores))]
-            return space.plan_from_keeps(keeps)
-
-        def lost_for(removed: int) -> np.ndarray:
-            return np.bincount(owner_sorted[:removed], minlength=len(scores))
+        ranking = self.ranking(evaluator, space)
+        plan_from_lost, lost_for = ranking.plan, ranking.lost
+        owner_sorted, sorted_scores = ranking.owner, ranking.scores
 
         if space.is_feasible(plan_from_lost(lost_for(0))):
             removed = 0
         else:
-            low, high = 0, int(flat.size)  # infeasible at low, feasible (SearchSpace checked min_keep) at high
+            low, high = 0, ranking.total  # infeasible at low, feasible (SearchSpace checked min_keep) at high
             while high - low > 1:
                 mid = (low + high) // 2
                 if space.is_feasible(plan_from_lost(lost_for(mid))):
@@ -200,9 +236,9 @@ class GlobalStrategy(AskTellStrategy):
         if removed:
             logger.info(
                 "global: threshold %.4g removes %d of %d channels (%d put back to fill the budget)",
-                flat[order[removed - 1]],
+                sorted_scores[removed - 1],
                 removed - restored,
-                flat.size,
+                ranking.total,
                 restored,
             )
         if not space.is_feasible(plan):

@@ -1,0 +1,93 @@
+"""Measured finalists and the Pareto front: what ships is the best plan whose *measured* latency meets the budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.finalists import choose_finalist, match_measured_latency
+from automl_prune.pareto import front, plan_from_front, write_front
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.strategy import get_strategy
+from automl_prune.types import Budget, Plan
+
+CONFIG = EvaluatorConfig(eval_size=500, recalibration_batches=4, round_to=8, latency_plans=8)
+
+
+@pytest.fixture(scope="module")
+def honest(trained_cnn, fashion_small) -> Evaluator:
+    """fashion_cnn (trained on Fashion-MNIST) that must be 1.3x faster than dense in onnxruntime, 1 thread."""
+    return Evaluator(trained_cnn.model, fashion_small, Budget(speedup=1.3, threads=1), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def history(honest: Evaluator):
+    space = SearchSpace(honest, min_keep=0.2)
+    return get_strategy("random").search(honest, space, 12, seed=0).history
+
+
+def test_finalists_are_measured_and_the_best_meeting_one_ships(honest: Evaluator, history) -> None:
+    choice = choose_finalist(honest, history, k=4, progress=False)
+    assert choice is not None and 1 <= len(choice.finalists) <= 4
+    keys = {honest.structure_key(f.plan) for f in choice.finalists}
+    assert len(keys) == len(choice.finalists)  # distinct plans
+    objectives = [f.objective for f in choice.finalists]
+    assert objectives == sorted(objectives, reverse=True)  # in the search's order of preference
+    for f in choice.finalists:
+        assert f.measured_ms > 0 and f.error is not None
+        assert f.meets == (f.margin >= 0) == (f.measured.ratio * 1.3 <= 1.0)
+    if choice.met:
+        assert choice.finalists[choice.chosen].meets
+        assert not any(f.meets for f in choice.finalists[: choice.chosen])  # the first that meets, in order
+    data = json.loads(json.dumps(choice.to_dict()))
+    assert data["chosen"] == choice.chosen and "prediction_error" in data["finalists"][0]
+
+
+def test_a_model_that_under_predicts_is_caught_by_the_measurement(trained_cnn, fashion_small, honest) -> None:
+    """A latency model that predicts half the real latency lets the search pick plans that are too slow."""
+    lying = dataclasses.replace(honest.latency_model, coef=[c / 2 for c in honest.latency_model.coef])
+    evaluator = Evaluator(trained_cnn.model, fashion_small, Budget(speedup=3.0, threads=1), CONFIG, latency_model=lying)
+    space = SearchSpace(evaluator, min_keep=0.2)
+    result = get_strategy("random").search(evaluator, space, 8, seed=1)
+    choice = choose_finalist(evaluator, result.history, k=3, progress=False)
+    assert choice is not None and not choice.met
+    assert all(not f.meets for f in choice.finalists)
+    # predicted ~2x too fast: every prediction error (relative to the dense model, drift-free) is far below zero
+    assert all(f.error is not None and f.error < -0.25 for f in choice.finalists), [f.error for f in choice.finalists]
+    assert choice.chosen == min(range(len(choice.finalists)), key=lambda i: choice.finalists[i].measured_ms)
+
+
+def test_uniform_plans_are_placed_at_a_measured_latency(honest: Evaluator) -> None:
+    names = honest.graph.group_names()
+    plan, measured = match_measured_latency(honest, lambda x: Plan.uniform(names, 0.25 + 0.75 * x), 0.6, steps=4)
+    assert measured.ratio == pytest.approx(0.6, abs=0.25)
+    assert honest.graph.cost(plan, 8).flops < honest.graph.flops
+
+
+def test_pareto_front_of_a_search(honest: Evaluator, history, tmp_path: Path) -> None:
+    data = front(history, {0: 0.01}, key=honest.structure_key)
+    points = data["points"]
+    assert data["cost"] == "latency_ms" and points and data["evaluated"] <= len(history)
+    costs = [p["cost"] for p in points]
+    accs = [p["accuracy"] for p in points]
+    assert costs == sorted(costs) and accs == sorted(accs)  # cheaper points are less accurate, else dominated
+    assert [p["point"] for p in points] == list(range(len(points)))
+    assert points[0]["measured_ms"] == 0.01  # a measured latency ranks the plan by its measurement
+    for _, e in history:  # nothing evaluated dominates a point of the front
+        for p in points:
+            assert not (e.latency_ms < p["cost"] and e.accuracy > p["accuracy"])
+    write_front(tmp_path, data)
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert plan_from_front(saved, 0, "pareto.json") == Plan.from_dict(points[0]["plan"])
+    with pytest.raises(InvalidValueError, match="choose one with --point"):
+        plan_from_front(saved, None, "pareto.json")
+    with pytest.raises(InvalidValueError, match="not on the front"):
+        plan_from_front(saved, len(points), "pareto.json")
+    with pytest.raises(InvalidValueError, match="not a Pareto front"):
+        plan_from_front({"keep_ratios": {}}, 0, "plan.json")
