@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure the architecture's latency table again (e.g. after noisy measurements) and refit",
     )
-    p.add_argument("--plans", type=_int_at_least(3), default=16, help="plans measured by --rebuild [16]")
+    p.add_argument("--plans", type=_int_at_least(3), default=24, help="plans measured by --rebuild [24]")
     p.set_defaults(func=cmd_latency)
 
     p = command("report", "measure a finished run again and rewrite report.md / report.json")

@@ -107,7 +107,7 @@ class SearchSection:
     skip_gates: bool = _opt(False, "also search skip gates of residual blocks")
     fitness_finetune_steps: int = _opt(0, "SGD steps on each pruned model before scoring it (0 = off)", ge=0)
     criterion: str | None = _opt(None, "criterion used when scoring plans (default: prune.criterion)")
-    latency_plans: int = _opt(16, "plans measured on the runtime to fit the latency model (latency budgets)", ge=3)
+    latency_plans: int = _opt(24, "plans measured on the runtime to fit the latency model (latency budgets)", ge=3)
     finalists: int = _opt(8, "best distinct plans measured end to end before one ships (latency budgets)", ge=0)
     latency_margin: float = _opt(
         0.05, "search against a latency limit this much tighter than the budget (headroom for noise)", ge=0, le=0.5

@@ -78,7 +78,7 @@ class EvaluatorConfig:
     seed: int = 0
     finetune_steps: int = 0
     finetune_lr: float = 0.01
-    latency_plans: int = 16
+    latency_plans: int = 24
     latency_margin: float = 0.05
     cache_dir: str | None = None
 

@@ -38,8 +38,9 @@ def front(
         key: Optional ``plan -> hashable`` structure key; plans with equal keys count once.
 
     Returns:
-        ``{"format", "cost", "points": [...]}``; each point has the plan, accuracy, FLOPs,
-        params, predicted and measured latency and the cost it was ranked by, cheapest first.
+        ``{"format", "cost", "cost_label", "points": [...], "evaluated", "all"}``; each point
+        has the plan, accuracy, FLOPs, params, predicted and measured latency and the cost it
+        was ranked by, cheapest first; ``all`` is (cost, accuracy) of every plan considered.
     """
     measured_ms = dict(measured_ms or {})
     latency = any(e.latency_ms is not None for _, e in history)
@@ -72,7 +73,14 @@ def front(
     for number, row in enumerate(chosen):
         row["point"] = number
     label = "latency (ms; measured where measured, else predicted)" if latency else "FLOPs (MACs)"
-    return {"format": _FORMAT, "cost": cost_name, "cost_label": label, "points": chosen, "evaluated": len(rows)}
+    return {
+        "format": _FORMAT,
+        "cost": cost_name,
+        "cost_label": label,
+        "points": chosen,
+        "evaluated": len(rows),
+        "all": [[r["cost"], r["accuracy"]] for r in rows],
+    }
 
 
 def write_front(out: str | Path, data: Mapping[str, Any], title: str = "") -> None:
@@ -86,12 +94,15 @@ def write_front(out: str | Path, data: Mapping[str, Any], title: str = "") -> No
     write_json(out / FRONT_FILE, dict(data))
     points = data["points"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    others = data.get("all") or []
+    if others:
+        ax.scatter([c for c, _ in others], [a for _, a in others], s=10, color="#bbbbbb", label="every plan evaluated")
     if points:
         xs = [p["cost"] for p in points]
         ys = [p["accuracy"] for p in points]
         ax.step(xs, ys, where="post", color="black", lw=1.2)
         measured = [p for p in points if p.get("measured_ms") is not None]
-        ax.scatter(xs, ys, s=40, color="#2e86de", label="Pareto front (predicted cost)", zorder=3)
+        ax.scatter(xs, ys, s=40, color="#2e86de", label="Pareto front", zorder=3)
         if measured:
             ax.scatter(
                 [p["cost"] for p in measured],

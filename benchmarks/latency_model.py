@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=csv_list, default=["fashion_cnn", "resnet20", "mobilenetv2"])
     p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in csv_list(v)], default=[1, 64])
     p.add_argument("--runtime", default=DEFAULT_RUNTIME)
-    p.add_argument("--plans", type=int_at_least(3), default=16, help="calibration plans of the latency model")
+    p.add_argument("--plans", type=int_at_least(3), default=24, help="calibration plans of the latency model")
     p.add_argument("--test-plans", type=int_at_least(3), default=30, help="random feasible plans predicted")
     p.add_argument("--threads", type=int_at_least(1), default=2)
     p.add_argument(
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]  # includes the machine's drift since the fit
             noisy = sum(m.noisy for m in measured)
             model_rows.append(
-                f"| {name} | {batch} | {fitted.dense_ms:.4g} | {fitted.plans} | {fitted.features} | {build_s:.0f} | "
+                f"| {name} | {batch} | {fitted.dense_ms:.4g} | {fitted.coef[-1]:.0%} | {fitted.plans} | {fitted.features} | {build_s:.0f} | "
                 f"{fitted.loo_median:.1%} / {fitted.loo_p90:.1%} | {len(measured)} ({noisy} noisy) | {summary(absolute)} |"
             )
             for approach, pred in predictions.items():
@@ -223,12 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Command: `python benchmarks/latency_model.py {shlex.join(sys.argv[1:] if argv is None else argv)}`",
         "",
         "The fitted latency model (what a latency-budget search uses): fitted on the dense model and "
-        f"{args.plans} calibration plans; leave-one-out error on them; the absolute error on the test plans "
-        "(predicted ms against measured ms, machine drift included) as within 10% | median | p90 | max:",
+        f"{args.plans} calibration plans; 'fixed share' is the fitted intercept, the part of the dense model's "
+        "latency that does not shrink with channels; leave-one-out error on the calibration plans; the absolute "
+        "error on the test plans (predicted ms against measured ms, machine drift included) as within 10% | "
+        "median | p90 | max:",
         "",
-        "| model | batch | dense ms | plans fitted | features | build s | LOO median / p90 | test plans | "
+        "| model | batch | dense ms | fixed share | plans fitted | features | build s | LOO median / p90 | test plans | "
         "within 10% | median | p90 | max |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         *model_rows,
         "",
         "Error of each approach on the test plans (latency relative to the dense model, measured in the same "
