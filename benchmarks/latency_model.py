@@ -136,6 +136,13 @@ class LayerTable:
         return total
 
 
+def fixed_share(model: LatencyModel, shapes: Sequence) -> float:
+    """The part of the dense model's latency the fit gives to what no plan changes (intercept, constant features)."""
+    rows = [FEATURE_SETS[model.features](s) for s in shapes]
+    constant = [i for i, c in enumerate(model.columns) if len({round(r.get(c, 0.0), 6) for r in rows}) == 1]
+    return model.coef[-1] + sum(model.coef[i] for i in constant)
+
+
 def summary(errors: Sequence[float]) -> str:
     e = np.abs(np.asarray(errors))
     return (
@@ -209,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]  # includes the machine's drift since the fit
             noisy = sum(m.noisy for m in measured)
             model_rows.append(
-                f"| {name} | {batch} | {fitted.dense_ms:.4g} | {fitted.coef[-1]:.0%} | {fitted.plans} | {fitted.features} | {build_s:.0f} | "
+                f"| {name} | {batch} | {fitted.dense_ms:.4g} | {fixed_share(fitted, shapes):.0%} | {fitted.plans} | "
+                f"{fitted.features} | {build_s:.0f} | "
                 f"{fitted.loo_median:.1%} / {fitted.loo_p90:.1%} | {len(measured)} ({noisy} noisy) | {summary(absolute)} |"
             )
             for approach, pred in predictions.items():

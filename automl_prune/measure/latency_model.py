@@ -528,12 +528,18 @@ def calibration_plans(
     for attempt in range(50 * count):  # a small model may have fewer distinct structures than asked for
         if len(out) >= count:
             break
-        # a size drawn for the whole plan, then a per-group scatter around it: independent draws per
-        # group would give plans of nearly one total size on a model with many groups
-        level = rng.uniform(min_keep, 1.0)
-        keeps = {n: float(np.clip(level + rng.normal(0.0, spread), min_keep, 1.0)) for n in names}
+        if attempt % 2 == 0:
+            # a size drawn for the whole plan, then a per-group scatter around it: independent draws per
+            # group would give plans of nearly one total size on a model with many groups
+            level = rng.uniform(min_keep, 1.0)
+            keeps = {n: float(np.clip(level + rng.normal(0.0, spread), min_keep, 1.0)) for n in names}
+        else:
+            # groups at either extreme, as budget-bound searches leave them (AMC's bounds push the
+            # groups decided last to min_keep or keep them whole)
+            whole = rng.uniform(0.1, 0.9)
+            keeps = {n: 1.0 if rng.random() < whole else float(rng.uniform(min_keep, min_keep + spread)) for n in names}
         skip = {}
-        if skip_gates and graph.blocks and attempt % 2:
+        if skip_gates and graph.blocks and attempt % 3 == 1:
             skip = {b: bool(rng.random() < 0.3) for b in graph.blocks}
         add(Plan(keeps, skip))
     return out[:count]
