@@ -347,13 +347,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     if config.finetune.epochs <= 0:
         raise InvalidValueError("--finetune.epochs must be > 0 for the finetune command")
+    if config.finetune.distill_weight > 0 and args.teacher is None:
+        raise InvalidValueError(
+            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
+        )
     set_threads(config)
     model, info = load_checkpoint(args.checkpoint)
+    teacher = load_checkpoint(args.teacher)[0] if config.finetune.distill_weight > 0 else None
     data = load_data(config)
     check_data_fits(info, data, args.checkpoint)
     before = evaluate_accuracy(model, data.test)
     ft = finetune_config_of(config)
-    result = train(model, data, ft, description="fine-tune")
+    result = train(model, data, ft, description="fine-tune", teacher=teacher)
     after = evaluate_accuracy(result.model, data.test)
     out = _prepare_out(Path(args.out))
     meta = {**info.meta, "finetune": {**ft.to_dict(), "test_before": before, "test_after": after}}
@@ -714,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("finetune", "fine-tune a checkpoint (cosine LR, best epoch on search-val kept)")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--teacher", default=None, help="dense checkpoint to distil from (with --finetune.distill_weight)")
     _add_config_flags(p, ("data", "finetune"), ("seed", "threads"))
     p.add_argument("--out", default="runs/finetuned", help="output directory [runs/finetuned]")
     p.set_defaults(func=cmd_finetune)

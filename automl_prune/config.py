@@ -112,6 +112,12 @@ class SearchSection:
     latency_margin: float = _opt(
         0.05, "search against a latency limit this much tighter than the budget (headroom for noise)", ge=0, le=0.5
     )
+    refine_top: int = _opt(
+        8, "best distinct plans fine-tuned briefly in rounds of successive halving before one ships (0 = off)", ge=0
+    )
+    refine_steps: list[int] = _opt(
+        [50, 150, 450], "cumulative fine-tune steps at each refinement rung (the better half goes on)", ge=1
+    )
     only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
 
 
@@ -134,6 +140,14 @@ class FinetuneSection:
     lr: float = _opt(0.01, "peak learning rate", gt=0)
     batch_size: int = _opt(128, "mini-batch size", ge=1)
     weight_decay: float = _opt(5e-4, "L2 weight decay", ge=0)
+    distill_weight: float = _opt(
+        0.0,
+        "weight of distillation from the dense model (soft targets) in every fine-tune: the final one, "
+        "refinement rungs and fitness_finetune_steps (0 = labels only)",
+        ge=0,
+        le=1,
+    )
+    distill_temperature: float = _opt(4.0, "softmax temperature of the distillation term", gt=0)
 
 
 @dataclass
@@ -474,6 +488,11 @@ def resolve(
         raise InvalidValueError(
             "the budget has no term: set budget.flops, budget.params, budget.latency_ms or budget.speedup "
             "(e.g. --budget.flops 0.5)"
+        )
+    steps = config.search.refine_steps
+    if not steps or steps != sorted(steps):
+        raise InvalidValueError(
+            f"search.refine_steps must be increasing cumulative step counts (e.g. 50,150,450), got {steps}"
         )
     return config
 

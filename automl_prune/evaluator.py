@@ -33,6 +33,7 @@ from automl_prune.measure.latency_model import LatencyModel, LatencyTable, Measu
 from automl_prune.pruning import apply
 from automl_prune.reward import REWARDS, RewardContext, budget_penalty
 from automl_prune.seeding import derive_seed
+from automl_prune.training import check_distillation, student_loss
 from automl_prune.types import Budget, Evaluation, Plan
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class EvaluatorConfig:
             ABCPruner scores candidates after a fraction of an epoch of fine-tuning
             (0 = off, AMC's protocol).
         finetune_lr: Learning rate of those steps.
+        distill_weight: Weight of distillation from the dense model in those steps (0 = labels only).
+        distill_temperature: Temperature of the distillation term.
     """
 
     criterion: str = "l1"
@@ -78,6 +81,8 @@ class EvaluatorConfig:
     seed: int = 0
     finetune_steps: int = 0
     finetune_lr: float = 0.01
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
     latency_plans: int = 24
     latency_margin: float = 0.05
     cache_dir: str | None = None
@@ -85,6 +90,7 @@ class EvaluatorConfig:
     def __post_init__(self) -> None:
         if self.finetune_steps < 0 or not self.finetune_lr > 0:
             raise InvalidValueError("finetune_steps must be >= 0 and finetune_lr > 0")
+        check_distillation(self.distill_weight, self.distill_temperature)
         if self.eval_size < 1 or self.batch_size < 1 or self.recalibration_batches < 1 or self.round_to < 1:
             raise InvalidValueError("eval_size, batch_size, recalibration_batches and round_to must be >= 1")
         if self.latency_plans < 3:
@@ -266,11 +272,11 @@ class Evaluator:
             )
             self._finetune_batches = [b for b, _ in zip(batches, range(self.config.finetune_steps))]
         optimizer = torch.optim.SGD(model.parameters(), lr=self.config.finetune_lr, momentum=0.9)
-        loss_fn = nn.CrossEntropyLoss()
+        c = self.config
         model.train()
         for x, y in self._finetune_batches:
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            student_loss(model(x), y, self.model, x, c.distill_weight, c.distill_temperature).backward()
             optimizer.step()
         model.eval()
 

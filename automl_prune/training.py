@@ -2,7 +2,10 @@
 
 The same loop trains baselines (``automl-prune train``) and fine-tunes pruned models
 (``automl-prune finetune``). Epochs may be fractional (``0.25`` = a quarter of the train set).
-Optionally adds the network-slimming L1 penalty on BatchNorm scales.
+Optionally adds the network-slimming L1 penalty on BatchNorm scales, and knowledge
+distillation from a teacher (the dense model): the loss is
+``(1 - w) * CE(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+(Hinton et al.'s soft targets; :func:`distillation_loss`, :func:`student_loss`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,6 +43,8 @@ class TrainConfig:
         label_smoothing: Cross-entropy label smoothing.
         eval_every_epoch: Evaluate on search-val after every epoch and keep the best weights.
         seed: Seed for initialisation and batch order.
+        distill_weight: Weight ``w`` of the distillation term (0 = labels only; needs a teacher).
+        distill_temperature: Softmax temperature ``T`` of the distillation term.
     """
 
     epochs: float = 3.0
@@ -50,6 +56,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_every_epoch: bool = True
     seed: int = 0
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epochs", float(self.epochs))  # 3 and 3.0 are one config (and one cache key)
@@ -61,6 +69,7 @@ class TrainConfig:
             raise InvalidValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.weight_decay < 0 or self.bn_l1 < 0:
             raise InvalidValueError("weight_decay and bn_l1 must be >= 0")
+        check_distillation(self.distill_weight, self.distill_temperature)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dict."""
@@ -87,6 +96,55 @@ def bn_l1_penalty(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def check_distillation(weight: float, temperature: float) -> None:
+    """Raise :class:`InvalidValueError` unless ``0 <= weight <= 1`` and ``temperature > 0``."""
+    if not 0.0 <= weight <= 1.0:
+        raise InvalidValueError(f"distill_weight must be in [0, 1], got {weight}")
+    if not temperature > 0:
+        raise InvalidValueError(f"distill_temperature must be > 0, got {temperature}")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Soft-target loss: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch.
+
+    The ``T^2`` factor keeps the gradient's scale independent of the temperature (Hinton et al., 2015).
+    """
+    t = float(temperature)
+    student = F.log_softmax(student_logits / t, dim=1)
+    teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * (t * t)
+
+
+def student_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: nn.Module | None,
+    x: torch.Tensor,
+    weight: float,
+    temperature: float,
+    hard: nn.Module | None = None,
+) -> torch.Tensor:
+    """The training loss of a (pruned) student: cross-entropy, blended with distillation when ``weight > 0``.
+
+    Args:
+        logits: The student's outputs on ``x``.
+        labels: Hard labels.
+        teacher: The teacher (used in eval mode, without gradients); required when ``weight > 0``.
+        x: The inputs (the teacher's outputs are computed on them).
+        weight: Weight of the distillation term.
+        temperature: Its temperature.
+        hard: The hard-label loss (default: plain cross-entropy).
+    """
+    ce = (hard or nn.CrossEntropyLoss())(logits, labels)
+    if weight <= 0:
+        return ce
+    if teacher is None:
+        raise InvalidValueError("distillation needs a teacher model (give the dense model, or set distill_weight 0)")
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    return (1.0 - weight) * ce + weight * distillation_loss(logits, teacher_logits, temperature)
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -94,6 +152,7 @@ def train(
     *,
     description: str = "train",
     on_epoch_end: Callable[[int, nn.Module, float], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data.train``; return the best weights on ``data.search_val``.
 
@@ -103,12 +162,17 @@ def train(
         config: Hyper-parameters.
         description: Progress bar label.
         on_epoch_end: Called with (epoch index, model, val accuracy) after each evaluated epoch.
+        teacher: Teacher of the distillation term (``config.distill_weight > 0``); not modified.
 
     Returns:
         The trained model and its history.
     """
+    if config.distill_weight > 0 and teacher is None:
+        raise InvalidValueError("distill_weight > 0 needs a teacher model (the dense model)")
     seed_everything(config.seed)
     device = next(model.parameters()).device
+    if teacher is not None and config.distill_weight > 0:
+        teacher = teacher.to(device).eval()
     n_train = len(data.train)
     steps_per_epoch = max(1, n_train // config.batch_size)  # full batches only (drop_last)
     total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
@@ -144,7 +208,9 @@ def train(
                 if step >= total_steps:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = loss_fn(model(x), y)
+                loss = student_loss(
+                    model(x), y, teacher, x, config.distill_weight, config.distill_temperature, hard=loss_fn
+                )
                 if config.bn_l1 > 0:
                     loss = loss + config.bn_l1 * bn_l1_penalty(model)
                 optimizer.zero_grad(set_to_none=True)
