@@ -8,11 +8,14 @@ Stages, each usable alone and all run by :func:`run_job` (``automl-prune search`
    configured strategy, logged to ``evaluations.jsonl`` (resumable). A latency budget first
    fits a latency model on plans measured on the budget's runtime (``latency_model.json``),
    and ends with measured finalists (``finalists.json``): the plan that ships is the best one
-   whose measured latency meets the budget. Every search saves its accuracy-vs-cost front
-   (``pareto.json``, ``pareto.png``), then ``plan.json`` and ``result.json``.
-3. :func:`prune_and_finetune`: the chosen plan cut out of the dense model with
-   ``prune.criterion``, then fine-tuned; exported as ``model.pt``, ``model.ts`` and
-   ``model.onnx`` (and the baseline as ``baseline.ts`` / ``baseline.onnx``).
+   whose measured latency meets the budget. :func:`refine_outcome` then fine-tunes the best
+   distinct plans briefly in rounds of successive halving, as Ray Tune trials, and ships the
+   best by that score (``refine.json``, ``refine.png``). Every search saves its
+   accuracy-vs-cost front (``pareto.json``, ``pareto.png``), then ``plan.json`` and ``result.json``.
+3. :func:`prune_and_finetune`: the chosen plan's model exactly as the search scored it (same
+   criterion, rounding and BN re-estimation), fine-tuned (distilled from the dense model when
+   ``finetune.distill_weight`` > 0); exported as ``model.pt``, ``model.ts`` and ``model.onnx``
+   (and the baseline as ``baseline.ts`` / ``baseline.onnx``).
 4. :func:`automl_prune.report.write_run_report`: baseline vs pruned, measured again from the
    files in the run directory (``report.md``, ``report.json`` and PNG plots).
 """
@@ -47,6 +50,7 @@ from automl_prune.types import Budget, Evaluation, Plan, SearchResult
 
 if TYPE_CHECKING:
     from automl_prune.parallel import EvaluatorSpec
+    from automl_prune.refine import RefineConfig, Refinement
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,15 @@ def train_config_of(config: Config) -> TrainConfig:
 def finetune_config_of(config: Config) -> TrainConfig:
     """The fine-tune's :class:`TrainConfig` (requires ``finetune.epochs > 0``)."""
     f = config.finetune
-    return TrainConfig(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, weight_decay=f.weight_decay, seed=config.seed)
+    return TrainConfig(
+        epochs=f.epochs,
+        lr=f.lr,
+        batch_size=f.batch_size,
+        weight_decay=f.weight_decay,
+        seed=config.seed,
+        distill_weight=f.distill_weight,
+        distill_temperature=f.distill_temperature,
+    )
 
 
 def round_to_of(config: Config) -> int:
@@ -101,6 +113,8 @@ def evaluator_config_of(config: Config) -> EvaluatorConfig:
         recalibration_batches=s.recalibration_batches,
         criterion_batches=config.prune.criterion_batches,
         finetune_steps=s.fitness_finetune_steps,
+        distill_weight=config.finetune.distill_weight,
+        distill_temperature=config.finetune.distill_temperature,
         round_to=round_to_of(config),
         seed=config.seed,
         latency_plans=s.latency_plans,
@@ -234,12 +248,15 @@ class SearchOutcome:
         plan: The plan that ships: the chosen finalist for a latency budget, else the best plan.
         evaluation: That plan's evaluation (with its measured latency when it was measured).
         finalists: The measured finalists of a latency budget (None otherwise).
+        refinement: The refinement of the best plans by short fine-tunes (None when off or
+            when fewer than two distinct plans could ship).
     """
 
     result: SearchResult
     plan: Plan
     evaluation: Evaluation
     finalists: FinalistChoice | None = None
+    refinement: Refinement | None = None
 
     @property
     def budget_met(self) -> bool | None:
@@ -324,7 +341,9 @@ def run_search(
                 first.setdefault(evaluator.structure_key(plan), i)
             for f in choice.finalists:
                 measured[first[evaluator.structure_key(f.plan)]] = f.measured_ms
-            write_json(run.path / "finalists.json", choice.to_dict())
+    outcome = refine_outcome(config, run, evaluator, outcome, stage)
+    if outcome.finalists is not None:
+        write_json(run.path / "finalists.json", outcome.finalists.to_dict())
     write_front(run.path, front(result.history, measured, key=evaluator.structure_key))
     write_json(run.path / "plan.json", outcome.plan.to_dict())
     write_json(
@@ -343,6 +362,7 @@ def run_search(
             "best": result.best_evaluation.to_dict(),
             "chosen_plan": outcome.plan.to_dict(),
             "chosen": outcome.evaluation.to_dict(),
+            "refined_score": outcome.refinement.score if outcome.refinement is not None else None,
             "budget_met_measured": outcome.budget_met,
             "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in result.history],
         },
@@ -350,14 +370,103 @@ def run_search(
     return outcome
 
 
+def refine_config_of(config: Config) -> RefineConfig:
+    """The refinement settings: ``search.refine_*`` and the fine-tune section's optimiser and distillation."""
+    from automl_prune.refine import RefineConfig
+
+    s, f = config.search, config.finetune
+    return RefineConfig(
+        top=s.refine_top,
+        steps=tuple(s.refine_steps),
+        lr=f.lr,
+        batch_size=f.batch_size,
+        weight_decay=f.weight_decay,
+        distill_weight=f.distill_weight,
+        distill_temperature=f.distill_temperature,
+        seed=config.seed,
+        cpus_per_trial=config.parallel.cpus_per_worker,
+    )
+
+
+def refine_outcome(
+    config: Config, run: RunDirectory, evaluator: Evaluator, outcome: SearchOutcome, stage: Stage | None = None
+) -> SearchOutcome:
+    """Refine the best distinct plans that can ship (:mod:`automl_prune.refine`) and ship the best refined one.
+
+    The candidates are the finalists whose measurement meets a latency budget, or else the best
+    distinct plans that meet the exact FLOPs and parameter terms. Fewer than two: nothing to refine.
+    """
+    from automl_prune.finalists import candidates
+    from automl_prune.refine import Candidate, refine
+
+    rc = refine_config_of(config)
+    if rc.top == 0:
+        return outcome
+    choice = outcome.finalists
+    if choice is not None and not choice.met:
+        logger.warning("no finalist meets the latency budget: nothing to refine")
+        return outcome
+    if choice is not None:
+        measured = [
+            (f.plan, dataclasses.replace(f.evaluation, measured_latency_ms=f.measured_ms))
+            for f in choice.finalists
+            if f.meets
+        ]
+        pool = measured[: rc.top]
+    else:
+        pool = candidates(evaluator, outcome.result.history, rc.top)
+    if len(pool) < rc.top:
+        logger.info("refining the %d distinct plan(s) that can ship (search.refine_top is %d)", len(pool), rc.top)
+    if len(pool) < 2:
+        return outcome
+    if stage is not None:
+        stage(
+            f"      refining {len(pool)} plans: fine-tunes of {', '.join(map(str, rc.steps))} steps, "
+            "the better half going on (search.refine_top 0 turns it off)"
+        )
+    starts = [evaluator.build(plan) for plan, _ in pool]
+    refinement = refine(
+        [Candidate(plan, e) for plan, e in pool],
+        starts,
+        evaluator.data.train,
+        evaluator.data.search_val,
+        rc,
+        run.path,
+        teacher=evaluator.model if rc.distill_weight > 0 else None,
+        ray_address=config.parallel.ray_address,
+    )
+    chosen = refinement.candidates[refinement.chosen]
+    logger.info(
+        "refinement ships plan %d of %d: refined score %.4f (cheap score %.4f)",
+        refinement.chosen + 1,
+        len(pool),
+        refinement.score or float("nan"),
+        chosen.cheap,
+    )
+    if choice is not None:
+        key = evaluator.structure_key(chosen.plan)
+        choice.chosen = next(i for i, f in enumerate(choice.finalists) if evaluator.structure_key(f.plan) == key)
+    return SearchOutcome(outcome.result, chosen.plan, chosen.evaluation, choice, refinement)
+
+
 def prune_and_finetune(
-    config: Config, model: nn.Module, info: CheckpointInfo, plan: Plan, data: DataSplits
+    config: Config,
+    model: nn.Module,
+    info: CheckpointInfo,
+    plan: Plan,
+    data: DataSplits,
+    evaluator: Evaluator | None = None,
 ) -> tuple[nn.Module, CheckpointInfo]:
-    """Cut ``plan`` out of the dense ``model`` with ``prune.criterion`` and fine-tune it.
+    """Cut ``plan`` out of the dense ``model`` and fine-tune it (distilling from ``model`` if configured).
+
+    With the search's ``evaluator`` (and ``prune.criterion`` the criterion it scored with), the
+    model that is fine-tuned is the one the search scored: :meth:`Evaluator.build` (same criterion
+    data, channel rounding, BN re-estimation and fitness steps), so its search-val accuracy right
+    after pruning equals the search's score. Otherwise ``prune.criterion`` cuts the plan afresh.
 
     Returns:
-        (the pruned, fine-tuned model, its checkpoint info; ``meta`` records the test
-        accuracy right after pruning and the fine-tune settings).
+        (the pruned, fine-tuned model, its checkpoint info; ``meta`` records the test accuracy
+        right after pruning, the search-val accuracy the search scored and the fine-tune settings).
     """
     from automl_prune.measure.accuracy import evaluate_accuracy
     from automl_prune.pruning import apply
@@ -365,19 +474,31 @@ def prune_and_finetune(
 
     p = config.prune
     round_to = round_to_of(config)
-    batches = list(data.search_val.batches(128))[: p.criterion_batches]
     seed_everything(config.seed)
-    pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=round_to, data=batches)
-    before = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     meta: dict[str, Any] = {
         **{k: v for k, v in info.meta.items() if k in ("dataset", "train")},
         "criterion": p.criterion,
-        "test_accuracy_before_finetune": before,
     }
+    if evaluator is not None and evaluator.config.criterion == p.criterion and evaluator.config.round_to == round_to:
+        pruned = evaluator.build(plan)
+        meta["as_scored"] = True
+        meta["search_val_accuracy_after_prune"] = evaluate_accuracy(pruned, evaluator.val, evaluator.config.batch_size)
+    else:
+        if evaluator is not None:
+            logger.info(
+                "prune.criterion %s differs from the search's %s: the plan is cut afresh, not as it was scored",
+                p.criterion,
+                evaluator.config.criterion,
+            )
+        batches = list(data.search_val.batches(128))[: p.criterion_batches]
+        pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=round_to, data=batches)
+        meta["as_scored"] = False
+    meta["test_accuracy_before_finetune"] = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     if config.finetune.epochs > 0:
-        result = train(pruned, data, finetune_config_of(config), description="fine-tune")
+        ft = finetune_config_of(config)
+        result = train(pruned, data, ft, description="fine-tune", teacher=model if ft.distill_weight > 0 else None)
         pruned = result.model
-        meta["finetune"] = {**finetune_config_of(config).to_dict(), "best_val_accuracy": result.val_accuracy}
+        meta["finetune"] = {**ft.to_dict(), "best_val_accuracy": result.val_accuracy}
     return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta)
 
 
@@ -429,7 +550,7 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
         return JobResult(run.path, outcome, None)
     ft = f"fine-tune {config.finetune.epochs:g} epochs" if config.finetune.epochs > 0 else "no fine-tune"
     stage(f"[4/{total}] prune with {config.prune.criterion}, {ft}, export")
-    pruned, pruned_info = prune_and_finetune(config, model, info, outcome.plan, data)
+    pruned, pruned_info = prune_and_finetune(config, model, info, outcome.plan, data, evaluator)
     paths = export_model(pruned, pruned_info, run.path)
     export_model(model, info, run.path, stem="baseline", checkpoint=False)
     onnx_diff = check_onnx(pruned, paths.onnx, data.test.images[:8])

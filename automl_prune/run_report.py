@@ -267,6 +267,9 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         "baseline": base,
         "pruned": new,
         "pruned_before_finetune_test_accuracy": info.meta.get("test_accuracy_before_finetune"),
+        "pruned_before_finetune_search_val_accuracy": info.meta.get("search_val_accuracy_after_prune"),
+        "pruned_as_scored": info.meta.get("as_scored"),
+        "chance_accuracy": 1.0 / data.num_classes,
         "finetune": info.meta.get("finetune"),
         "speedup": speedup,
         "round_to": info.round_to,
@@ -280,6 +283,7 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
             "best_flops_ratio": best.get("flops_ratio"),
             "latency_model": result.get("latency_model"),
         },
+        "refinement": _read_json(run / "refine.json") or None,
         "finalists": finalists.get("finalists", []),
         "chosen_finalist": finalists.get("chosen"),
         "pareto": front.get("points", []),
@@ -303,6 +307,7 @@ FILES = {
     "pareto.json": "the accuracy-vs-cost front of the search: `automl-prune prune --plan pareto.json --point N` "
     "ships another point",
     "finalists.json": "the finalists measured on the runtime, with their prediction errors",
+    "refine.json": "the refined plans' search-val scores at every rung of short fine-tunes (refine.png plots them)",
     "latency_model.json": "the latency model the search predicted with",
     "result.json": "the search's result and every evaluation",
     "config.yaml": "the resolved config: `automl-prune search --config config.yaml` reruns the search",
@@ -412,6 +417,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
         *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
         "",
+        *_chance_lines(report),
         "## Latency",
         "",
         f"Measured on the exported files in {m.get('runtime', 'torch')} on {m['device']} ({m['device_name']}), "
@@ -437,11 +443,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"Test accuracy right after pruning: {before:.4f}; {new['test_accuracy']:.4f} {tail}.", ""]
     s = report["search"]
     if s.get("best_search_val_accuracy") is not None:
+        scored = report.get("pruned_before_finetune_search_val_accuracy")
+        same = (
+            f" The model fine-tuned is the one the search scored: {scored:.4f} on the same search-val images "
+            "right after pruning."
+            if scored is not None
+            else " The plan was cut afresh with the prune criterion, not as the search scored it."
+            if report.get("pruned_as_scored") is False
+            else ""
+        )
         lines += [
-            f"The shipped plan's search-val accuracy during the search (no fine-tune): "
-            f"{s['best_search_val_accuracy']:.4f} (dense: {s['dense_search_val_accuracy']:.4f}).",
+            f"The shipped plan's search-val accuracy during the search (before the fine-tune): "
+            f"{s['best_search_val_accuracy']:.4f} (dense: {s['dense_search_val_accuracy']:.4f}).{same}",
             "",
         ]
+    lines += _refine_lines(report)
     lines += _finalist_lines(report)
     lines += [
         "## Channels kept per group",
@@ -481,6 +497,44 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _refine_lines(report: dict[str, Any]) -> list[str]:
+    """The refinement section: every refined plan's cheap score and its score at each rung."""
+    r = report.get("refinement")
+    if not r or not r.get("rungs_done"):
+        return []
+    steps = r["config"]["steps"][: r["rungs_done"]]
+    lines = [
+        "## Refinement",
+        "",
+        f"The {len(r['candidates'])} best distinct plans were fine-tuned briefly in rounds of successive halving "
+        f"(cumulative steps {', '.join(map(str, steps))}; the better half going on), scored on the whole search-val "
+        "split; the plan that ships is the best at the last rung (test images are never used to choose).",
+        "",
+        "| plan | FLOPs ratio | cheap score | " + " | ".join(f"{s} steps" for s in steps) + " | |",
+        "|---:|---:|---:|" + "---:|" * len(steps) + "---|",
+    ]
+    for i, c in enumerate(r["candidates"]):
+        scores = [f"{c['scores'][str(s)]:.4f}" if str(s) in c["scores"] else "" for s in steps]
+        ratio = f"{c['flops_ratio']:.3f}" if c.get("flops_ratio") is not None else ""
+        mark = "ships" if i == r["chosen"] else ""
+        lines.append(f"| {i + 1} | {ratio} | {c['cheap_score']:.4f} | " + " | ".join(scores) + f" | {mark} |")
+    return [*lines, "", "![cheap score against refined score](refine.png)", ""]
+
+
+def _chance_lines(report: dict[str, Any]) -> list[str]:
+    """A warning when the dense baseline itself is near chance (its pruned figures then mean little)."""
+    chance = report.get("chance_accuracy")
+    base = report["baseline"]["test_accuracy"]
+    if chance is None or base >= min(2.0 * chance, 0.5 + 0.5 * chance):
+        return []
+    return [
+        f"**Warning:** the dense baseline's test accuracy ({base:.4f}) is near chance ({chance:.4f}): it is not "
+        "trained enough for pruning results to mean anything (train longer: --train.epochs, or give a trained "
+        "--model.checkpoint).",
+        "",
+    ]
 
 
 def _finalist_lines(report: dict[str, Any]) -> list[str]:
@@ -591,4 +645,6 @@ def write_run_report(run_dir: str | Path, config: Config, data: DataSplits) -> d
     _plot_search(result.get("history", []), report["search"]["dense_search_val_accuracy"], report["strategy"], out)
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_markdown(report))
+    for line in _chance_lines(report)[:1]:
+        logger.warning("%s", line.replace("**", ""))
     return report

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ OUTPUTS = (
     "finalists.json",
     "pareto.json",
     "pareto.png",
+    "refine.json",
+    "refine.png",
+    "refine",
     "export.json",
     "report.json",
     "report.md",
@@ -145,7 +149,11 @@ class RunDirectory:
             self.path.mkdir(parents=True, exist_ok=True)
             if overwrite or not config_path.is_file():
                 for name in OUTPUTS:
-                    (self.path / name).unlink(missing_ok=True)
+                    target = self.path / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink(missing_ok=True)
             write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             self.config = config
         self.records = self._read_log(repair=True)

@@ -1,0 +1,146 @@
+"""Distillation, the model that ships as scored, and refinement of finalists by short fine-tunes (Ray Tune)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import DIGITS_QUICK, cli
+
+from automl_prune.errors import InvalidValueError
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.graph import LayerGraph
+from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.refine import Candidate, RefineConfig, refine
+from automl_prune.training import TrainConfig, distillation_loss, train
+from automl_prune.types import Budget
+
+
+def test_distillation_loss_is_lowest_for_the_teachers_own_outputs(trained_cnn, fashion_small) -> None:
+    model = trained_cnn.model
+    x = fashion_small.search_val.images[:256]
+    with torch.no_grad():
+        logits = model.eval()(x)
+    own = distillation_loss(logits, logits, 4.0).item()
+    shuffled = distillation_loss(
+        logits, logits[torch.randperm(len(logits), generator=torch.Generator().manual_seed(0))], 4.0
+    )
+    assert own == pytest.approx(0.0, abs=1e-5)
+    assert shuffled.item() > 0.1  # a trained model's outputs differ between images
+
+
+def test_distillation_needs_a_teacher_and_valid_settings(trained_cnn, fashion_small) -> None:
+    model = trained_cnn.model
+    with pytest.raises(InvalidValueError, match="teacher"):
+        train(model, fashion_small, TrainConfig(epochs=0.01, distill_weight=0.5))
+    with pytest.raises(InvalidValueError, match="distill_weight must be in"):
+        TrainConfig(distill_weight=1.5)
+    with pytest.raises(InvalidValueError, match="distill_temperature"):
+        RefineConfig(distill_temperature=0)
+    with pytest.raises(InvalidValueError, match="increasing"):
+        RefineConfig(steps=(50, 20))
+
+
+def test_a_distilled_fine_tune_recovers_a_pruned_model(trained_cnn, fashion_small) -> None:
+    """Distillation from the dense model trains the pruned student (on real data, short)."""
+    import copy
+
+    from automl_prune.pruning import apply
+
+    model = trained_cnn.model
+    graph = LayerGraph(model, torch.zeros(1, 1, 28, 28))
+    pruned = apply(model, graph.uniform_plan(0.3), "l1", graph=graph)
+    before = evaluate_accuracy(pruned, fashion_small.test)
+    student = copy.deepcopy(pruned)
+    config = TrainConfig(epochs=0.2, lr=0.01, distill_weight=0.7, eval_every_epoch=False, seed=0)
+    after = evaluate_accuracy(train(student, fashion_small, config, teacher=model).model, fashion_small.test)
+    assert after > before + 0.05
+
+
+def _candidates(evaluator: Evaluator, graph: LayerGraph) -> list[Candidate]:
+    plans = [graph.uniform_plan(k) for k in (0.35, 0.5, 0.7)]
+    return [Candidate(p, evaluator.evaluate(p)) for p in plans]
+
+
+@pytest.mark.slow
+def test_refinement_picks_by_the_refined_score_logs_every_rung_and_resumes(
+    trained_cnn, fashion_small, tmp_path: Path
+) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    model = trained_cnn.model
+    evaluator = Evaluator(model, fashion_small, Budget(flops=0.9), EvaluatorConfig(eval_size=500))
+    candidates = _candidates(evaluator, evaluator.graph)
+    starts = [evaluator.build(c.plan) for c in candidates]
+    config = RefineConfig(top=3, steps=(10, 30), seed=0)
+    result = refine(candidates, starts, fashion_small.train, fashion_small.search_val, config, tmp_path)
+    saved = json.loads((tmp_path / "refine.json").read_text())
+    assert saved["rungs_done"] == 2
+    first = [c.scores.get(10) for c in result.candidates]
+    assert all(s is not None for s in first)  # every candidate ran the first rung
+    survivors = [i for i, c in enumerate(result.candidates) if 30 in c.scores]
+    assert len(survivors) == config.survivors(3) == 2
+    ranked = sorted(range(3), key=lambda i: (-first[i], i))
+    assert sorted(survivors) == sorted(ranked[:2])  # the better half went on
+    best = max(survivors, key=lambda i: result.candidates[i].scores[30])
+    assert result.chosen == best and saved["chosen"] == best
+    assert (tmp_path / "refine.png").stat().st_size > 0
+    # the refined score is the fine-tuned model's search-val accuracy: higher than the cheap score here
+    assert result.score > result.candidates[best].cheap
+    # resuming skips the finished rungs (no Tune experiment runs again)
+    rung_dirs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "refine").iterdir()}
+    again = refine(
+        _candidates(evaluator, evaluator.graph), starts, fashion_small.train, fashion_small.search_val, config, tmp_path
+    )
+    assert again.chosen == result.chosen and again.score == result.score
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "refine").iterdir()} == rung_dirs
+
+
+@pytest.mark.slow
+def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cli(
+        "search", *DIGITS_QUICK, "--model.name", "fashion_cnn", "--search.strategy", "random",
+        "--search.evaluations", "10", "--search.refine_top", "3", "--search.refine_steps", "10,30",
+        "--finetune.epochs", "1", "--finetune.distill_weight", "0.5", "--report.latency_rounds", "2",
+        "--out", str(out),
+    )  # fmt: skip
+    refinement = json.loads((out / "refine.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    chosen = refinement["candidates"][refinement["chosen"]]
+    assert plan == chosen["plan"] and result["refined_score"] == refinement["refined_score"]
+    report = json.loads((out / "report.json").read_text())
+    # what was exported is what the search scored: same accuracy on the same search-val images
+    assert report["pruned_as_scored"] is True
+    assert report["pruned_before_finetune_search_val_accuracy"] == pytest.approx(chosen["cheap_score"], abs=1e-9)
+    assert report["finetune"]["distill_weight"] == 0.5
+    md = (out / "report.md").read_text()
+    assert "## Refinement" in md and "refine.png" in md and "the one the search scored" in md
+    # a resumed run does not refine again
+    proc = cli("-v", "search", "--resume", str(out))
+    assert "rungs already done" in proc.stderr
+    assert json.loads((out / "refine.json").read_text()) == refinement
+
+
+def test_refine_settings_are_validated_from_the_command_line(tmp_path: Path) -> None:
+    proc = cli("search", "--search.refine_steps", "100,50", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "search.refine_steps must be increasing" in proc.stderr
+    proc = cli("search", "--finetune.distill_weight", "2", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2 and "finetune.distill_weight" in proc.stderr
+    proc = cli("finetune", "--checkpoint", "x.pt", "--finetune.distill_weight", "0.5", check=False)
+    assert proc.returncode == 2 and "--teacher" in proc.stderr
+
+
+def test_fitness_steps_distil_from_the_dense_model(trained_cnn, fashion_small) -> None:
+    """The evaluator's fitness fine-tune uses the same student loss: with distillation, scores change."""
+    model = trained_cnn.model
+    plan = LayerGraph(model, torch.zeros(1, 1, 28, 28)).uniform_plan(0.3)
+    plain = Evaluator(model, fashion_small, Budget(flops=0.9), EvaluatorConfig(eval_size=500, finetune_steps=10))
+    distilled = Evaluator(
+        model, fashion_small, Budget(flops=0.9), EvaluatorConfig(eval_size=500, finetune_steps=10, distill_weight=0.9)
+    )
+    a, b = plain.evaluate(plan), distilled.evaluate(plan)
+    assert a.accuracy != b.accuracy and b.accuracy > 0.5
