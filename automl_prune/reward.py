@@ -6,6 +6,8 @@ maximise. ``error = 1 - accuracy`` on the search-val subset.
 - ``acc``: AMC's ``R_err = -error``. Use with a hard budget (the search space keeps every
   plan feasible), so only accuracy matters.
 - ``acc_log_flops``: AMC's ``R_FLOPs = -error * log(FLOPs)``, which also rewards fewer FLOPs.
+- ``acc_log_params``: AMC's ``R_Param = -error * log(#Param)``, its reward for parameter
+  budgets (model-size compression), which also rewards fewer parameters.
 - ``acc_latency``: ``accuracy * (latency / target) ** w`` with ``w = -0.07`` (the soft
   latency term of MnasNet), for latency budgets; equal to accuracy at the target.
 - ``n2n``: N2N's ``R = R_c * R_a`` with ``R_c = C (2 - C)``, ``C = 1 - params / dense_params``
@@ -59,6 +61,14 @@ def reward_acc_log_flops(
 ) -> float:
     """AMC's FLOPs-aware reward: ``-(1 - accuracy) * log(FLOPs)``."""
     return -(1.0 - accuracy) * math.log(max(flops, 2))
+
+
+@REWARDS.register("acc_log_params", description="AMC R_Param = -error * log(#Param) (parameter budgets)")
+def reward_acc_log_params(
+    accuracy: float, flops: int, params: int, latency_ms: float | None, ctx: RewardContext
+) -> float:
+    """AMC's parameter-aware reward: ``-(1 - accuracy) * log(#Param)``."""
+    return -(1.0 - accuracy) * math.log(max(params, 2))
 
 
 @REWARDS.register("acc_latency", description="accuracy * (latency/target)^-0.07 (MnasNet soft latency term)")

@@ -102,7 +102,7 @@ def _assert_clip_fixed_point(space: SearchSpace, plan: Plan) -> None:
 
 def test_embeddings_are_normalised(space: SearchSpace) -> None:
     groups, blocks = group_embeddings(space), block_embeddings(space)
-    assert groups.shape == (space.dim, 7) and blocks.shape == (len(space.blocks), 4)
+    assert groups.shape == (space.dim, 8) and blocks.shape == (len(space.blocks), 4)
     for features in (groups, blocks):
         assert np.all(features >= 0.0) and np.all(features <= 1.0)
 

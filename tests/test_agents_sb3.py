@@ -18,6 +18,7 @@ import torch
 from gymnasium import spaces
 
 from automl_prune.agents.sb3 import (
+    FINAL_NOISE,
     DDPGStrategy,
     DecayingTruncatedNormalNoise,
     EpisodeRewardReplayBuffer,
@@ -128,7 +129,8 @@ def test_ddpg_follows_the_amc_schedule(run: Callable[..., Run], space: SearchSpa
     model, noise = strategy.model, strategy.noise
     assert model is not None and noise is not None
     n = space.dim
-    assert model.learning_starts == strategy.warmup_episodes * n
+    # the warm-up is a quarter of the 12-evaluation budget (AMC: 100 of 400 episodes)
+    assert strategy.warmup == 3 and model.learning_starts == strategy.warmup * n
     assert model.gamma == 1.0
     assert model.replay_buffer.buffer_size == strategy.buffer_episodes * n
     # learn() stops right after the 12th evaluation: 11 whole episodes were stored, each with its final reward.
@@ -136,15 +138,39 @@ def test_ddpg_follows_the_amc_schedule(run: Callable[..., Run], space: SearchSpa
     assert model.replay_buffer.size() == (EVALS - 1) * n
     rewards = model.replay_buffer.rewards[: model.replay_buffer.size(), 0].reshape(EVALS - 1, n)
     assert np.all(rewards == rewards[:, -1:])
-    # One gradient step per transition of the one episode (the 11th) that ended after the warm-up.
-    assert model._n_updates == n
+    # One gradient step per transition of the 8 episodes (4th to 11th) that ended after the warm-up.
+    assert model._n_updates == (EVALS - 1 - strategy.warmup) * n
     assert model.replay_buffer.moving_average is not None
     # Separate learning rates for actor and critic.
     assert model.actor.optimizer.param_groups[0]["lr"] == strategy.actor_learning_rate
     assert model.critic.optimizer.param_groups[0]["lr"] == strategy.critic_learning_rate
-    # SB3 resets the noise once in learn() and at each of the 11 episode ends it completed.
+    # SB3 resets the noise once in learn() and at each of the 11 episode ends it completed; the decay
+    # counts from the end of the warm-up and reaches FINAL_NOISE at the budget's last episode.
     assert noise.episodes == 1 + (EVALS - 1)
-    assert noise.sigma == pytest.approx(strategy.noise_sigma * strategy.noise_decay)
+    assert noise.sigma == pytest.approx(strategy.noise_sigma * strategy.decay ** (EVALS - 1 - strategy.warmup))
+    assert strategy.decay ** (EVALS - strategy.warmup) == pytest.approx(FINAL_NOISE)
+
+
+def test_ddpg_schedule_scales_with_the_budget() -> None:
+    assert DDPGStrategy().schedule(400) == (100, pytest.approx(FINAL_NOISE ** (1 / 300)))
+    assert DDPGStrategy().schedule(100)[0] == 25 and DDPGStrategy().schedule(4)[0] == 2
+    assert DDPGStrategy().schedule(1)[0] == 0  # a one-evaluation search still evaluates once
+    assert DDPGStrategy(warmup_episodes=7, noise_decay=0.9).schedule(400) == (7, 0.9)
+
+
+def test_the_private_sb3_methods_ddpg_overrides_still_exist() -> None:
+    """DDPG overrides two private SB3 methods; an SB3 release that renames them must fail here, not silently."""
+    import inspect
+
+    from stable_baselines3 import DDPG
+
+    assert list(inspect.signature(DDPG._sample_action).parameters) == [
+        "self",
+        "learning_starts",
+        "action_noise",
+        "n_envs",
+    ]
+    assert list(inspect.signature(DDPG._update_learning_rate).parameters) == ["self", "optimizers"]
 
 
 def test_ddpg_explores_like_amc(evaluator: Evaluator, space: SearchSpace) -> None:

@@ -56,6 +56,14 @@ def test_reward_formulas() -> None:
     ctx = RewardContext(dense_accuracy=0.9, dense_flops=1000, dense_params=100, latency_target_ms=2.0)
     assert REWARDS.get("acc")(0.8, 500, 50, None, ctx) == pytest.approx(-0.2)
     assert REWARDS.get("acc_log_flops")(0.8, 500, 50, None, ctx) == pytest.approx(-0.2 * math.log(500))
+    assert REWARDS.get("acc_log_params")(0.8, 500, 50, None, ctx) == pytest.approx(-0.2 * math.log(50))
+    # fewer parameters at equal accuracy score higher; more accuracy at equal size too
+    assert REWARDS.get("acc_log_params")(0.8, 500, 40, None, ctx) > REWARDS.get("acc_log_params")(
+        0.8, 500, 50, None, ctx
+    )
+    assert REWARDS.get("acc_log_params")(0.9, 500, 50, None, ctx) > REWARDS.get("acc_log_params")(
+        0.8, 500, 50, None, ctx
+    )
     assert REWARDS.get("acc_latency")(0.8, 500, 50, 2.0, ctx) == pytest.approx(0.8)
     assert REWARDS.get("acc_latency")(0.8, 500, 50, 4.0, ctx) < 0.8
     c = 1 - 50 / 100

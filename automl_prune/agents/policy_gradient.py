@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from automl_prune.envs.layer_prune import group_embeddings
+from automl_prune.envs.layer_prune import GROUP_FEATURES, group_embeddings
 from automl_prune.envs.skip_gate import SkipGateEnv
 from automl_prune.errors import InvalidValueError
 from automl_prune.search_spaces import SearchSpace
@@ -75,9 +75,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-GROUP_FEATURES = ("index", "kind", "in_channels", "out_channels", "stride", "kernel", "flops")
-"""Static per-group features (as in ``LayerPrune-v0``), each scaled by its maximum over the groups."""
 
 BLOCK_FEATURES = ("index", "flops_share", "params_share", "channels")
 """Static per-block features: position, share of the dense FLOPs/params the block holds, width."""

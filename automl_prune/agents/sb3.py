@@ -49,6 +49,12 @@ __all__ = [
 _MAX_REJECTION_ROUNDS = 1000
 
 
+WARMUP_SHARE = 0.25
+"""Default DDPG warm-up as a share of the evaluation budget (AMC: 100 random episodes of 400)."""
+FINAL_NOISE = 0.05
+"""Default DDPG noise width at the last episode, relative to the initial width."""
+
+
 # ---------------------------------------------------------------------------- exploration noise
 class DecayingTruncatedNormalNoise(ActionNoise):
     """AMC's exploration noise: a normal truncated to the action bounds, narrowing every episode.
@@ -397,17 +403,23 @@ class DDPGStrategy(_SB3Strategy):
       separate state and action projections); the last layers use PyTorch's default
       initialisation (AMC draws them from ``U(-0.003, 0.003)``); the actor ends in ``tanh``
       on ``[-1, 1]`` instead of a sigmoid on ``[0, 1]`` (an affine reparametrisation).
-    - Warm-up length: AMC takes ``warmup + 1`` random episodes (100 by default); the
-      default here is 10 to suit small evaluation budgets.
+    - Warm-up length and noise decay scale with the evaluation budget: AMC takes 100 random
+      episodes of its 400 and decays its noise by 0.95 per episode; by default the warm-up
+      here is :data:`WARMUP_SHARE` of the budget (at least 2 episodes, and at least one episode
+      left to learn from) and the decay brings the noise to :data:`FINAL_NOISE` of its initial
+      width by the last episode, so a 100-evaluation search explores as long, relatively, as
+      AMC's 400-episode one. Give ``warmup_episodes`` / ``noise_decay`` to fix them.
     - With ``gamma = 1`` and the final reward on every transition, the critic's target for
       step ``t`` sums the (baselined) reward over the remaining steps, i.e. it scales with
       the steps left; this is what AMC's update does too and leaves the greedy action of
       each state unchanged.
 
     Args:
-        warmup_episodes: Episodes of random actions before learning starts.
+        warmup_episodes: Episodes of random actions before learning starts (None: a share of
+            the evaluation budget, see above).
         noise_sigma: Initial standard deviation of the exploration noise, in ``[-1, 1]`` action units.
-        noise_decay: Per-episode decay factor of the noise's standard deviation.
+        noise_decay: Per-episode decay factor of the noise's standard deviation (None: scaled
+            to the budget, see above).
         actor_learning_rate: Adam learning rate of the actor.
         critic_learning_rate: Adam learning rate of the critic.
         tau: Soft update coefficient of the target networks.
@@ -428,9 +440,9 @@ class DDPGStrategy(_SB3Strategy):
 
     def __init__(
         self,
-        warmup_episodes: int = 10,
+        warmup_episodes: int | None = None,
         noise_sigma: float = 1.0,
-        noise_decay: float = 0.95,
+        noise_decay: float | None = None,
         actor_learning_rate: float = 1e-4,
         critic_learning_rate: float = 1e-3,
         tau: float = 0.01,
@@ -444,11 +456,11 @@ class DDPGStrategy(_SB3Strategy):
         device: str = "cpu",
     ):
         super().__init__()
-        if warmup_episodes < 0:
+        if warmup_episodes is not None and warmup_episodes < 0:
             raise InvalidValueError(f"warmup_episodes must be >= 0, got {warmup_episodes}")
         if batch_size < 1 or buffer_episodes < 1:
             raise InvalidValueError(f"batch_size and buffer_episodes must be >= 1, got {batch_size}, {buffer_episodes}")
-        if noise_sigma < 0 or not 0.0 < noise_decay <= 1.0:
+        if noise_sigma < 0 or (noise_decay is not None and not 0.0 < noise_decay <= 1.0):
             raise InvalidValueError(
                 f"noise_sigma must be >= 0 and noise_decay in (0, 1], got {noise_sigma}, {noise_decay}"
             )
@@ -469,16 +481,30 @@ class DDPGStrategy(_SB3Strategy):
         self.baseline_alpha = baseline_alpha
         self.device = device
         self.noise: DecayingTruncatedNormalNoise | None = None
+        self.warmup = 0
+        self.decay = 1.0
+
+    def schedule(self, episodes: int) -> tuple[int, float]:
+        """(warm-up episodes, per-episode noise decay) for a search of ``episodes`` episodes."""
+        warmup = self.warmup_episodes
+        if warmup is None:
+            warmup = min(max(2, round(WARMUP_SHARE * episodes)), max(0, episodes - 1))
+        decay = self.noise_decay
+        if decay is None:
+            decay = FINAL_NOISE ** (1.0 / max(1, episodes - warmup))
+        return warmup, decay
 
     def _build(self, env: LayerPruneEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
         # SB3 resets the noise once when learn() starts (BaseAlgorithm._setup_learn) and then at
         # every episode end, so during episode e (0-based) it has been reset e + 1 times: a delay
         # of warmup + 1 gives the first episode after the warm-up the initial sigma, as in AMC.
+        self.warmup, self.decay = self.schedule(session.max_evaluations)
+        logger.info("ddpg: %d warm-up episodes, noise decay %.4f per episode", self.warmup, self.decay)
         self.noise = DecayingTruncatedNormalNoise(
             sigma=self.noise_sigma,
-            decay=self.noise_decay,
+            decay=self.decay,
             size=1,
-            delay=self.warmup_episodes + 1,
+            delay=self.warmup + 1,
             seed=derive_seed(session.seed, "ddpg-noise"),
         )
         return _AMCDDPG(
@@ -487,7 +513,7 @@ class DDPGStrategy(_SB3Strategy):
             learning_rate=self.actor_learning_rate,
             critic_learning_rate=self.critic_learning_rate,
             buffer_size=self.buffer_episodes * n_groups,
-            learning_starts=self.warmup_episodes * n_groups,
+            learning_starts=self.warmup * n_groups,
             batch_size=self.batch_size,
             tau=self.tau,
             gamma=self.gamma,

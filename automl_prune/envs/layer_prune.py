@@ -2,8 +2,8 @@
 
 One episode walks the prunable groups in forward order. The observation is the group's
 normalised embedding (AMC, He et al. ECCV 2018): index, layer type, input and output
-channels, stride, kernel size, FLOPs, FLOPs reduced so far, FLOPs remaining after this
-group, and the previous action. The action, in ``Box(-1, 1, (1,))``, is mapped to a keep
+channels, stride, kernel size, input feature-map size, FLOPs, FLOPs reduced so far, FLOPs
+remaining after this group, and the previous action. The action, in ``Box(-1, 1, (1,))``, is mapped to a keep
 ratio by the search space and clipped into its budget-feasible interval, so every
 episode ends inside the budget. The reward is 0 until the last step, then the evaluated
 plan's reward; ``info`` carries the plan and the :class:`~automl_prune.types.Evaluation`.
@@ -21,33 +21,33 @@ from automl_prune.search_spaces import SearchSpace
 from automl_prune.types import Evaluation, Plan
 
 KIND_CODE = {"conv": 0.0, "dwconv": 0.5, "linear": 1.0}
-OBS_FEATURES = (
-    "index",
-    "kind",
-    "in_channels",
-    "out_channels",
-    "stride",
-    "kernel",
-    "flops",
-    "flops_reduced",
-    "flops_rest",
-    "previous_action",
-)
+GROUP_FEATURES = ("index", "kind", "in_channels", "out_channels", "stride", "kernel", "feature_map", "flops")
+"""Columns of :func:`group_embeddings` (a group's static embedding)."""
+OBS_FEATURES = (*GROUP_FEATURES, "flops_reduced", "flops_rest", "previous_action")
 
 
 def group_embeddings(space: SearchSpace) -> np.ndarray:
     """Static embedding of every prunable group, in group order (AMC's layer embedding).
 
     Columns: index, layer-type code, the root layer's input and output channels, stride,
-    kernel size and the FLOPs the group touches; every column except the type code
-    (already in ``[0, 1]``) is divided by its maximum over the groups.
+    kernel size, input feature-map height and the FLOPs the group touches; every column
+    except the type code (already in ``[0, 1]``) is divided by its maximum over the groups.
 
     Returns:
-        Array of shape ``(space.dim, 7)`` with values in ``[0, 1]``.
+        Array of shape ``(space.dim, 8)`` with values in ``[0, 1]``.
     """
     raw = np.array(
         [
-            [i, KIND_CODE[g.root.kind], g.root.in_channels, g.channels, g.root.stride[0], g.root.kernel[0], g.flops]
+            [
+                i,
+                KIND_CODE[g.root.kind],
+                g.root.in_channels,
+                g.channels,
+                g.root.stride[0],
+                g.root.kernel[0],
+                g.root.in_size[0],
+                g.flops,
+            ]
             for i, g in enumerate(space.graph.groups)
         ],
         dtype=np.float64,
