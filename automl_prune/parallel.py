@@ -144,6 +144,8 @@ def start_local_ray(workers: int, cpus_per_worker: int = 1) -> int:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1, not the public interface
+    # a private instance on loopback, started and shut down by this process: no token to hand out
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     available = os.cpu_count() or 1
     if workers * cpus_per_worker > available:
         capped = max(1, available // cpus_per_worker)

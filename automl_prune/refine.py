@@ -329,7 +329,7 @@ def _run_rung(
             "end": end,
             "resume": {str(i): refinement.checkpoints.get(i, "") for i in alive},
         },
-        tune_config=tune.TuneConfig(metric="score", mode="max"),
+        tune_config=tune.TuneConfig(metric="score", mode="max", reuse_actors=True),
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(storage.resolve()),
@@ -377,6 +377,7 @@ def refine(
     Returns:
         The refinement (its ``chosen`` candidate ships).
     """
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off: progress comes from our bar
     import ray
 
     run = Path(run_dir)

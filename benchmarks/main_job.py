@@ -36,7 +36,7 @@ def run_once(args: list[str], out: Path, env: dict[str, str]) -> tuple[float, li
     stages: list[tuple[str, float]] = []
     assert proc.stdout is not None
     for line in proc.stdout:
-        if line.startswith("["):
+        if line.startswith("[") or line.startswith("      refining"):  # stages, and refinement within the search
             stages.append((line.strip(), time.perf_counter()))
     if proc.wait() != 0:
         raise SystemExit(f"automl-prune search {' '.join(args)} failed with exit {proc.returncode}")
