@@ -93,7 +93,7 @@ def test_two_node_cluster_on_loopback_runs_evaluations_on_both_nodes(digits_prob
 
 @pytest.mark.slow
 def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -> None:
-    """`search --ray-address` on a two-node loopback cluster: the run log names both nodes."""
+    """`search --ray-address` on a two-node loopback cluster: the run log names both nodes; refinement runs there too."""
     import json
     import subprocess
     import sys
@@ -106,7 +106,7 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         cluster.wait_for_nodes()
         out = tmp_path / "run"
         args = ["search", "--search.strategy", "random", *DIGITS_QUICK]
-        args += ["--search.evaluations", "6", "--search.only"]
+        args += ["--search.evaluations", "6", "--search.only", "--search.refine_top", "3", "--search.refine_steps", "5,10"]
         args += ["--parallel.workers", "2", "--parallel.ray_address", cluster.address]
         proc = subprocess.run(
             [sys.executable, "-m", "automl_prune.cli", *args, "--out", str(out)],
@@ -120,6 +120,9 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         assert [r["index"] for r in records] == list(range(1, 7))
         fresh = [r for r in records if r["node"] != "cache"]
         assert len({r["node"] for r in fresh}) == 2 and {r["worker"] for r in fresh} == {0, 1}
+        # the refinement ran as Tune trials on the same cluster, both rungs
+        refinement = json.loads((out / "refine.json").read_text())
+        assert refinement["rungs_done"] == 2 and len(refinement["candidates"]) >= 2
     finally:
         cluster.shutdown()
 

@@ -15,7 +15,8 @@ from cli_helpers import DIGITS_QUICK, command
 from automl_prune.errors import InvalidValueError
 from automl_prune.runs import RunDirectory
 
-SEARCH = ["search", "--search.strategy", "random", *DIGITS_QUICK, "--search.only"]
+SEARCH = ["search", "--search.strategy", "random", *DIGITS_QUICK, "--search.only", "--search.refine_top", "0"]
+"""A search alone (refinement's own resume is tested in test_refine.py)."""
 
 
 def _log(directory: Path) -> list[dict]:
