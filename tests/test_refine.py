@@ -104,7 +104,7 @@ def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path
     cli(
         "search", *DIGITS_QUICK, "--model.name", "fashion_cnn", "--search.strategy", "random",
         "--search.evaluations", "10", "--search.refine_top", "3", "--search.refine_steps", "10,30",
-        "--finetune.epochs", "1", "--finetune.distill_weight", "0.5", "--report.latency_rounds", "2",
+        "--finetune.epochs", "0.3", "--finetune.distill_weight", "0.5", "--report.latency_rounds", "2",
         "--out", str(out),
     )  # fmt: skip
     refinement = json.loads((out / "refine.json").read_text())
