@@ -106,7 +106,15 @@ def test_cli_search_on_a_cluster_records_the_node_of_each_evaluation(tmp_path) -
         cluster.wait_for_nodes()
         out = tmp_path / "run"
         args = ["search", "--search.strategy", "random", *DIGITS_QUICK]
-        args += ["--search.evaluations", "6", "--search.only", "--search.refine_top", "3", "--search.refine_steps", "5,10"]
+        args += [
+            "--search.evaluations",
+            "6",
+            "--search.only",
+            "--search.refine_top",
+            "3",
+            "--search.refine_steps",
+            "5,10",
+        ]
         args += ["--parallel.workers", "2", "--parallel.ray_address", cluster.address]
         proc = subprocess.run(
             [sys.executable, "-m", "automl_prune.cli", *args, "--out", str(out)],
