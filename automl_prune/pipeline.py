@@ -393,7 +393,8 @@ def refine_outcome(
 ) -> SearchOutcome:
     """Refine the best distinct plans that can ship (:mod:`automl_prune.refine`) and ship the best refined one.
 
-    The candidates are the finalists whose measurement meets a latency budget, or else the best
+    The candidates are the finalists whose measurement meets a latency budget (outside the noise
+    band when some do: :meth:`FinalistChoice.shippable`), or else the best
     distinct plans that meet the exact FLOPs and parameter terms. Fewer than two: nothing to refine.
     """
     from automl_prune.finalists import candidates
@@ -409,8 +410,7 @@ def refine_outcome(
     if choice is not None:
         measured = [
             (f.plan, dataclasses.replace(f.evaluation, measured_latency_ms=f.measured_ms))
-            for f in choice.finalists
-            if f.meets
+            for f in (choice.finalists[i] for i in choice.shippable())
         ]
         pool = measured[: rc.top]
     else:

@@ -10,7 +10,7 @@ import pytest
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
-from automl_prune.finalists import choose_finalist, match_measured_latency
+from automl_prune.finalists import NOISE_BAND, FinalistChoice, choose_finalist, match_measured_latency
 from automl_prune.pareto import front, plan_from_front, write_front
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import get_strategy
@@ -42,10 +42,29 @@ def test_finalists_are_measured_and_the_best_meeting_one_ships(honest: Evaluator
         assert f.measured_ms > 0 and f.error is not None
         assert f.meets == (f.margin >= 0) == (f.measured.ratio * 1.3 <= 1.0)
     if choice.met:
-        assert choice.finalists[choice.chosen].meets
-        assert not any(f.meets for f in choice.finalists[: choice.chosen])  # the first that meets, in order
+        chosen = choice.finalists[choice.chosen]
+        assert chosen.meets
+        earlier = choice.finalists[: choice.chosen]
+        if chosen.margin >= NOISE_BAND:  # the first that meets outside the noise band, in order
+            assert not any(f.meets and f.margin >= NOISE_BAND for f in earlier)
+        else:  # none meets outside the noise: the first that meets at all
+            assert not any(f.margin >= NOISE_BAND for f in choice.finalists if f.meets)
+            assert not any(f.meets for f in earlier)
+        assert choice.shippable()[0] == choice.chosen
     data = json.loads(json.dumps(choice.to_dict()))
     assert data["chosen"] == choice.chosen and "prediction_error" in data["finalists"][0]
+
+
+def test_a_finalist_meeting_the_budget_outside_the_noise_is_preferred(honest: Evaluator, history) -> None:
+    """A first finalist that meets the budget by less than the noise band ships only when no other clears it."""
+    choice = choose_finalist(honest, history, k=3, progress=False)
+    assert choice is not None and len(choice.finalists) >= 2
+    first, second = choice.finalists[:2]
+    edge = dataclasses.replace(first, margin=NOISE_BAND / 5, meets=True)
+    clear = dataclasses.replace(second, margin=2 * NOISE_BAND, meets=True)
+    assert FinalistChoice([edge, clear]).shippable() == [1]
+    assert FinalistChoice([edge, dataclasses.replace(clear, margin=NOISE_BAND / 2)]).shippable() == [0, 1]
+    assert FinalistChoice([dataclasses.replace(edge, margin=-0.1, meets=False)]).shippable() == []
 
 
 def test_a_model_that_under_predicts_is_caught_by_the_measurement(trained_cnn, fashion_small, honest) -> None:
