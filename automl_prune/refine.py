@@ -40,6 +40,7 @@ from torch import nn
 from automl_prune.data import TensorData
 from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path, write_json
+from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.seeding import derive_seed, seed_everything
 from automl_prune.training import check_distillation, student_loss
 from automl_prune.types import Evaluation, Plan
@@ -94,6 +95,10 @@ class RefineConfig:
         if not self.lr > 0 or self.batch_size < 1 or self.cpus_per_trial < 1:
             raise InvalidValueError("refine lr must be > 0, batch_size and cpus_per_trial >= 1")
         check_distillation(self.distill_weight, self.distill_temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (steps as a list, as JSON reads them back)."""
+        return {**asdict(self), "steps": list(self.steps)}
 
     def survivors(self, n: int) -> int:
         """How many of ``n`` candidates go on to the next rung."""
@@ -177,7 +182,7 @@ class Refinement:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (what ``refine.json`` holds)."""
         return {
-            "config": {**asdict(self.config), "steps": list(self.config.steps)},
+            "config": self.config.to_dict(),
             "rungs_done": self.rungs_done,
             "chosen": self.chosen,
             "refined_score": self.score,
@@ -188,8 +193,7 @@ class Refinement:
 
 def _same_candidates(saved: dict[str, Any], config: RefineConfig, candidates: Sequence[Candidate]) -> bool:
     plans = [c["plan"] for c in saved.get("candidates", [])]
-    settings = {**asdict(config), "steps": list(config.steps)}
-    return saved.get("config") == settings and plans == [c.plan.to_dict() for c in candidates]
+    return saved.get("config") == config.to_dict() and plans == [c.plan.to_dict() for c in candidates]
 
 
 def load_refinement(path: Path, config: RefineConfig, candidates: list[Candidate]) -> Refinement:
@@ -234,12 +238,6 @@ def _batches_from(train: TensorData, batch_size: int, seed: int, start: int) -> 
         epoch += 1
 
 
-def _score(model: nn.Module, val: TensorData) -> float:
-    from automl_prune.measure.accuracy import evaluate_accuracy
-
-    return evaluate_accuracy(model, val)
-
-
 def _rung_trial(
     trial: dict[str, Any],
     *,
@@ -247,12 +245,11 @@ def _rung_trial(
     train: TensorData,
     val: TensorData,
     teacher: nn.Module | None,
-    settings: dict[str, Any],
+    config: RefineConfig,
 ) -> None:
     """One plan's rung, run by Ray Tune: train from the last rung's checkpoint and report the search-val score."""
     from ray import tune
 
-    config = RefineConfig(**{**settings, "steps": tuple(settings["steps"])})
     torch.set_num_threads(config.cpus_per_trial)
     key, begin, end = trial["key"], int(trial["begin"]), int(trial["end"])
     seed_everything(derive_seed(config.seed, "refine-trial", key))
@@ -273,7 +270,7 @@ def _rung_trial(
         student_loss(model(x), y, teacher, x, config.distill_weight, config.distill_temperature).backward()
         optimizer.step()
     model.eval()
-    score = _score(model, val)
+    score = evaluate_accuracy(model, val)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / STATE_FILE)
         tune.report({"score": score, "steps": end, "key": key}, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -316,9 +313,8 @@ def _run_rung(
     end = config.steps[rung]
     name = f"rung{rung + 1}_{end}steps"
     shutil.rmtree(storage / name, ignore_errors=True)  # a rung that did not finish is run again whole
-    settings = {**asdict(config), "steps": list(config.steps)}
     trainable = tune.with_resources(
-        tune.with_parameters(_rung_trial, starts=starts, train=train, val=val, teacher=teacher, settings=settings),
+        tune.with_parameters(_rung_trial, starts=starts, train=train, val=val, teacher=teacher, config=config),
         {"cpu": config.cpus_per_trial},
     )
     tuner = tune.Tuner(
