@@ -119,10 +119,12 @@ def _add_config_flags(
         action="append",
         default=None,
         metavar="FILE",
-        help="YAML config; keys not given keep their defaults (repeat to layer several files, later ones win)",
+        help="YAML config file, or a packaged config by name (smoke, latency_cpu, fashion-mnist/resnet20, ...: "
+        "`automl-prune list configs`); keys not given keep their defaults (repeat to layer several files, later ones win)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    group = p.add_argument_group("config keys (each overrides the config file; see docs in configs/default.yaml)")
+    group = p.add_argument_group("config keys (each overrides the config file; documented in the packaged config `default`, "
+        "whose path `automl-prune list configs` shows)")
     for option in options_for(sections, top_level):
         if option.path in exclude:
             continue
@@ -189,6 +191,16 @@ def cmd_list(args: argparse.Namespace) -> int:
         from automl_prune.reward import REWARDS
 
         rows = [(n, REWARDS.describe(n)) for n in REWARDS.names()]
+    elif args.kind == "configs":
+        from automl_prune.config import config_summary, packaged_configs
+
+        configs = packaged_configs()
+        _table(
+            "configs (give one by name: --config NAME)",
+            ["name", "description", "file"],
+            [(n, config_summary(p), str(p)) for n, p in configs.items()],
+        )
+        return 0
     else:
         from automl_prune.criteria import CRITERIA
 
@@ -760,8 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.set_defaults(func=cmd_graph)
 
-    p = command("list", "list models, datasets, criteria, strategies, envs or rewards")
-    p.add_argument("kind", choices=["models", "datasets", "criteria", "strategies", "envs", "rewards"])
+    p = command("list", "list models, datasets, criteria, strategies, envs, rewards or packaged configs")
+    p.add_argument("kind", choices=["models", "datasets", "criteria", "strategies", "envs", "rewards", "configs"])
     p.set_defaults(func=cmd_list)
     parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser

@@ -3,7 +3,8 @@
 A config is a YAML mapping of sections (``model``, ``data``, ``train``, ``budget``,
 ``search``, ``prune``, ``finetune``, ``parallel``, ``compare``, ``report``) plus a few
 top-level keys (``seed``, ``threads``, ``cache_dir``). Files give only what differs from the
-defaults below (``configs/default.yaml`` spells the defaults out). Every key ``a.b`` is also
+defaults below (the packaged ``default`` config, ``configs/default.yaml``, spells them out; a
+config is given by path or by the name of a packaged one: ``--config smoke``). Every key ``a.b`` is also
 the command-line flag ``--a.b`` (``--budget.flops 0.4``, ``--search.strategy ppo``), and
 flags override the file.
 
@@ -433,13 +434,57 @@ def _build(values: dict[str, Any]) -> Config:
     return config
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with the package, by name (``smoke``, ``fashion-mnist/resnet20``, ...)."""
+    root = Path(__file__).resolve().parent / "configs"
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def config_summary(path: Path) -> str:
+    """The first sentence of a config file's leading comment (what it is for)."""
+    words: list[str] = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("# ").strip())
+        if words[-1].endswith((".", ":")):
+            break
+    text = " ".join(w for w in words if w)
+    return text.split(". ")[0].rstrip(".:") + ("." if text else "")
+
+
+def find_config(name: str | os.PathLike[str]) -> Path:
+    """A config by path, or by the name of a packaged config (``smoke``, ``fashion-mnist/resnet20``).
+
+    A path that exists wins; otherwise a name (with or without ``.yaml``, or a path ending in
+    ``configs/NAME.yaml``, as the docs write them) is looked up among :func:`packaged_configs`.
+
+    Raises:
+        InvalidValueError: Neither a file nor a packaged config, naming the nearest packaged ones.
+    """
+    p = Path(name)
+    if p.exists():
+        return p
+    packaged = packaged_configs()
+    text = p.as_posix().removesuffix(".yaml").removesuffix(".yml")
+    key = text.split("configs/", 1)[1] if "configs/" in text else text
+    if key in packaged:
+        return packaged[key]
+    near = difflib.get_close_matches(key, list(packaged), n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise InvalidValueError(
+        f"config file '{p}' does not exist and is not a packaged config{hint} "
+        "(`automl-prune list configs` shows the packaged ones)"
+    )
+
+
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A config file as validated {dotted key: value}.
+    """A config file as validated {dotted key: value}; ``path`` may name a packaged config.
 
     Raises:
         InvalidValueError: Missing file, invalid YAML, not a mapping, unknown keys, bad values.
     """
-    p = Path(path)
+    p = find_config(path)
     try:
         text = p.read_text()
     except FileNotFoundError:

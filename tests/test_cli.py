@@ -14,6 +14,8 @@ def test_list_shows_registries() -> None:
     assert "resnet20" in run("list", "models").stdout
     assert "fashion-mnist" in run("list", "datasets").stdout
     assert "l1" in run("list", "criteria").stdout
+    configs = run("list", "configs").stdout
+    assert "smoke" in configs and "fashion-mnist/resnet20" in configs
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from automl_prune.config import OPTIONS, Config, check_names, from_dict, resolve
+from automl_prune.config import OPTIONS, Config, check_names, find_config, from_dict, packaged_configs, resolve
 from automl_prune.errors import InvalidValueError, UnknownNameError
 
 CONFIGS = sorted(Path("configs").rglob("*.yaml"))
@@ -21,6 +21,25 @@ def test_default_yaml_is_the_embedded_default() -> None:
         k for k, v in data.items() if not isinstance(v, dict)
     }
     assert flat == set(OPTIONS)
+
+
+def test_configs_by_name_are_the_packaged_files() -> None:
+    packaged = packaged_configs()
+    assert {"default", "smoke", "latency_cpu", "compare", "cluster", "fashion-mnist/resnet20"} <= set(packaged)
+    # the checkout's configs/ is the package's directory: one copy of each file
+    assert {p.resolve() for p in CONFIGS} == {p.resolve() for p in packaged.values()}
+    assert resolve("smoke") == resolve("configs/smoke.yaml") == resolve("smoke.yaml")
+    assert resolve("fashion-mnist/resnet20").model.name == "resnet20"
+    assert find_config("configs/latency_cpu.yaml").is_file()
+
+
+def test_configs_by_name_work_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve("configs/smoke.yaml") == resolve("smoke")  # the docs' spelling, away from the checkout
+    (tmp_path / "smoke.yaml").write_text("search:\n  evaluations: 7\n")
+    assert resolve("smoke.yaml").search.evaluations == 7  # a file that exists wins over a packaged name
+    with pytest.raises(InvalidValueError, match=r"'smok' does not exist .*did you mean smoke"):
+        resolve("smok")
 
 
 def test_ready_configs_cover_the_zoo_on_both_datasets() -> None:
@@ -96,3 +115,18 @@ def test_bad_flags_fail_with_the_flag_named() -> None:
         resolve(None, {"budget.latency": "3"})
     with pytest.raises(UnknownNameError, match="unknown strategy 'amc'.*ddpg"):
         check_names(resolve(None, {"search.strategy": "amc"}))
+
+
+def test_the_wheel_ships_the_configs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("automl_prune-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"automl_prune/configs/{n}.yaml" for n in packaged_configs()} <= names
