@@ -1,0 +1,410 @@
+"""Benchmark: search quality on converged baselines, with and without refinement and distillation.
+
+The protocol of the refinement issue. Fashion-MNIST split 55,000 train / 5,000 search-val /
+10,000 test; dense baselines trained to a plateau (the search-val curve's last epochs are
+printed); for every model, FLOPs budget, seed and strategy:
+
+1. the search, with a fresh evaluator cache and an equal count of cheap evaluations
+   (BN-recalibrated search-val accuracy); ``uniform`` and ``global`` give a single plan;
+2. the refinement of its best distinct plans (:func:`automl_prune.refine.refine`: successive
+   halving of short fine-tunes scored on search-val, run as Ray Tune trials);
+3. the plan the cheap score picks and the plan the refinement picks, each fine-tuned with one
+   recipe (``--finetune-epochs`` on all 55,000 images from the model the search scored), with
+   labels only and with distillation from the dense model, tested on all 10,000 test images.
+
+The choice of a plan never looks at the test set. The table gives mean +- std over seeds and
+the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``. For the
+``--rank-strategy`` search of every (budget, seed), every refined candidate is also fine-tuned
+(labels only), giving the Spearman rank correlation of the cheap score and of the first-rung
+refined score with the fine-tuned test accuracy.
+
+Every unit of work (a search, a refinement, a fine-tune) is stored in ``--state`` as it ends, so
+an interrupted run continues where it stopped and a grid can be filled over several sessions;
+the report is written from whatever the state holds. Example (a small check, then the grid)::
+
+    python benchmarks/search_quality.py --models fashion_cnn --budgets 0.25 --seeds 0 --evaluations 20 \\
+        --epochs fashion_cnn=1 --finetune-epochs 0.1 --refine-steps 10,30 --state /tmp/sq.json
+    python benchmarks/search_quality.py --state search_quality.json --out search_quality.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import cpu_model, csv_list, epochs_per_model, int_at_least, load_average, setup_logging
+from scipy.stats import spearmanr
+
+from automl_prune.baseline import train_baseline
+from automl_prune.data import DataSplits, load_dataset
+from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.finalists import candidates as best_distinct
+from automl_prune.io import write_text
+from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.models import ModelSpec
+from automl_prune.refine import Candidate, RefineConfig, refine
+from automl_prune.search_spaces import SearchSpace
+from automl_prune.strategy import STRATEGIES, get_strategy
+from automl_prune.training import TrainConfig, train
+from automl_prune.types import Budget, Plan
+
+logger = logging.getLogger("benchmarks.search_quality")
+
+SINGLE_PLAN = ("uniform", "global")
+"""Rules that give one plan: nothing to refine, and their cheap and refined choices coincide."""
+ARMS = {"labels": 0.0, "distilled": 0.5}
+"""Fine-tune arms: the distillation weight of each (temperature ``--distill-temperature``)."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _floats(value: str) -> list[float]:
+    out = [float(v) for v in csv_list(value)]
+    if not out or any(not 0.0 < f < 1.0 for f in out):
+        raise argparse.ArgumentTypeError(f"expected FLOPs fractions in (0, 1), got {value!r}")
+    return out
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in csv_list(value)]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults are the issue's protocol."""
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--models", type=csv_list, default=["resnet20", "mobilenetv2"], help="comma-separated zoo models")
+    p.add_argument("--budgets", type=_floats, default=[0.25, 0.125], help="FLOPs fractions of the dense model")
+    p.add_argument(
+        "--strategies",
+        type=csv_list,
+        default=["uniform", "global", "random", "ddpg", "ppo", "reinforce", "abc", "optuna"],
+        help="strategies",
+    )
+    p.add_argument("--evaluations", type=int_at_least(1), default=300, help="cheap evaluations per search")
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="search, refinement and fine-tune seeds")
+    p.add_argument("--epochs", type=epochs_per_model, default={}, help="baseline epochs per model, MODEL=EPOCHS,...")
+    p.add_argument("--default-epochs", type=float, default=8.0, help="baseline epochs of models not in --epochs")
+    p.add_argument("--train-lr", type=float, default=0.1, help="baseline peak learning rate")
+    p.add_argument("--eval-size", type=int_at_least(1), default=2000, help="search-val images per cheap score")
+    p.add_argument("--recal-batches", type=int_at_least(1), default=8, help="BN recalibration batches")
+    p.add_argument("--criterion", default="l1", help="importance criterion")
+    p.add_argument("--min-keep", type=float, default=0.1, help="smallest keep ratio of any group")
+    p.add_argument("--round-to", type=int_at_least(1), default=1, help="channel multiple of pruned widths")
+    p.add_argument("--refine-top", type=int_at_least(0), default=8, help="distinct plans refined (0 = no refinement)")
+    p.add_argument("--refine-steps", type=_ints, default=[50, 150, 450], help="cumulative fine-tune steps per rung")
+    p.add_argument("--finetune-epochs", type=float, default=1.0, help="epochs of the fine-tune recipe")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of the fine-tune recipe")
+    p.add_argument("--arms", type=csv_list, default=list(ARMS), help="fine-tune arms: labels, distilled")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature")
+    p.add_argument("--rank-strategy", default="random", help="whose refined candidates are all fine-tuned (Spearman)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the dataset's default)")
+    p.add_argument("--threads", type=int_at_least(1), default=2, help="torch intra-op threads")
+    p.add_argument("--state", type=Path, default=Path("search_quality.json"), help="results so far (resumable)")
+    p.add_argument("--work-dir", type=Path, default=None, help="refinement run directories (default: beside --state)")
+    p.add_argument("--report-only", action="store_true", help="write the report from --state without computing")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown report here (atomically)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = p.parse_args(argv)
+    unknown = [s for s in [*args.strategies, args.rank_strategy] if s not in STRATEGIES]
+    if unknown:
+        p.error(STRATEGIES.unknown_message(unknown[0]))
+    bad_arms = [a for a in args.arms if a not in ARMS]
+    if bad_arms:
+        p.error(f"unknown fine-tune arm {bad_arms[0]!r}; valid arms: {', '.join(ARMS)}")
+    if not args.seeds:
+        p.error("--seeds needs at least one seed")
+    if args.refine_steps != sorted(set(args.refine_steps)) or min(args.refine_steps) < 1:
+        p.error("--refine-steps must be increasing positive step counts, e.g. 50,150,450")
+    if args.work_dir is None:
+        args.work_dir = args.state.with_suffix(".runs")
+    return args
+
+
+# --------------------------------------------------------------------------- state
+
+
+class State:
+    """Results by key, saved atomically after every unit of work."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The stored result of ``key``, computed and saved first when missing."""
+        if key not in self.data:
+            started = time.perf_counter()
+            value = compute()
+            logger.info("%s: done in %.0f s", key, time.perf_counter() - started)
+            self.data[key] = value
+            write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        return self.data[key]
+
+
+def plan_key(plan: Plan) -> str:
+    """A short stable name of a plan (fine-tunes of equal plans are shared)."""
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def finetune_test(ev: Evaluator, plan: Plan, data: DataSplits, teacher: torch.nn.Module, arm: str, seed: int, args) -> float:
+    """Test accuracy of ``plan``'s scored model after the recipe's fine-tune in ``arm``."""
+    config = TrainConfig(
+        epochs=args.finetune_epochs,
+        lr=args.finetune_lr,
+        seed=seed,
+        eval_every_epoch=False,
+        distill_weight=ARMS[arm],
+        distill_temperature=args.distill_temperature,
+    )
+    tuned = train(ev.build(plan), data, config, description=f"finetune ({arm})", teacher=teacher).model
+    return evaluate_accuracy(tuned, data.test)
+
+
+def search_cell(strategy: str, seed: int, ev: Evaluator, space: SearchSpace, args) -> dict[str, Any]:
+    """One search: its best plan by the cheap score and its best distinct plans (for refinement)."""
+    ev._cache.clear()  # every search pays for its own evaluations
+    result = get_strategy(strategy).search(ev, space, max_evaluations=args.evaluations, seed=seed)
+    pool = best_distinct(ev, result.history, max(args.refine_top, 1))
+    if not pool:  # no clean plan within the budget: the search's own best (reported as such)
+        pool = [(result.best_plan, result.best_evaluation)]
+    return {
+        "evaluations": result.evaluations,
+        "wall": result.wall_time,
+        "pool": [{"plan": p.to_dict(), "cheap": e.accuracy, "flops_ratio": e.flops_ratio} for p, e in pool],
+    }
+
+
+def refine_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: int, run_dir: Path, args) -> dict:
+    """The refinement of a search's pool: each candidate's rung scores and the chosen index."""
+    plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
+    cands = [Candidate(p, ev.evaluate(p)) for p in plans]
+    config = RefineConfig(top=len(cands), steps=tuple(args.refine_steps), seed=seed)
+    refinement = refine(cands, [ev.build(p) for p in plans], data.train, data.search_val, config, run_dir)
+    return {
+        "chosen": refinement.chosen,
+        "scores": [{str(k): v for k, v in c.scores.items()} for c in refinement.candidates],
+    }
+
+
+def run(args: argparse.Namespace, state: State) -> None:
+    """Fill the state with every (model, budget, seed, strategy) of the grid."""
+    data = load_dataset("fashion-mnist", args.data_dir, val_size=5000, seed=0)
+    logger.info("data: %d train / %d search-val / %d test", len(data.train), len(data.search_val), len(data.test))
+    for name in args.models:
+        epochs = args.epochs.get(name, args.default_epochs)
+        base = train_baseline(
+            ModelSpec(name, data.in_channels, data.num_classes), data, TrainConfig(epochs=epochs, lr=args.train_lr)
+        )
+        model = base.model
+        state.get(
+            f"{name}/baseline",
+            lambda: {
+                "epochs": epochs,
+                "test": evaluate_accuracy(model, data.test),
+                "curve": [r.get("val_accuracy") for r in base.info.meta.get("history", [])],
+            },
+        )
+        for fraction in args.budgets:
+            ev = Evaluator(
+                model,
+                data,
+                Budget(flops=fraction),
+                EvaluatorConfig(
+                    criterion=args.criterion,
+                    eval_size=args.eval_size,
+                    recalibration_batches=args.recal_batches,
+                    round_to=args.round_to,
+                ),
+            )
+            space = SearchSpace(ev, min_keep=args.min_keep)
+            for seed in args.seeds:
+                for strategy in args.strategies:
+                    cell = f"{name}/flops{fraction:g}/seed{seed}/{strategy}"
+                    search = state.get(f"{cell}/search", lambda: search_cell(strategy, seed, ev, space, args))
+                    chosen = {"cheap": 0}
+                    if args.refine_top and strategy not in SINGLE_PLAN and len(search["pool"]) > 1:
+                        refined = state.get(
+                            f"{cell}/refine",
+                            lambda: refine_cell(search, ev, data, seed, args.work_dir / cell.replace("/", "_"), args),
+                        )
+                        chosen["refined"] = refined["chosen"]
+                    plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
+                    wanted = {(i, arm) for i in chosen.values() for arm in args.arms}
+                    if strategy == args.rank_strategy and "refined" in chosen:
+                        wanted |= {(i, "labels") for i in range(len(plans))}
+                    for i, arm in sorted(wanted):
+                        key = f"{name}/flops{fraction:g}/seed{seed}/finetune/{arm}/{plan_key(plans[i])}"
+                        state.get(key, lambda i=i, arm=arm: finetune_test(ev, plans[i], data, model, arm, seed, args))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(values: Sequence[float], digits: int = 4, scale: float = 1.0) -> str:
+    vals = [scale * v for v in values]
+    if not vals:
+        return ""
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.fmean(vals):.{digits}f} +- {statistics.stdev(vals):.{digits}f}"
+
+
+def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per (model, budget, seed, strategy, choice, arm) that has its fine-tuned test accuracy."""
+    rows = []
+    for key, search in state.items():
+        parts = key.split("/")
+        if len(parts) != 5 or parts[4] != "search":
+            continue
+        name, budget, seed, strategy = parts[:4]
+        choices = {"cheap": 0}
+        refined = state.get(f"{name}/{budget}/{seed}/{strategy}/refine")
+        if refined is not None:
+            choices["refined"] = refined["chosen"]
+        for choice, index in choices.items():
+            c = search["pool"][index]
+            plan = Plan.from_dict(c["plan"])
+            for arm in ARMS:
+                test = state.get(f"{name}/{budget}/{seed}/finetune/{arm}/{plan_key(plan)}")
+                if test is None:
+                    continue
+                rows.append(
+                    {
+                        "model": name,
+                        "budget": budget,
+                        "seed": seed,
+                        "strategy": strategy,
+                        "choice": choice,
+                        "arm": arm,
+                        "test": test,
+                        "cheap": c["cheap"],
+                        "flops_ratio": c["flops_ratio"],
+                        "refined": refined["scores"][index] if refined is not None else {},
+                    }
+                )
+    return rows
+
+
+def rank_rows(state: dict[str, Any], args: argparse.Namespace) -> dict[str, list[tuple[float, float | None, float]]]:
+    """Per model: (cheap score, first-rung score, fine-tuned test) of every plan fine-tuned with labels."""
+    out: dict[str, list[tuple[float, float | None, float]]] = {}
+    seen: set[str] = set()
+    for key, search in state.items():
+        parts = key.split("/")
+        if len(parts) != 5 or parts[4] != "search":
+            continue
+        name, budget, seed, strategy = parts[:4]
+        refined = state.get(f"{name}/{budget}/{seed}/{strategy}/refine")
+        for i, c in enumerate(search["pool"]):
+            ft = f"{name}/{budget}/{seed}/finetune/labels/{plan_key(Plan.from_dict(c['plan']))}"
+            if ft not in state or ft in seen:
+                continue
+            seen.add(ft)
+            first = None
+            if refined is not None and refined["scores"][i]:
+                first = refined["scores"][i][min(refined["scores"][i], key=int)]
+            out.setdefault(name, []).append((c["cheap"], first, state[ft]))
+    return out
+
+
+def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
+    """The summary table, paired differences, Spearman correlations and baseline curves."""
+    rows = rows_of(state, args)
+    lines = [
+        f"Fashion-MNIST (55000 train / 5000 search-val, {args.eval_size} scored per cheap evaluation / 10000 test); "
+        f"{args.evaluations} cheap evaluations per search; criterion {args.criterion}, min_keep {args.min_keep:g}, "
+        f"round_to {args.round_to}; refinement of the best {args.refine_top} distinct plans in rungs of "
+        f"{', '.join(map(str, args.refine_steps))} cumulative steps; fine-tune recipe {args.finetune_epochs:g} epoch "
+        f"at lr {args.finetune_lr:g} (labels only, and distilled: w {ARMS['distilled']:g}, T "
+        f"{args.distill_temperature:g}); test on all 10000 images. 'pick' is how the plan was chosen (cheap score or "
+        "refined score, both on search-val). Differences are paired by seed and fine-tune arm, in percentage points.",
+        "",
+        "| model | budget | strategy | pick | fine-tune | seeds | search-val cheap | FT test | - uniform (pp) | - global (pp) | FLOPs ratio |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    index = {(r["model"], r["budget"], r["seed"], r["strategy"], r["arm"]): r for r in rows if r["choice"] == "cheap"}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget"], r["strategy"], r["choice"], r["arm"]), []).append(r)
+    order = {s: i for i, s in enumerate(args.strategies)}
+    for key in sorted(groups, key=lambda k: (k[0], -float(k[1][5:]), k[4], order.get(k[2], 99), k[3])):
+        model, budget, strategy, choice, arm = key
+        items = groups[key]
+        diffs = {}
+        for ref in SINGLE_PLAN:
+            paired = [
+                r["test"] - index[(model, budget, r["seed"], ref, arm)]["test"]
+                for r in items
+                if (model, budget, r["seed"], ref, arm) in index
+            ]
+            diffs[ref] = _ms(paired, 2, 100.0) if strategy != ref else "0"
+        lines.append(
+            f"| {model} | {budget[5:]} | {strategy} | {choice} | {arm} | {len(items)} | "
+            f"{_ms([r['cheap'] for r in items])} | {_ms([r['test'] for r in items])} | {diffs['uniform']} | "
+            f"{diffs['global']} | {_ms([r['flops_ratio'] for r in items], 3)} |"
+        )
+    lines += ["", "Rank correlation with the fine-tuned test accuracy (labels-only fine-tune), per model:", ""]
+    lines += ["| model | plans | Spearman: cheap score | Spearman: first-rung refined score |", "|---|---:|---:|---:|"]
+    for model, triples in rank_rows(state, args).items():
+        cheap = spearmanr([t[0] for t in triples], [t[2] for t in triples]).statistic if len(triples) > 2 else math.nan
+        with_rung = [t for t in triples if t[1] is not None]
+        rung = (
+            spearmanr([t[1] for t in with_rung], [t[2] for t in with_rung]).statistic
+            if len(with_rung) > 2
+            else math.nan
+        )
+        lines.append(f"| {model} | {len(triples)} ({len(with_rung)} refined) | {cheap:.2f} | {rung:.2f} |")
+    lines += ["", "Dense baselines (search-val accuracy after each epoch; test accuracy at the end):", ""]
+    for key, value in state.items():
+        if key.endswith("/baseline"):
+            curve = ", ".join(f"{v:.4f}" for v in value["curve"][-4:] if v is not None)
+            lines.append(f"- {key.split('/')[0]}: {value['epochs']:g} epochs, last epochs {curve}; test {value['test']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or continue) the grid, print the report and optionally write it."""
+    args = parse_args(argv)
+    setup_logging(
+        args.verbose,
+        ("automl_prune.baseline", "automl_prune.training", "automl_prune.data", "automl_prune.evaluator"),
+    )
+    torch.set_num_threads(args.threads)
+    state = State(args.state)
+    load_start, started = load_average(), time.perf_counter()
+    if not args.report_only:
+        run(args, state)
+    header = (
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, {args.threads} thread(s); "
+        f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; load average {load_start} at start, {load_average()} at "
+        f"end; {time.perf_counter() - started:.0f} s this invocation.\n\n"
+        f"Command: `python benchmarks/search_quality.py {shlex.join(sys.argv[1:] if argv is None else argv)}`"
+    )
+    table = markdown(state.data, args)
+    print(table + "\n\n" + header)
+    if args.out is not None:
+        write_text(args.out, header + "\n\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
