@@ -123,8 +123,10 @@ def _add_config_flags(
         "`automl-prune list configs`); keys not given keep their defaults (repeat to layer several files, later ones win)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    group = p.add_argument_group("config keys (each overrides the config file; documented in the packaged config `default`, "
-        "whose path `automl-prune list configs` shows)")
+    group = p.add_argument_group(
+        "config keys (each overrides the config file; documented in the packaged config `default`, "
+        "whose path `automl-prune list configs` shows)"
+    )
     for option in options_for(sections, top_level):
         if option.path in exclude:
             continue
@@ -784,6 +786,13 @@ def _configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("torch_pruning", "onnxscript", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # progress lines (written when stderr is not a terminal) show at every verbosity, timestamped
+    progress = logging.getLogger("automl_prune.progress")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    progress.handlers[:] = [handler]
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

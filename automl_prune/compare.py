@@ -10,15 +10,15 @@ evaluator cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator
 from automl_prune.parallel import EvaluatorSpec, connect_ray, start_local_ray
+from automl_prune.progress import Progress
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import STRATEGIES, get_strategy
 from automl_prune.types import SearchResult
@@ -27,18 +27,46 @@ logger = logging.getLogger(__name__)
 
 
 def _search(
-    evaluator: Evaluator, strategy: str, seed: int, evaluations: int, space_kwargs: dict[str, Any]
+    evaluator: Evaluator,
+    strategy: str,
+    seed: int,
+    evaluations: int,
+    space_kwargs: dict[str, Any],
+    on_evaluation: Callable[[], None] | None = None,
 ) -> SearchResult:
     kwargs = dict(space_kwargs)
     kwargs["skip_gates"] = kwargs.get("skip_gates", False) or strategy == "skipnet"
-    return get_strategy(strategy).search(evaluator, SearchSpace(evaluator, **kwargs), evaluations, seed=seed)
+    callbacks = [] if on_evaluation is None else [lambda session, plan, evaluation: on_evaluation()]
+    return get_strategy(strategy).search(
+        evaluator, SearchSpace(evaluator, **kwargs), evaluations, seed=seed, callbacks=callbacks
+    )
+
+
+class _Counter:
+    """Evaluations done by every search of a comparison (a Ray actor the searches report to)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, n: int = 1) -> None:
+        self.count += n
+
+    def total(self) -> int:
+        return self.count
 
 
 def _remote_search(
-    spec: EvaluatorSpec, strategy: str, seed: int, evaluations: int, space_kwargs: dict[str, Any], threads: int
+    spec: EvaluatorSpec,
+    strategy: str,
+    seed: int,
+    evaluations: int,
+    space_kwargs: dict[str, Any],
+    threads: int,
+    counter: Any = None,
 ) -> SearchResult:
     torch.set_num_threads(threads)
-    return _search(spec.build(), strategy, seed, evaluations, space_kwargs)
+    report = None if counter is None else (lambda: counter.add.remote(1))
+    return _search(spec.build(), strategy, seed, evaluations, space_kwargs, report)
 
 
 def run_comparison(
@@ -77,14 +105,15 @@ def run_comparison(
     space_kwargs = dict(space_kwargs or {})
     jobs = [(s, seed) for s in strategies for seed in seeds]
     results: dict[str, list[SearchResult]] = {s: [] for s in strategies}
-    bar = tqdm(total=len(jobs), desc="compare", unit="search", disable=None)
+    bar = Progress(len(jobs) * evaluations, "compare", "eval")
+    bar.set_postfix(searches=f"0/{len(jobs)}")
     try:
         if workers <= 1 and address is None:
             local = evaluator or spec.build()
-            for strategy, seed in jobs:
+            for i, (strategy, seed) in enumerate(jobs):
                 local.clear_cache()
-                results[strategy].append(_search(local, strategy, seed, evaluations, space_kwargs))
-                bar.update(1)
+                results[strategy].append(_search(local, strategy, seed, evaluations, space_kwargs, bar.update))
+                bar.set_postfix(searches=f"{i + 1}/{len(jobs)}")
             return results
         import ray
 
@@ -97,16 +126,19 @@ def run_comparison(
         try:
             task = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_remote_search)
             spec_ref = ray.put(spec)
+            counter = ray.remote(num_cpus=0)(_Counter).remote()
             refs = {
-                task.remote(spec_ref, s, seed, evaluations, space_kwargs, cpus_per_worker): (s, seed)
+                task.remote(spec_ref, s, seed, evaluations, space_kwargs, cpus_per_worker, counter): (s, seed)
                 for s, seed in jobs
             }
             done: dict[tuple[str, int], SearchResult] = {}
             pending = list(refs)
             while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                done[refs[ready[0]]] = ray.get(ready[0])
-                bar.update(1)
+                ready, pending = ray.wait(pending, num_returns=1, timeout=2.0)
+                for ref in ready:
+                    done[refs[ref]] = ray.get(ref)
+                bar.update(ray.get(counter.total.remote()) - bar.n)
+                bar.set_postfix(searches=f"{len(done)}/{len(jobs)}")
             for strategy, seed in jobs:
                 results[strategy].append(done[(strategy, seed)])
         finally:

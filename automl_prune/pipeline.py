@@ -42,6 +42,7 @@ from automl_prune.finalists import FinalistChoice
 from automl_prune.io import write_json
 from automl_prune.measure.latency_model import LatencyModel
 from automl_prune.models import ModelSpec
+from automl_prune.progress import Progress
 from automl_prune.runs import RunDirectory
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.seeding import seed_everything
@@ -281,8 +282,6 @@ def run_search(
     accuracy-vs-cost front (``pareto.json``, ``pareto.png``), ``plan.json`` (the plan that
     ships) and ``result.json``.
     """
-    from tqdm.auto import tqdm
-
     from automl_prune.finalists import choose_finalist
     from automl_prune.pareto import front, write_front
     from automl_prune.strategy import get_strategy
@@ -292,7 +291,7 @@ def run_search(
         evaluator.preload(plan, evaluation)
     if run.records:
         logger.warning("resuming %s: %d of %d evaluations already done", run.path, len(run.records), s.evaluations)
-    bar = tqdm(total=s.evaluations, desc=f"search {s.strategy}", unit="eval", disable=None if progress else True)
+    bar = Progress(s.evaluations, f"search {s.strategy}", "eval", enabled=progress)
 
     def show(session: Any, plan: Plan, evaluation: Any) -> None:
         best = session.best()

@@ -279,11 +279,12 @@ def _rung_trial(
 def _progress_callback(total: int, description: str) -> Any:
     """A Tune callback that advances a progress bar as trials report."""
     from ray import tune
-    from tqdm.auto import tqdm
 
-    class Progress(tune.Callback):
+    class RungProgress(tune.Callback):
         def __init__(self) -> None:
-            self.bar = tqdm(total=total, desc=description, unit="plan", disable=None, leave=False)
+            from automl_prune.progress import Progress
+
+            self.bar = Progress(total, description, "plan", leave=False)
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             self.bar.update(1)
@@ -292,7 +293,7 @@ def _progress_callback(total: int, description: str) -> Any:
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             self.bar.close()
 
-    return Progress()
+    return RungProgress()
 
 
 def _run_rung(

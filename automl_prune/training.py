@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.progress import Progress
 from automl_prune.seeding import derive_seed, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def train(
     history: list[dict[str, float]] = []
     step = 0
     epoch = 0
-    bar = tqdm(total=total_steps, desc=description, unit="step", disable=None, leave=False)
+    bar = Progress(total_steps, description, "step", leave=False)
     try:
         while step < total_steps:
             model.train()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +43,19 @@ OUTPUTS = (
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = cli("search", "--config", "configs/smoke.yaml", "--out", str(out))
-    return out, proc.stdout
+    os.environ["AUTOML_PRUNE_PROGRESS_SECONDS"] = "0.5"  # a piped run logs progress lines (stderr is a pipe here)
+    try:
+        proc = cli("search", "--config", "smoke", "--out", str(out))
+    finally:
+        del os.environ["AUTOML_PRUNE_PROGRESS_SECONDS"]
+    return out, proc.stdout, proc.stderr
 
 
 @pytest.mark.slow
-def test_smoke_run_leaves_every_output(smoke: tuple[Path, str]) -> None:
-    out, stdout = smoke
+def test_smoke_run_leaves_every_output(smoke: tuple[Path, str, str]) -> None:
+    out, stdout, _ = smoke
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in ("keep_ratios.png", "search_curve.png"):
@@ -64,10 +70,21 @@ def test_smoke_run_leaves_every_output(smoke: tuple[Path, str]) -> None:
 
 
 @pytest.mark.slow
-def test_onnx_export_runs_in_onnxruntime(smoke: tuple[Path, str]) -> None:
+def test_a_piped_run_logs_progress_lines(smoke: tuple[Path, str, str]) -> None:
+    _, _, stderr = smoke
+    lines = [line for line in stderr.splitlines() if " search ddpg: " in line]
+    assert len(lines) >= 2, stderr  # live lines, not only a last one
+    counts = [int(re.search(r"search ddpg: (\d+)/12 evals", line).group(1)) for line in lines]
+    assert counts == sorted(counts) and counts[-1] == 12
+    assert "best_acc" in lines[-1] and "\r" not in stderr
+    assert re.search(r"fine-tune: \d+/\d+ steps", stderr)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime(smoke: tuple[Path, str, str]) -> None:
     import onnxruntime as ort
 
-    out, _ = smoke
+    out, _, _ = smoke
     data = load_data(resolve("configs/smoke.yaml"))
     model, _ = load_checkpoint(out / "model.pt")
     images = data.test.images[:256]
@@ -83,8 +100,8 @@ def test_onnx_export_runs_in_onnxruntime(smoke: tuple[Path, str]) -> None:
 
 
 @pytest.mark.slow
-def test_reported_figures_match_a_remeasurement(smoke: tuple[Path, str]) -> None:
-    out, _ = smoke
+def test_reported_figures_match_a_remeasurement(smoke: tuple[Path, str, str]) -> None:
+    out, _, _ = smoke
     config = resolve(out / "config.yaml")
     report = json.loads((out / "report.json").read_text())
     data = load_data(config)
@@ -131,8 +148,8 @@ def test_reported_figures_match_a_remeasurement(smoke: tuple[Path, str]) -> None
 
 
 @pytest.mark.slow
-def test_report_command_remeasures_a_finished_run(smoke: tuple[Path, str]) -> None:
-    out, _ = smoke
+def test_report_command_remeasures_a_finished_run(smoke: tuple[Path, str, str]) -> None:
+    out, _, _ = smoke
     before = json.loads((out / "report.json").read_text())
     proc = cli("report", "--run", str(out))
     after = json.loads((out / "report.json").read_text())
@@ -142,8 +159,8 @@ def test_report_command_remeasures_a_finished_run(smoke: tuple[Path, str]) -> No
 
 
 @pytest.mark.slow
-def test_the_stored_config_reproduces_the_search(smoke: tuple[Path, str], tmp_path: Path) -> None:
-    out, _ = smoke
+def test_the_stored_config_reproduces_the_search(smoke: tuple[Path, str, str], tmp_path: Path) -> None:
+    out, _, _ = smoke
     again = tmp_path / "again"
     cli("search", "--config", str(out / "config.yaml"), "--search.only", "--out", str(again))
     assert json.loads((again / "plan.json").read_text()) == json.loads((out / "plan.json").read_text())
@@ -172,8 +189,8 @@ def test_a_different_run_in_the_same_directory_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_prune_ships_another_point_of_the_front(smoke: tuple[Path, str], tmp_path: Path) -> None:
-    out, _ = smoke
+def test_prune_ships_another_point_of_the_front(smoke: tuple[Path, str, str], tmp_path: Path) -> None:
+    out, _, _ = smoke
     front = json.loads((out / "pareto.json").read_text())
     assert front["cost"] == "flops" and front["points"]
     last = len(front["points"]) - 1
@@ -186,13 +203,13 @@ def test_prune_ships_another_point_of_the_front(smoke: tuple[Path, str], tmp_pat
 
 
 @pytest.mark.slow
-def test_a_report_that_misses_the_budget_exits_3(smoke: tuple[Path, str], tmp_path: Path) -> None:
+def test_a_report_that_misses_the_budget_exits_3(smoke: tuple[Path, str, str], tmp_path: Path) -> None:
     """The verdict follows the measured figures: a run re-reported under a budget it misses says so and exits 3."""
     import shutil
 
     import yaml
 
-    out, _ = smoke
+    out, _, _ = smoke
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     config = yaml.safe_load((copy / "config.yaml").read_text())

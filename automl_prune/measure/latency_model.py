@@ -50,6 +50,7 @@ from automl_prune.measure.latency import (
     round_ratio,
     slug,
 )
+from automl_prune.progress import track
 from automl_prune.pruning import rebuild_structure
 from automl_prune.runtimes import Runner, get_runtime, resolve_device
 from automl_prune.types import Plan
@@ -469,8 +470,6 @@ def measure_plans(
     Returns:
         One :class:`Measured` per plan, in order.
     """
-    from tqdm.auto import tqdm
-
     runtime = get_runtime(table.runtime)
     own = dense is None
     if dense is None:
@@ -479,7 +478,7 @@ def measure_plans(
     try:
         todo: Any = plans
         if progress is not None:
-            todo = tqdm(plans, desc=progress, unit="plan", disable=None)
+            todo = track(plans, progress, "plan")
         for plan in todo:
             structure = rebuild_structure(model, graph, plan, round_to)
             with runtime.compile(structure, table.input_shape, table.device, table.threads) as runner:
