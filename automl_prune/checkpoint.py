@@ -21,6 +21,7 @@ from automl_prune.errors import CheckpointError
 from automl_prune.io import atomic_path
 from automl_prune.models import ModelSpec, build_model
 from automl_prune.types import Plan
+from automl_prune.weights import safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +78,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[CheckpointInfo, dict[
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; train one with `automl-prune train`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupt or not a torch file ({type(exc).__name__}); re-create it"
-        ) from exc
+    payload = safe_load(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not an automl-prune checkpoint (no '{FORMAT}' header)")
+        raise CheckpointError(
+            f"'{path}' is not an automl-prune checkpoint (no '{FORMAT}' header); weights trained elsewhere "
+            "(a state_dict) are given with --model.weights FILE and --model.name ARCHITECTURE"
+        )
     if payload.get("version") != VERSION:
         raise CheckpointError(f"checkpoint '{path}' has version {payload.get('version')}, this package reads {VERSION}")
     plan = Plan.from_dict(payload["plan"]) if payload.get("plan") else None

@@ -258,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_names(config)
     set_threads(config)
     data = load_data(config)
-    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes)
+    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
     out = _prepare_out(Path(args.out))
     start = time.perf_counter()
     baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
@@ -705,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = command("train", "train a baseline (cached by everything that determines it)")
-    _add_config_flags(p, ("model", "data", "train"), _TOP, exclude=("model.checkpoint",))
+    _add_config_flags(p, ("model", "data", "train"), _TOP, exclude=("model.checkpoint", "model.weights"))
     p.add_argument("--out", default="runs/baseline", help="output directory [runs/baseline]")
     p.set_defaults(func=cmd_train)
 

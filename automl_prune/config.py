@@ -46,8 +46,8 @@ RUNTIME_NAMES = ("onnxruntime", "torchscript", "torch")
 
 def _opt(default: Any, help: str, **limits: Any) -> Any:
     """A config field with its help text and limits (``ge``, ``gt``, ``le``, ``choices``)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **limits})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **limits})
     return field(default=default, metadata={"help": help, **limits})
 
 
@@ -56,7 +56,13 @@ class ModelSection:
     """The dense model to prune."""
 
     name: str = _opt("fashion_cnn", "zoo name, tv:NAME or package.module:factory (see `list models`)")
-    checkpoint: str | None = _opt(None, "a dense checkpoint to prune instead of training `name`")
+    checkpoint: str | None = _opt(None, "a dense automl-prune checkpoint to prune instead of training `name`")
+    weights: str | None = _opt(
+        None,
+        "trained weights of `name` (a state_dict file, or a checkpoint dict holding one under state_dict, "
+        "model_state_dict, model, net or weights) to prune instead of training it",
+    )
+    kwargs: dict[str, Any] = _opt({}, "keyword arguments of the model's factory (a mapping, e.g. {width: 2})")
 
 
 @dataclass
@@ -284,6 +290,8 @@ def _describe(option: Option) -> str:
     if typing.get_origin(tp) is list:
         inner = typing.get_args(tp)[0]
         text = "a list of " + ("integers" if inner is int else "names")
+    elif typing.get_origin(tp) is dict:
+        text = "a mapping of names to values (YAML, e.g. {width: 2})"
     else:
         text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
     limits = option.limits
@@ -305,6 +313,8 @@ def _parse_text(text: str, tp: Any) -> Any:
     """A command-line string as the value YAML would give for type ``tp``."""
     if tp is str:
         return None if text in ("null", "none", "None", "~") else text
+    if typing.get_origin(tp) is dict:
+        return yaml.safe_load(text) if text.strip() else {}
     if typing.get_origin(tp) is list:
         stripped = text.strip()
         if stripped.startswith("["):
@@ -362,6 +372,10 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
     elif tp is str:
         if not isinstance(value, str) or not value:
             raise bad
+    elif typing.get_origin(tp) is dict:
+        if not isinstance(value, Mapping) or any(not isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
     elif typing.get_origin(tp) is list:
         inner = typing.get_args(tp)[0]
         if not isinstance(value, list) or not value:

@@ -289,6 +289,39 @@ class LayerGraph:
             del channels
         return groups
 
+    def whole_layers(self) -> list[tuple[str, str]]:
+        """Conv and linear layers no plan can narrow, each with the reason (the head included).
+
+        A layer is left whole when it is the classifier head (its outputs are the classes), when
+        its output channels are tied through the dependency graph to the head's, or when the
+        graph found no group that prunes its output channels (a custom operation or a reshape
+        the tracer could not follow).
+        """
+        pruned = {m for g in self.groups for m in g.members}
+        out = []
+        head = self.layers[self.head]
+        for name, layer in self.layers.items():
+            if name in pruned:
+                continue
+            if name == self.head:
+                out.append((name, "classifier head: its outputs are the classes"))
+            elif layer.out_channels == head.out_channels and self._tied_to_head(name):
+                out.append((name, f"its output channels are tied to the classifier head ({self.head})"))
+            else:
+                out.append((name, "no prunable group holds its output channels (an operation the graph cannot follow)"))
+        return out
+
+    def _tied_to_head(self, name: str) -> bool:
+        module = dict(self.model.named_modules())[name]
+        head = dict(self.model.named_modules())[self.head]
+        try:
+            dg = self.dependency_graph
+            fn = dg.get_pruner_of_module(module).prune_out_channels
+            group = dg.get_pruning_group(module, fn, idxs=[0])
+        except Exception:  # Torch-Pruning cannot form the group at all
+            return False
+        return any(dep.target.module is head for dep, _ in group)
+
     # ------------------------------------------------------------------ plans
     def group_names(self) -> list[str]:
         """Names of the prunable groups in forward order."""

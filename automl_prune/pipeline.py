@@ -169,15 +169,60 @@ def dense_model(config: Config, data: DataSplits) -> tuple[nn.Module, Checkpoint
     Raises:
         InvalidValueError: The checkpoint is already pruned, or does not match the data.
     """
+    if config.model.checkpoint and config.model.weights:
+        raise InvalidValueError(
+            "give model.checkpoint (an automl-prune checkpoint) or model.weights (weights trained elsewhere), not both"
+        )
     if config.model.checkpoint:
         path = Path(config.model.checkpoint)
         model, info = load_checkpoint(path)
         check_dense(info, path)
         check_data_fits(info, data, path)
         return model, info, path
-    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes)
+    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
+    if config.model.weights:
+        return import_weights(spec, config.model.weights, data, cache_dir_of(config))
     baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
     return baseline.model, baseline.info, baseline.path
+
+
+def import_weights(
+    spec: ModelSpec, weights: str | Path, data: DataSplits, cache_dir: Path | None = None
+) -> tuple[nn.Module, CheckpointInfo, Path]:
+    """A model trained elsewhere as a dense automl-prune checkpoint (cached by file content and spec).
+
+    Raises:
+        InvalidValueError: Missing file.
+        CheckpointError: Unsafe, unreadable or mismatching weights.
+    """
+    import hashlib
+    import json
+
+    from automl_prune.baseline import cache_root
+    from automl_prune.checkpoint import save_checkpoint
+    from automl_prune.models import build_model
+    from automl_prune.weights import load_weights
+
+    source = Path(weights)
+    if not source.is_file():
+        raise InvalidValueError(f"model.weights file '{source}' does not exist; pass a local state_dict file")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([digest, spec.to_dict(), list(data.input_shape(1))], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    path = (cache_dir or cache_root()) / "imported" / f"{spec.name.replace(':', '_').replace('.', '_')}-{key}.pt"
+    if path.is_file():
+        model, info = load_checkpoint(path)
+        return model, info, path
+    model = load_weights(build_model(spec), source, spec.name).eval()
+    info = CheckpointInfo(
+        spec=spec,
+        input_shape=data.input_shape(1),
+        meta={"dataset": data.name, "weights": str(source.resolve()), "weights_sha256": digest},
+    )
+    save_checkpoint(path, model, info)
+    logger.info("imported %s weights from %s", spec.name, source)
+    return model, info, path
 
 
 def check_dense(info: CheckpointInfo, path: str | Path) -> None:
@@ -542,6 +587,12 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
         write_json(run.path / LATENCY_MODEL_FILE, evaluator.latency_model.to_dict())
         if fitting:
             stage(f"      {evaluator.latency_model.describe()}")
+    whole = [(n, why) for n, why in evaluator.graph.whole_layers() if n != evaluator.graph.head]
+    if whole:
+        shown = "; ".join(f"{n} ({why})" for n, why in whole[:6]) + (
+            f"; and {len(whole) - 6} more" if len(whole) > 6 else ""
+        )
+        stage(f"      {len(whole)} layer(s) besides the head are left whole: {shown}")
     space = make_space(config, evaluator)
     stage(f"[3/{total}] search: {config.search.strategy}, {config.search.evaluations} evaluations")
     outcome = run_search(config, run, evaluator, space, info.spec, progress=progress, stage=stage)

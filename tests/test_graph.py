@@ -117,3 +117,31 @@ def test_plan_with_unknown_group_is_rejected() -> None:
         graph.cost(Plan({"nope": 0.5}))
     with pytest.raises(InvalidValueError, match=r"in \(0, 1\]"):
         graph.uniform_plan(1.5)
+
+
+class _TwoHeads(torch.nn.Module):
+    """A user model whose logits add a second linear layer on early features to the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.aux = torch.nn.Linear(16, 10)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f1 = torch.relu(self.conv1(x))
+        f2 = torch.relu(self.conv2(f1))
+        return self.aux(f1.mean((2, 3))) + self.fc(f2.mean((2, 3)))
+
+
+def test_layers_left_whole_are_named_with_the_reason() -> None:
+    from automl_prune.graph import LayerGraph
+
+    graph = LayerGraph(_TwoHeads(), torch.zeros(1, 1, 28, 28))
+    whole = dict(graph.whole_layers())
+    assert graph.head == "fc" and "classifier head" in whole["fc"]
+    assert "tied to the classifier head (fc)" in whole["aux"]
+    assert set(whole) == {"fc", "aux"}  # both convs stay prunable
+    resnet = LayerGraph(build_model(ModelSpec("resnet20", 1, 10)), torch.zeros(1, 1, 28, 28))
+    assert [n for n, _ in resnet.whole_layers()] == [resnet.head]

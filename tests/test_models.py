@@ -48,7 +48,7 @@ def test_torchvision_weights_from_local_file(tmp_path) -> None:
     torch.save(ref.state_dict(), tmp_path / "w.pt")
     model = build_model(ModelSpec("tv:resnet18", 3, 4, {"weights": str(tmp_path / "w.pt")}))
     assert torch.equal(model.fc.weight, ref.fc.weight)
-    with pytest.raises(CheckpointError, match="do not match"):
+    with pytest.raises(CheckpointError, match=r"do not fit tv:resnet18: .*fc.weight"):
         build_model(ModelSpec("tv:resnet18", 3, 9, {"weights": str(tmp_path / "w.pt")}))
     with pytest.raises(InvalidValueError, match="does not exist"):
         build_model(ModelSpec("tv:resnet18", 3, 4, {"weights": str(tmp_path / "missing.pt")}))

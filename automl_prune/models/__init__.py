@@ -13,10 +13,8 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from automl_prune._compat import import_torchvision
@@ -76,15 +74,10 @@ def _torchvision_model(
     if name not in available:
         raise UnknownNameError(f"unknown torchvision model 'tv:{name}'. Valid names: tv:" + ", tv:".join(available))
     model: nn.Module = tv.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise InvalidValueError(f"weights file '{path}' does not exist; pass a local state_dict file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"weights in '{path}' do not match tv:{name}: {str(exc).splitlines()[0]}") from exc
+    if weights is not None:  # ImageNet-style weights fit the 3-channel model, before its first conv is swapped
+        from automl_prune.weights import load_weights
+
+        load_weights(model, weights, f"tv:{name}")
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
