@@ -222,7 +222,7 @@ class PruningSearch:
 
         b = self.evaluator.budget
         shape = self.data.input_shape(1)
-        models = {"dense": self.model.eval(), "pruned": self.final_model.eval()}
+        models = {"dense": self.evaluator.model, "pruned": self.final_model.cpu().eval()}  # measured on the CPU copy
         runtime = get_runtime(b.runtime)
         runners = {k: runtime.compile(m, shape, b.device, b.threads) for k, m in models.items()}
         try:

@@ -55,7 +55,13 @@ def baseline_key(spec: ModelSpec, data: DataSplits, config: TrainConfig) -> str:
     return f"{spec.name.replace(':', '_').replace('.', '_')}-{data.name}-e{config.epochs:g}-s{config.seed}-{digest}"
 
 
-def train_baseline(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache_dir: Path | None = None) -> Baseline:
+def train_baseline(
+    spec: ModelSpec,
+    data: DataSplits,
+    config: TrainConfig,
+    cache_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Baseline:
     """Return the baseline for (spec, data, config), training it only if it is not cached.
 
     Args:
@@ -63,6 +69,7 @@ def train_baseline(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache
         data: Dataset splits.
         config: Training hyper-parameters (epochs, seed, ...).
         cache_dir: Cache root (default :func:`cache_root`).
+        device: Where to train (the cache does not depend on it; the model returned is on the CPU).
     """
     path = (cache_dir or cache_root()) / "baselines" / f"{baseline_key(spec, data, config)}.pt"
     if path.is_file():
@@ -70,9 +77,10 @@ def train_baseline(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache
         logger.info("loaded cached baseline %s", path)
         return Baseline(model, info, path, cached=True)
     seed_everything(config.seed)
-    model = build_model(spec)
+    model = build_model(spec).to(device)
     result = train(model, data, config, description=f"train {spec.name}")
     test_acc = evaluate_accuracy(result.model, data.test)
+    result.model.cpu()
     info = CheckpointInfo(
         spec=spec,
         input_shape=data.input_shape(1),

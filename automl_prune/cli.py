@@ -250,7 +250,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from automl_prune.baseline import copy_checkpoint, train_baseline
     from automl_prune.config import check_names
     from automl_prune.models import ModelSpec
-    from automl_prune.pipeline import cache_dir_of, load_data, set_threads, train_config_of
+    from automl_prune.pipeline import cache_dir_of, compute_device, load_data, set_threads, train_config_of
 
     config = _resolve(args)
     if _printed(args, config):
@@ -261,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
     out = _prepare_out(Path(args.out))
     start = time.perf_counter()
-    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
+    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config), compute_device(config))
     copy_checkpoint(baseline.path, out / "model.pt")
     meta = baseline.info.meta
     _table(
@@ -353,7 +353,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a (pruned) checkpoint; keep the best epoch on search-val."""
     from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import check_data_fits, finetune_config_of, load_data, set_threads
+    from automl_prune.pipeline import check_data_fits, compute_device, finetune_config_of, load_data, set_threads
     from automl_prune.training import train
 
     config = _resolve(args)
@@ -367,6 +367,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     set_threads(config)
     model, info = load_checkpoint(args.checkpoint)
+    model = model.to(compute_device(config))
     teacher = load_checkpoint(args.teacher)[0] if config.finetune.distill_weight > 0 else None
     data = load_data(config)
     check_data_fits(info, data, args.checkpoint)
@@ -668,7 +669,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 _RUN_SECTIONS = ("model", "data", "train", "budget", "search", "prune", "finetune", "parallel", "report")
-_TOP = ("seed", "threads", "cache_dir")
+_TOP = ("seed", "threads", "device", "cache_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,6 +192,10 @@ class Config:
 
     seed: int = _opt(0, "seed of data splits, initialisation, batch order and the search", ge=0)
     threads: int | None = _opt(None, "torch CPU threads (default: all)", ge=1)
+    device: str = _opt(
+        "auto",
+        "where training, fine-tuning, scoring and Ray workers compute: auto (cuda when available), cpu, cuda or cuda:N",
+    )
     cache_dir: str | None = _opt(None, "cache of baselines and latency tables (default $AUTOML_PRUNE_CACHE)")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)

@@ -16,6 +16,7 @@ cache.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.measure.latency_model import LatencyModel, LatencyTable, Measured, calibrate, measure_plans
 from automl_prune.pruning import apply
 from automl_prune.reward import REWARDS, RewardContext, budget_penalty
+from automl_prune.runtimes import resolve_device
 from automl_prune.seeding import derive_seed
 from automl_prune.training import check_distillation, student_loss
 from automl_prune.types import Budget, Evaluation, Plan
@@ -81,6 +83,7 @@ class EvaluatorConfig:
     seed: int = 0
     finetune_steps: int = 0
     finetune_lr: float = 0.01
+    device: str = "cpu"
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
     latency_plans: int = 24
@@ -114,10 +117,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
             for x in batches:
-                model(x)
+                model(x.to(device))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -157,7 +161,11 @@ class Evaluator:
         latency_model: LatencyModel | None = None,
     ):
         self.config = config or EvaluatorConfig()
-        self.model = model.eval()
+        self.device = resolve_device(self.config.device)
+        # structure work (graph, pruning) on a CPU model; scoring, BN re-estimation and fitness steps on `device`
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self.model = (model if on_cpu else copy.deepcopy(model).cpu()).eval()
+        self._on_device = self.model if self.device.type == "cpu" else None
         self.data = data
         self.budget = budget
         self.reward_fn = REWARDS.get(self.config.reward)
@@ -196,7 +204,7 @@ class Evaluator:
         }
         self._cache: dict[tuple, Evaluation] = {}
         self.evaluations = 0
-        dense_acc = evaluate_accuracy(self.model, self.val, self.config.batch_size)
+        dense_acc = evaluate_accuracy(self.dense_on_device, self.val, self.config.batch_size)
         self.context = RewardContext(dense_acc, self.graph.flops, self.graph.params, self.limits["latency_ms"])
         self.dense = self._score(Plan(), dense_acc, self.cost(Plan()), self.predict_latency(Plan()), 0.0)
 
@@ -253,11 +261,19 @@ class Evaluator:
         return worst
 
     # ------------------------------------------------------------------ scoring
+    @property
+    def dense_on_device(self) -> nn.Module:
+        """The dense model on the scoring device (a copy when that is not the CPU)."""
+        if self._on_device is None:
+            self._on_device = copy.deepcopy(self.model).to(self.device).eval()
+        return self._on_device
+
     def build(self, plan: Plan) -> nn.Module:
         """The pruned (and, by default, BN-recalibrated) model that :meth:`evaluate` scores."""
         pruned = apply(
             self.model, plan, self.criterion, graph=self.graph, round_to=self.config.round_to, data=self.criterion_data
         )
+        pruned = pruned.to(self.device)
         if self.calibration:
             recalibrate_batchnorm(pruned, self.calibration)
         if self.config.finetune_steps:
@@ -274,9 +290,11 @@ class Evaluator:
         optimizer = torch.optim.SGD(model.parameters(), lr=self.config.finetune_lr, momentum=0.9)
         c = self.config
         model.train()
+        teacher = self.dense_on_device if c.distill_weight > 0 else None
         for x, y in self._finetune_batches:
+            x, y = x.to(self.device), y.to(self.device)
             optimizer.zero_grad(set_to_none=True)
-            student_loss(model(x), y, self.model, x, c.distill_weight, c.distill_temperature).backward()
+            student_loss(model(x), y, teacher, x, c.distill_weight, c.distill_temperature).backward()
             optimizer.step()
         model.eval()
 

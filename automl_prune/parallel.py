@@ -18,6 +18,7 @@ parallel search gives the same results as a serial one with the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -300,14 +301,16 @@ class RayEvaluatorPool:
         self.close()
 
 
-def spec_for(evaluator: Evaluator, model_spec: ModelSpec, dataset: str, **data_kwargs: Any) -> EvaluatorSpec:
-    """The spec that rebuilds ``evaluator`` in a worker."""
+def spec_for(
+    evaluator: Evaluator, model_spec: ModelSpec, dataset: str, device: str | None = None, **data_kwargs: Any
+) -> EvaluatorSpec:
+    """The spec that rebuilds ``evaluator`` in a worker (scoring on ``device``, default the evaluator's)."""
     return EvaluatorSpec(
         model_spec=model_spec,
         state_dict={k: v.detach().cpu() for k, v in evaluator.model.state_dict().items()},
         dataset=dataset,
         budget=evaluator.budget,
-        config=evaluator.config,
+        config=evaluator.config if device is None else dataclasses.replace(evaluator.config, device=device),
         latency_model=evaluator.latency_model.to_dict() if evaluator.latency_model is not None else None,
         **data_kwargs,
     )

@@ -121,7 +121,24 @@ def evaluator_config_of(config: Config) -> EvaluatorConfig:
         latency_plans=s.latency_plans,
         latency_margin=s.latency_margin,
         cache_dir=config.cache_dir,
+        device=compute_device(config),
     )
+
+
+def compute_device(config: Config) -> str:
+    """Where training, fine-tuning and scoring compute: ``device``, with ``auto`` = CUDA when available.
+
+    Raises:
+        InvalidValueError: An unknown device, or CUDA asked for where torch has none.
+    """
+    from automl_prune.runtimes import resolve_device
+
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return str(resolve_device(config.device))
+    except InvalidValueError as exc:
+        raise InvalidValueError(f"{exc} (--device cpu, or --device auto to use CUDA only when present)") from None
 
 
 def cache_dir_of(config: Config) -> Path | None:
@@ -182,7 +199,7 @@ def dense_model(config: Config, data: DataSplits) -> tuple[nn.Module, Checkpoint
     spec = ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
     if config.model.weights:
         return import_weights(spec, config.model.weights, data, cache_dir_of(config))
-    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config))
+    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config), compute_device(config))
     return baseline.model, baseline.info, baseline.path
 
 
@@ -245,10 +262,12 @@ def worker_spec_of(config: Config, evaluator: Evaluator, model_spec: ModelSpec) 
     from automl_prune.parallel import spec_for
 
     d = config.data
+    par = config.parallel
     return spec_for(
         evaluator,
         model_spec,
         d.dataset,
+        device="cuda" if par.gpus_per_worker > 0 and evaluator.device.type == "cuda" else "cpu",
         data_dir=d.data_dir,
         val_size=d.val_size,
         data_seed=config.seed,
@@ -429,6 +448,8 @@ def refine_config_of(config: Config) -> RefineConfig:
         distill_temperature=f.distill_temperature,
         seed=config.seed,
         cpus_per_trial=config.parallel.cpus_per_worker,
+        device=compute_device(config),
+        gpus_per_trial=config.parallel.gpus_per_worker or 0.25,
     )
 
 
@@ -468,7 +489,7 @@ def refine_outcome(
             f"      refining {len(pool)} plans: fine-tunes of {', '.join(map(str, rc.steps))} steps, "
             "the better half going on (search.refine_top 0 turns it off)"
         )
-    starts = [evaluator.build(plan) for plan, _ in pool]
+    starts = [evaluator.build(plan).cpu() for plan, _ in pool]  # trials move them to their own device
     refinement = refine(
         [Candidate(plan, e) for plan, e in pool],
         starts,
@@ -536,6 +557,7 @@ def prune_and_finetune(
             )
         batches = list(data.search_val.batches(128))[: p.criterion_batches]
         pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=round_to, data=batches)
+        pruned = pruned.to(compute_device(config))
         meta["as_scored"] = False
     meta["test_accuracy_before_finetune"] = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     if config.finetune.epochs > 0:

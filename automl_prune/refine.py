@@ -69,6 +69,9 @@ class RefineConfig:
         distill_temperature: Temperature of the distillation term.
         seed: Seed of the batch order (the same batches for every plan).
         cpus_per_trial: CPUs (and torch threads) of each trial.
+        device: Where the trials train: ``cpu``, or ``cuda`` (each trial then reserves
+            ``gpus_per_trial`` of a GPU on Ray and trains on it).
+        gpus_per_trial: GPU fraction each trial reserves when ``device`` is CUDA.
     """
 
     top: int = 8
@@ -81,6 +84,8 @@ class RefineConfig:
     distill_temperature: float = 4.0
     seed: int = 0
     cpus_per_trial: int = 1
+    device: str = "cpu"
+    gpus_per_trial: float = 0.25
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
@@ -253,19 +258,23 @@ def _rung_trial(
     torch.set_num_threads(config.cpus_per_trial)
     key, begin, end = trial["key"], int(trial["begin"]), int(trial["end"])
     seed_everything(derive_seed(config.seed, "refine-trial", key))
-    model = copy.deepcopy(starts[key])
+    device = torch.device("cuda" if config.device.startswith("cuda") else "cpu")  # Ray shows a trial its own GPU
+    model = copy.deepcopy(starts[key]).to(device)
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).to(device).eval()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
     )
     source = trial["resume"].get(key)
     if source:
-        state = torch.load(Path(source) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(Path(source) / STATE_FILE, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     model.train()
     batches = _batches_from(train, config.batch_size, config.seed, begin)
     for _ in range(end - begin):
         x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         student_loss(model(x), y, teacher, x, config.distill_weight, config.distill_temperature).backward()
         optimizer.step()
@@ -316,7 +325,7 @@ def _run_rung(
     shutil.rmtree(storage / name, ignore_errors=True)  # a rung that did not finish is run again whole
     trainable = tune.with_resources(
         tune.with_parameters(_rung_trial, starts=starts, train=train, val=val, teacher=teacher, config=config),
-        {"cpu": config.cpus_per_trial},
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial if config.device.startswith("cuda") else 0},
     )
     tuner = tune.Tuner(
         trainable,

@@ -145,6 +145,11 @@ def student_loss(
     return (1.0 - weight) * ce + weight * distillation_loss(logits, teacher_logits, temperature)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -172,7 +177,7 @@ def train(
     seed_everything(config.seed)
     device = next(model.parameters()).device
     if teacher is not None and config.distill_weight > 0:
-        teacher = teacher.to(device).eval()
+        teacher = (teacher if _device_of(teacher) == device else copy.deepcopy(teacher).to(device)).eval()
     n_train = len(data.train)
     steps_per_epoch = max(1, n_train // config.batch_size)  # full batches only (drop_last)
     total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
