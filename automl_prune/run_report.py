@@ -316,13 +316,20 @@ FILES = {
 
 
 def _inputs(input_shape: tuple[int, ...], data: DataSplits, meta: dict[str, Any]) -> dict[str, Any]:
-    """How to feed the model: input shape, dtype and class count."""
+    """How to feed the model: input shape, dtype, normalisation and the class order."""
     return {
         "shape": ["batch", *input_shape[1:]],
         "dtype": "float32",
         "classes": data.num_classes,
+        "class_names": list(data.class_names),
+        "mean": list(data.mean),
+        "std": list(data.std),
         "dataset": meta.get("dataset", data.name),
     }
+
+
+def _floats(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _pct(x: float) -> str:
@@ -487,8 +494,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             f"Inputs: {inputs['dtype']} tensors of shape ({', '.join(map(str, inputs['shape']))}), preprocessed as "
             f"the `{inputs['dataset']}` dataset of automl-prune; outputs: {inputs['classes']} class logits.",
-            "",
         ]
+        if inputs.get("mean"):
+            lines.append(
+                f"Preprocessing: pixels scaled to [0, 1], then per channel (x - mean) / std with mean "
+                f"{_floats(inputs['mean'])} and std {_floats(inputs['std'])}."
+            )
+        if inputs.get("class_names"):
+            lines.append(
+                "Class order (logit index: class): "
+                + ", ".join(f"{i}: {name}" for i, name in enumerate(inputs["class_names"]))
+                + "."
+            )
+        lines.append("")
     lines += [f"- `{name}`: {FILES[name]}" for name in report["files"]]
     if report.get("onnx_max_abs_diff") is not None:
         lines += [

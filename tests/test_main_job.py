@@ -63,6 +63,9 @@ def test_smoke_run_leaves_every_output(smoke: tuple[Path, str, str]) -> None:
     for stage in range(1, 6):
         assert f"[{stage}/5]" in stdout
     assert "budget FLOPs: met" in stdout
+    report = (out / "report.md").read_text()  # how to feed the model
+    assert "per channel (x - mean) / std with mean (0.286) and std (0.353)" in report
+    assert "0: T-shirt/top, 1: Trouser" in report
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(1, 13))  # smoke.yaml: 12 evaluations
     # the stored config reproduces the run
