@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -569,13 +570,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     console = _console()
     try:
         job = run_job(config, run, stage=lambda text: console.print(text, highlight=False))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
-            f"automl-prune: interrupted; {len(run.logged())} evaluations are logged in {run.path}. "
+            f"automl-prune: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
+            f"{len(run.logged())} evaluations are logged in {run.path}. "
             f"Resume with: automl-prune search --resume {run.path}",
             file=sys.stderr,
         )
-        return 130
+        return _interrupted_status(exc)
     if job.report is None:
         best = job.search.evaluation
         _table(
@@ -804,14 +806,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args)
     except AutomlPruneError as exc:
         print(f"automl-prune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("automl-prune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"automl-prune: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
+        return _interrupted_status(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the work so far is kept and a resume is suggested)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _interrupted_status(exc: BaseException) -> int:
+    """128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ class TrainSection:
 class BudgetSection:
     """The deployment budget: any of FLOPs, parameters and latency, and where the model runs."""
 
-    flops: float | None = _opt(0.5, "FLOPs (MACs) limit: fraction of the dense model (<= 1) or absolute", gt=0)
-    params: float | None = _opt(None, "parameter limit: fraction (<= 1) or absolute", gt=0)
+    flops: float | None = _opt(
+        0.5, "FLOPs (MACs) limit: fraction of the dense model in (0, 1], or a whole count >= 1000", gt=0, count=True
+    )
+    params: float | None = _opt(None, "parameter limit: fraction in (0, 1], or a whole count >= 1000", gt=0, count=True)
     latency_ms: float | None = _opt(None, "latency limit in ms on `runtime` and `device` at `batch_size`", gt=0)
     speedup: float | None = _opt(None, "minimum speed-up over the dense model on `runtime` (e.g. 1.6)", ge=1)
     runtime: str = _opt("onnxruntime", "runtime the model ships in and latency is measured on", choices=RUNTIME_NAMES)
@@ -402,7 +404,16 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         raise bad
     if "le" in limits and not value <= limits["le"]:
         raise bad
+    if limits.get("count") and value > 1 and (value != int(value) or value < MIN_COUNT):
+        raise InvalidValueError(
+            f"{label} must be a fraction of the dense model in (0, 1] (e.g. 0.5) or a whole count >= {MIN_COUNT} "
+            f"(e.g. 3.7e6), got {raw!r}"
+        )
     return value
+
+
+MIN_COUNT = 1000
+"""Smallest absolute FLOPs or parameter count a budget takes (a larger value is a count, not a fraction)."""
 
 
 # --------------------------------------------------------------------------- building
@@ -450,6 +461,24 @@ def _build(values: dict[str, Any]) -> Config:
             target = getattr(target, p)
         setattr(target, leaf, value)
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' is given twice (the first at line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -512,9 +541,12 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InvalidValueError(f"config file '{p}' is not UTF-8 text; give a YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        raise InvalidValueError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidValueError(f"config file '{p}' is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

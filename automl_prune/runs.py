@@ -36,6 +36,43 @@ logger = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 LOG = "evaluations.jsonl"
+LOCK = ".lock"
+_HELD: dict[Path, int] = {}
+"""Run directories this process holds the lock of: path -> open descriptor (kept until exit)."""
+
+
+def lock_run_dir(path: Path) -> None:
+    """Take the exclusive lock of a run directory for this process (one writer per directory).
+
+    The lock is an ``flock`` on ``DIR/.lock``, which also records the holder's PID and host; the
+    kernel releases it when the holder exits, however it exits, so a lock left by a dead process is
+    never in the way. Re-entrant within a process.
+
+    Raises:
+        InvalidValueError: Another live process holds it (naming its PID and host).
+    """
+    import fcntl
+    import socket
+
+    key = path.resolve()
+    if key in _HELD:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InvalidValueError(
+            f"'{path}' is in use by another automl-prune process ({holder}); wait for it to finish, "
+            "or choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _HELD[key] = fd
+
+
 OUTPUTS = (
     LOG,
     "plan.json",
@@ -114,6 +151,10 @@ class RunDirectory:
     ):
         self.path = Path(path)
         config_path = self.path / CONFIG
+        if self.path.is_dir() or not resume:
+            if self.path.exists() and not self.path.is_dir():
+                raise InvalidValueError(f"'{self.path}' exists and is not a directory; choose another --out")
+            lock_run_dir(self.path)
         if resume:
             if not config_path.is_file():
                 raise InvalidValueError(

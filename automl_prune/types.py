@@ -75,6 +75,8 @@ def check_keep_ratio(name: str, keep_ratio: float) -> float:
     Raises:
         InvalidValueError: When it is not.
     """
+    if isinstance(keep_ratio, bool):
+        raise InvalidValueError(f"keep ratio of '{name}' must be a number in (0, 1], got {keep_ratio!r}")
     try:
         value = float(keep_ratio)
     except (TypeError, ValueError):

@@ -130,3 +130,31 @@ def test_the_wheel_ships_the_configs(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("automl_prune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"automl_prune/configs/{n}.yaml" for n in packaged_configs()} <= names
+
+
+@pytest.mark.parametrize("value", ["1.5", "2", "999", "2500.5"])
+def test_budget_counts_above_one_are_whole_and_sensible(value: str) -> None:
+    with pytest.raises(InvalidValueError, match=r"fraction of the dense model in \(0, 1\].*whole count >= 1000"):
+        resolve(None, {"budget.flops": value})
+    assert resolve(None, {"budget.params": "3.7e6"}).budget.params == 3.7e6
+    assert resolve(None, {"budget.flops": "1"}).budget.flops == 1.0  # the dense model's FLOPs
+
+
+def test_yaml_errors_give_line_and_column_and_duplicates_are_refused(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("search:\n  evaluations: 5\n  evaluations: 7\n")
+    with pytest.raises(
+        InvalidValueError, match=r"at line 3, column 3: key 'evaluations' is given twice \(the first at line 2\)"
+    ):
+        resolve(dup)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search:\n  evaluations: [1, 2\nbudget: {}\n")
+    with pytest.raises(InvalidValueError, match=r"'.*bad.yaml' is not valid YAML at line 3, column 7"):
+        resolve(bad)
+
+
+def test_booleans_are_not_keep_ratios() -> None:
+    from automl_prune.types import Plan
+
+    with pytest.raises(InvalidValueError, match="keep ratio of 'conv1' must be a number"):
+        Plan({"conv1": True})

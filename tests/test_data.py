@@ -171,7 +171,7 @@ def test_missing_fashion_files_lists_places(monkeypatch: pytest.MonkeyPatch, tmp
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("fashion-mnist", empty)  # the Debian copy exists, but an explicit dir is authoritative
     assert str(empty / "fashion-mnist") in str(info.value)
-    assert "apt-get install -y dataset-fashion-mnist" in message and "--data-dir" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message and "--data.data_dir" in message
     assert "\n" not in message
     with pytest.raises(DataNotFoundError, match="does-not-exist"):
         load_dataset("fashion-mnist", tmp_path / "does-not-exist")
@@ -229,6 +229,30 @@ def test_cifar10_missing_file(tmp_path: Path) -> None:
     (folder / "test_batch").write_bytes((folder / "data_batch_1").read_bytes())
     with pytest.raises(DataNotFoundError, match="corrupt"):
         load_dataset("cifar10", tmp_path)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_cifar10_pickles_run_no_code(tmp_path: Path) -> None:
+    folder = _write_cifar(tmp_path)
+    with open(folder / "data_batch_1", "rb") as f:
+        entry = pickle.load(f)
+    with open(folder / "data_batch_1", "wb") as f:  # Python 2-style protocol still loads
+        pickle.dump(entry, f, protocol=2)
+    assert len(load_dataset("cifar10", tmp_path).train) == 90
+    marker = tmp_path / "pwned"
+    entry[b"labels"] = _Payload(marker)
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump(entry, f)
+    with pytest.raises(DataNotFoundError, match="refused to load pathlib.*Path.write_text"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------- ImageFolder

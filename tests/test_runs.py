@@ -49,6 +49,17 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     assert 5 <= len(done) < total
     assert f"automl-prune search --resume {run}" in stderr
 
+    # SIGTERM (a scheduler stopping the job) behaves like Ctrl-C: the work is kept, a resume suggested, exit 143
+    proc = subprocess.Popen(command("search", "--resume", str(run)), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(_log(run)) < len(done) + 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "terminated;" in stderr and f"automl-prune search --resume {run}" in stderr
+    assert len(done) + 5 <= len(_log(run)) < total
+
     subprocess.run(command("search", "--resume", str(run)), check=True, capture_output=True, env=os.environ.copy())
     log = _log(run)
     assert [r["index"] for r in log] == list(range(1, total + 1))  # nothing repeated, nothing missing
@@ -109,3 +120,35 @@ def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
     append.close()
     assert [r["index"] for r in (json.loads(line) for line in log.read_text().splitlines())] == [1, 2]
     assert len(RunDirectory(run.path, resume=True).logged()) == 2
+
+
+def test_one_writer_per_run_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from automl_prune.errors import InvalidValueError
+    from automl_prune.runs import RunDirectory
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from automl_prune.runs import lock_run_dir; from pathlib import Path; "
+            f"lock_run_dir(Path({str(run)!r})); print('locked', flush=True); import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InvalidValueError, match=rf"in use by another automl-prune process \(pid {holder.pid} on "):
+            RunDirectory(run, {"seed": 0})
+        assert not (run / "config.yaml").exists()  # nothing written by the refused run
+    finally:
+        holder.kill()  # a dead holder leaves a stale .lock file behind: not in the way
+        holder.wait()
+    time.sleep(0.1)
+    assert RunDirectory(run, {"seed": 0}).config == {"seed": 0}
+    assert RunDirectory(run, resume=True).config == {"seed": 0}  # re-entrant within one process

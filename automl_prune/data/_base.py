@@ -172,7 +172,7 @@ def check_data_dir(data_dir: str | os.PathLike[str], dataset: str) -> Path:
     path = Path(data_dir).expanduser()
     if not path.exists():
         raise DataNotFoundError(
-            f"data directory '{path}' for dataset '{dataset}' does not exist; check the path passed as --data-dir."
+            f"data directory '{path}' for dataset '{dataset}' does not exist; check the path passed as --data.data_dir."
         )
     if not path.is_dir():
         raise DataNotFoundError(

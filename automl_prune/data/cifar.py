@@ -53,10 +53,35 @@ def _text(value: object) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
+SAFE_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+"""The only globals a CIFAR batch pickle needs (numpy arrays, Python 2 byte strings)."""
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; any other global is refused (no code runs)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists and strings"
+        )
+
+
 def _read_pickle(path: Path) -> dict[str, Any]:
-    """A CIFAR pickle as a dict with ``str`` keys (Python 2 and 3 pickles alike)."""
+    """A CIFAR pickle as a dict with ``str`` keys (Python 2 and 3 pickles alike), read without running code."""
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        entry = _DataOnlyUnpickler(f, encoding="latin1").load()
     if not isinstance(entry, dict):
         raise ValueError(f"'{path.name}' holds a {type(entry).__name__}, not a dict")
     return {_text(k): v for k, v in entry.items()}
@@ -142,11 +167,11 @@ def find_root(data_dir: str | os.PathLike[str] | None) -> Path:
         if not missing:
             return root
         notes.append(f"{folder} ({source}; missing {', '.join(missing)})")
-    looked = "; ".join(notes) if notes else f"nowhere (no --data-dir given and ${ENV_DATA_ROOT} is not set)"
+    looked = "; ".join(notes) if notes else f"nowhere (no --data.data_dir given and ${ENV_DATA_ROOT} is not set)"
     raise DataNotFoundError(
         f"CIFAR-10 files not found: need {BASE_FOLDER}/ with {', '.join(TRAIN_FILES)} and {TEST_FILES[0]} "
         f"(python version). Looked in: {looked}. To get them, download {DOWNLOAD_URL}, extract it with "
-        "'tar xzf cifar-10-python.tar.gz' into a directory, and pass that directory with --data-dir."
+        "'tar xzf cifar-10-python.tar.gz' into a directory, and pass that directory with --data.data_dir."
     )
 
 
@@ -186,7 +211,7 @@ def load_cifar10(
     seed: int = 0,
     image_size: int | None = None,
 ) -> DataSplits:
-    """CIFAR-10: 32x32 RGB, 10 classes, 50k train / 10k test (python batches in --data-dir)."""
+    """CIFAR-10: 32x32 RGB, 10 classes, 50k train / 10k test (python batches in --data.data_dir)."""
     root = find_root(data_dir)
     size = image_size or 32
     train_u8, train_labels, class_names = _read(root, train=True)

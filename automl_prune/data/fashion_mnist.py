@@ -125,7 +125,7 @@ def _not_found(notes: list[str]) -> DataNotFoundError:
         + "; ".join(notes)
         + ". To get them, run 'apt-get install -y dataset-fashion-mnist' (installs them into "
         f"{DEBIAN_DIR}), or download the four files from {DOWNLOAD_URL} into a directory and pass it "
-        f"with --data-dir (or set ${ENV_DIR})."
+        f"with --data.data_dir (or set ${ENV_DIR})."
     )
 
 

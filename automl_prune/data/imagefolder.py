@@ -102,10 +102,10 @@ def load_imagefolder(
     seed: int = 0,
     image_size: int | None = None,
 ) -> DataSplits:
-    """Any class-per-folder image tree in --data-dir (train/ + test/ or one tree split 80/20), resized to 32."""
+    """Any class-per-folder image tree in --data.data_dir (train/ + test/ or one tree split 80/20), resized to 32."""
     if data_dir is None:
         raise DataNotFoundError(
-            "dataset 'imagefolder' needs a directory: pass --data-dir DIR where DIR holds one subfolder per "
+            "dataset 'imagefolder' needs a directory: pass --data.data_dir DIR where DIR holds one subfolder per "
             "class (DIR/CLASS/x.png), or DIR/train/CLASS/... and DIR/test/CLASS/..."
         )
     root = check_data_dir(data_dir, NAME)
