@@ -27,5 +27,9 @@ class DataNotFoundError(AutomlPruneError, FileNotFoundError):
     """A dataset's files could not be found or read."""
 
 
+class SearchFailedError(AutomlPruneError):
+    """Every evaluation of a search failed: nothing worth exporting was found."""
+
+
 class CheckpointError(AutomlPruneError):
     """A checkpoint that is corrupt or does not match the model it is loaded into."""

@@ -36,7 +36,7 @@ from automl_prune.reward import REWARDS, RewardContext, budget_penalty
 from automl_prune.runtimes import resolve_device
 from automl_prune.seeding import derive_seed
 from automl_prune.training import check_distillation, student_loss
-from automl_prune.types import Budget, Evaluation, Plan
+from automl_prune.types import FAILED_PREFIX, Budget, Evaluation, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class Evaluator:
             reason = ""
         except Exception as exc:  # noqa: BLE001 - any failure of one plan must not end the search
             logger.warning("evaluation failed: %s", exc)
-            latency, accuracy, reason = None, math.nan, f"evaluation failed: {type(exc).__name__}: {exc}"
+            latency, accuracy, reason = None, math.nan, f"{FAILED_PREFIX}: {type(exc).__name__}: {exc}"
         evaluation = self._score(plan, accuracy, cost, latency, time.perf_counter() - start, reason)
         self._cache[key] = evaluation
         return evaluation

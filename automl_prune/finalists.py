@@ -155,7 +155,7 @@ def candidates(
     seen: set[tuple] = set()
     pool = []
     for plan, e in history:
-        if not math.isfinite(e.accuracy) or e.reason.startswith("evaluation failed"):
+        if e.failed:
             continue
         if evaluator.excess(e.flops, e.params, None) > 1e-9:
             continue

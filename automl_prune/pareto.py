@@ -9,7 +9,6 @@ FLOPs. Another point than the one shipped can be pruned later without searching 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ def front(
     cost_name = "latency_ms" if latency else "flops"
     rows, seen = [], set()
     for i, (plan, e) in enumerate(history):
-        if not math.isfinite(e.accuracy) or e.reason.startswith("evaluation failed"):
+        if e.failed:
             continue
         k = key(plan) if key is not None else None
         if k is not None and k in seen and i not in measured_ms:

@@ -36,7 +36,7 @@ from automl_prune.baseline import copy_checkpoint, train_baseline
 from automl_prune.checkpoint import CheckpointInfo, load_checkpoint
 from automl_prune.config import Config, check_names
 from automl_prune.data import DataSplits, load_dataset
-from automl_prune.errors import InvalidValueError
+from automl_prune.errors import InvalidValueError, SearchFailedError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.finalists import FinalistChoice
 from automl_prune.io import write_json
@@ -47,7 +47,7 @@ from automl_prune.runs import RunDirectory
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.seeding import seed_everything
 from automl_prune.training import TrainConfig
-from automl_prune.types import Budget, Evaluation, Plan, SearchResult
+from automl_prune.types import FAILED_PREFIX, Budget, Evaluation, Plan, SearchResult
 
 if TYPE_CHECKING:
     from automl_prune.parallel import EvaluatorSpec
@@ -389,6 +389,17 @@ def run_search(
             pool.close()
         if log is not None:
             log.close()
+    failures = [e for _, e in result.history if e.failed]
+    if failures and len(failures) == len(result.history):
+        first = failures[0].reason.removeprefix(FAILED_PREFIX).lstrip(": ")
+        raise SearchFailedError(
+            f"all {len(failures)} evaluations failed, nothing exported; the first: {first} "
+            f"(the evaluations are logged in {run.path / 'evaluations.jsonl'})"
+        )
+    if failures:
+        logger.warning(
+            "%d of %d evaluations failed; the first: %s", len(failures), len(result.history), failures[0].reason
+        )
     outcome = SearchOutcome(result, result.best_plan, result.best_evaluation)
     measured: dict[int, float] = {}
     if evaluator.latency_model is not None and s.finalists > 0:
@@ -418,6 +429,8 @@ def run_search(
             "limits": evaluator.limits,
             "round_to": evaluator.config.round_to,
             "evaluations": result.evaluations,
+            "failed_evaluations": len(failures),
+            "first_failure": failures[0].reason if failures else None,
             "wall_time": result.wall_time,
             "dense": evaluator.dense.to_dict(),
             "latency_model": evaluator.latency_model.to_dict() if evaluator.latency_model is not None else None,

@@ -277,6 +277,8 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         "layers": layers,
         "search": {
             "evaluations": result.get("evaluations"),
+            "failed_evaluations": result.get("failed_evaluations", 0),
+            "first_failure": result.get("first_failure"),
             "wall_time_s": result.get("wall_time"),
             "best_search_val_accuracy": best.get("accuracy"),
             "dense_search_val_accuracy": result.get("dense", {}).get("accuracy"),
@@ -487,6 +489,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "![search curve](search_curve.png)",
         "",
     ]
+    if report["search"].get("failed_evaluations"):
+        s = report["search"]
+        lines += [
+            f"**{s['failed_evaluations']} of {s['evaluations']} evaluations failed**; the first: {s['first_failure']}",
+            "",
+        ]
     lines += _pareto_lines(report)
     inputs = report.get("inputs")
     lines += ["## Files", ""]

@@ -259,9 +259,18 @@ class Evaluation:
     seconds: float = 0.0
     cached: bool = False
 
+    @property
+    def failed(self) -> bool:
+        """Whether scoring the plan raised (its reason says how); a failure is never a candidate."""
+        return self.reason.startswith(FAILED_PREFIX) or not math.isfinite(self.accuracy)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+FAILED_PREFIX = "evaluation failed"
+"""How the reason of a failed evaluation starts."""
 
 
 @dataclass

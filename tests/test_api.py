@@ -104,3 +104,33 @@ def test_bad_data_and_options_are_one_clear_error(user_model, fashion_small) -> 
         automl_prune.search(user_model, val, val, example_inputs=torch.zeros(1, 3, 32, 32))
     with pytest.raises(InvalidValueError, match="parallel.workers"):
         automl_prune.search(user_model, val, val, options={"parallel.workers": 2})
+
+
+def test_failed_evaluations_are_counted_and_all_failed_is_an_error(user_model, fashion_small, tmp_path, monkeypatch):
+    from automl_prune.errors import SearchFailedError
+    from automl_prune.evaluator import Evaluator
+
+    data = (fashion_small.search_val.images, fashion_small.search_val.labels)
+    original = Evaluator.build
+    calls = {"n": 0}
+
+    def first_three_fail(self, plan):
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise RuntimeError("boom")
+        return original(self, plan)
+
+    monkeypatch.setattr(Evaluator, "build", first_three_fail)
+    quick = {"search.refine_top": 0, "search.eval_size": 200, "search.recalibration_batches": 2, "prune.round_to": 1}
+    automl_prune.search(user_model, data, data, strategy="random", evaluations=6, options=quick, out=tmp_path / "some")
+    result = json.loads((tmp_path / "some" / "result.json").read_text())
+    assert result["failed_evaluations"] == 3 and "RuntimeError: boom" in result["first_failure"]
+
+    monkeypatch.setattr(Evaluator, "build", lambda self, plan: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(
+        SearchFailedError, match=r"all 4 evaluations failed, nothing exported; the first: RuntimeError: boom"
+    ):
+        automl_prune.search(
+            user_model, data, data, strategy="random", evaluations=4, options=quick, out=tmp_path / "all"
+        )
+    assert not (tmp_path / "all" / "plan.json").exists()
