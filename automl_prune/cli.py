@@ -310,8 +310,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from automl_prune.graph import LayerGraph, count_cost
     from automl_prune.io import write_json
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import check_data_fits, check_dense, load_data, round_to_of
-    from automl_prune.pruning import apply
+    from automl_prune.pipeline import check_data_fits, check_dense, cut_plan, load_data, round_to_of
 
     config = _resolve(args)
     if _printed(args, config):
@@ -332,8 +331,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = graph.uniform_plan(config.budget.flops, round_to=round_to)
     else:
         raise InvalidValueError("give --plan FILE, or --budget.flops FRACTION for a uniform plan")
-    batches = list(data.search_val.batches(128))[: p.criterion_batches]
-    pruned = apply(model, plan, p.criterion, graph=graph, round_to=round_to, data=batches)
+    pruned = cut_plan(config, model, info, plan, data, graph)
     out = _prepare_out(Path(args.out))
     meta = {**info.meta, "criterion": p.criterion}
     save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta))

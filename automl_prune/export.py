@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from automl_prune.checkpoint import CheckpointInfo, save_checkpoint
+from automl_prune.errors import InvalidValueError
 from automl_prune.runtimes import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,24 @@ def check_onnx(model: nn.Module, path: str | os.PathLike[str], inputs: torch.Ten
     return float(np.abs(out - expected).max())
 
 
+def verify_forward(model: nn.Module, example: torch.Tensor, what: str = "the model") -> None:
+    """One forward pass on ``example`` (eval mode, no gradients), before anything is written.
+
+    Raises:
+        InvalidValueError: The pass fails or gives non-finite outputs (one line, saying nothing was written).
+    """
+    try:
+        with torch.no_grad():
+            out = model.eval()(example.to(next(model.parameters()).device))
+    except Exception as exc:  # noqa: BLE001 - any failure means the model must not be written
+        raise InvalidValueError(
+            f"{what} fails on a forward pass of shape {tuple(example.shape)} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written"
+        ) from None
+    if not torch.isfinite(out).all():
+        raise InvalidValueError(f"{what} gives non-finite outputs on a forward pass; nothing was written")
+
+
 def export_model(
     model: nn.Module,
     info: CheckpointInfo,
@@ -48,15 +68,35 @@ def export_model(
     stem: str = "model",
     checkpoint: bool = True,
 ) -> ExportPaths:
-    """Write ``stem.pt`` (checkpoint, unless ``checkpoint`` is False), ``stem.ts`` and ``stem.onnx`` into ``out_dir``."""
+    """Write ``stem.pt`` (checkpoint, unless ``checkpoint`` is False), ``stem.ts`` and ``stem.onnx`` into ``out_dir``.
+
+    The model is checked first (a forward pass), every file is written into a temporary
+    directory beside ``out_dir`` and moved in only when all exist: a failure leaves ``out_dir`` as it was.
+
+    Raises:
+        InvalidValueError: The model fails its forward pass, or a format cannot be produced.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     example = info.example_inputs()
     model = model.cpu().eval()
+    verify_forward(model, example, f"{stem} ({info.spec.name})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = ([f"{stem}.pt"] if checkpoint else []) + [f"{stem}.ts", f"{stem}.onnx"]
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-export-") as tmp:
+        staged = Path(tmp)
+        try:
+            if checkpoint:
+                save_checkpoint(staged / f"{stem}.pt", model, info)
+            get_runtime("torchscript").export(model, example, staged / f"{stem}.ts")
+            get_runtime("onnxruntime").export(model, example, staged / f"{stem}.onnx")
+        except Exception as exc:  # noqa: BLE001 - one line, and nothing moved into out_dir
+            raise InvalidValueError(
+                f"exporting {stem} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"nothing was written to '{out}'"
+            ) from None
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.replace(staged / name, out / name)
     paths = ExportPaths(out / f"{stem}.pt" if checkpoint else None, out / f"{stem}.ts", out / f"{stem}.onnx")
-    if paths.checkpoint is not None:
-        save_checkpoint(paths.checkpoint, model, info)
-    get_runtime("torchscript").export(model, example, paths.torchscript)
-    get_runtime("onnxruntime").export(model, example, paths.onnx)
     logger.info("exported %s", ", ".join(str(p) for p in paths.__dict__.values() if p is not None))
     return paths

@@ -527,6 +527,40 @@ def refine_outcome(
     return SearchOutcome(outcome.result, chosen.plan, chosen.evaluation, choice, refinement)
 
 
+def cut_plan(
+    config: Config, model: nn.Module, info: CheckpointInfo, plan: Plan, data: DataSplits, graph: Any = None
+) -> nn.Module:
+    """``plan`` cut out of the dense ``model`` with ``prune.criterion`` and rounding, checked by a forward pass.
+
+    Raises:
+        InvalidValueError: Pruning or the pruned model's forward pass fails (one line; nothing is written).
+    """
+    from automl_prune.export import verify_forward
+    from automl_prune.pruning import apply
+
+    p = config.prune
+    batches = list(data.search_val.batches(128))[: p.criterion_batches]
+    try:
+        pruned = apply(
+            model,
+            plan,
+            p.criterion,
+            example_inputs=info.example_inputs(),
+            graph=graph,
+            round_to=round_to_of(config),
+            data=batches,
+        )
+    except InvalidValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a structure Torch-Pruning cannot cut consistently
+        raise InvalidValueError(
+            f"pruning {info.spec.name} with this plan failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written"
+        ) from None
+    verify_forward(pruned, info.example_inputs(), f"the pruned {info.spec.name}")
+    return pruned
+
+
 def prune_and_finetune(
     config: Config,
     model: nn.Module,
@@ -547,7 +581,6 @@ def prune_and_finetune(
         right after pruning, the search-val accuracy the search scored and the fine-tune settings).
     """
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pruning import apply
     from automl_prune.training import train
 
     p = config.prune
@@ -568,9 +601,7 @@ def prune_and_finetune(
                 p.criterion,
                 evaluator.config.criterion,
             )
-        batches = list(data.search_val.batches(128))[: p.criterion_batches]
-        pruned = apply(model, plan, p.criterion, example_inputs=info.example_inputs(), round_to=round_to, data=batches)
-        pruned = pruned.to(compute_device(config))
+        pruned = cut_plan(config, model, info, plan, data).to(compute_device(config))
         meta["as_scored"] = False
     meta["test_accuracy_before_finetune"] = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     if config.finetune.epochs > 0:

@@ -79,3 +79,34 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, pruned_resnet, monke
         save_checkpoint(path, pruned, info)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_failed_export_leaves_the_output_directory_as_it_was(tmp_path, pruned_resnet, monkeypatch) -> None:
+    from automl_prune.errors import InvalidValueError
+    from automl_prune.runtimes import get_runtime
+
+    model, info = pruned_resnet
+    out = tmp_path / "out"
+    export_model(model, info, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(type(get_runtime("onnxruntime")), "export", broken)
+    with pytest.raises(InvalidValueError, match=r"exporting model failed \(RuntimeError: exporter crashed\); nothing"):
+        export_model(model, info, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+
+
+def test_a_model_that_fails_its_forward_pass_is_not_written(tmp_path, pruned_resnet) -> None:
+    from automl_prune.errors import InvalidValueError
+
+    model, info = pruned_resnet
+    broken = torch.nn.Sequential(model, torch.nn.Linear(3, 3))  # logits of 10 into a 3-input layer
+    with pytest.raises(
+        InvalidValueError, match=r"fails on a forward pass of shape \(1, 1, 28, 28\).*nothing was written"
+    ):
+        export_model(broken, info, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
