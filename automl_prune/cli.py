@@ -669,7 +669,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 _RUN_SECTIONS = ("model", "data", "train", "budget", "search", "prune", "finetune", "parallel", "report")
-_TOP = ("seed", "threads", "device", "cache_dir")
+_TOP = ("seed", "threads", "device", "amp", "cache_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

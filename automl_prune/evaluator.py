@@ -31,6 +31,7 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.graph import Cost, LayerGraph
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.measure.latency_model import LatencyModel, LatencyTable, Measured, calibrate, measure_plans
+from automl_prune.precision import autocast
 from automl_prune.pruning import apply
 from automl_prune.reward import REWARDS, RewardContext, budget_penalty
 from automl_prune.runtimes import resolve_device
@@ -294,7 +295,9 @@ class Evaluator:
         for x, y in self._finetune_batches:
             x, y = x.to(self.device), y.to(self.device)
             optimizer.zero_grad(set_to_none=True)
-            student_loss(model(x), y, teacher, x, c.distill_weight, c.distill_temperature).backward()
+            with autocast(self.device):
+                loss = student_loss(model(x), y, teacher, x, c.distill_weight, c.distill_temperature)
+            loss.backward()
             optimizer.step()
         model.eval()
 

@@ -147,7 +147,10 @@ def cache_dir_of(config: Config) -> Path | None:
 
 
 def set_threads(config: Config) -> None:
-    """Apply ``threads`` to torch (no-op when unset)."""
+    """Apply ``threads`` to torch (no-op when unset) and ``amp`` to this process and the workers it starts."""
+    from automl_prune.precision import set_mixed_precision
+
+    set_mixed_precision(config.amp)
     if config.threads:
         torch.set_num_threads(config.threads)
 

@@ -41,6 +41,7 @@ from automl_prune.data import TensorData
 from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path, write_json
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.precision import autocast
 from automl_prune.seeding import derive_seed, seed_everything
 from automl_prune.training import check_distillation, student_loss
 from automl_prune.types import Evaluation, Plan
@@ -276,7 +277,9 @@ def _rung_trial(
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        student_loss(model(x), y, teacher, x, config.distill_weight, config.distill_temperature).backward()
+        with autocast(device):
+            loss = student_loss(model(x), y, teacher, x, config.distill_weight, config.distill_temperature)
+        loss.backward()
         optimizer.step()
     model.eval()
     score = evaluate_accuracy(model, val)

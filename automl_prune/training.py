@@ -23,6 +23,7 @@ from torch import nn
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.precision import autocast
 from automl_prune.progress import Progress
 from automl_prune.seeding import derive_seed, seed_everything
 
@@ -213,9 +214,10 @@ def train(
                 if step >= total_steps:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = student_loss(
-                    model(x), y, teacher, x, config.distill_weight, config.distill_temperature, hard=loss_fn
-                )
+                with autocast(device):
+                    loss = student_loss(
+                        model(x), y, teacher, x, config.distill_weight, config.distill_temperature, hard=loss_fn
+                    )
                 if config.bn_l1 > 0:
                     loss = loss + config.bn_l1 * bn_l1_penalty(model)
                 optimizer.zero_grad(set_to_none=True)

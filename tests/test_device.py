@@ -56,3 +56,31 @@ def test_training_on_cuda_learns(fashion_small) -> None:
     base = train_baseline(ModelSpec("fashion_cnn", 1, 10), fashion_small, TrainConfig(epochs=1, seed=3), device="cuda")
     assert next(base.model.parameters()).device.type == "cpu"  # returned on the CPU, trained on the GPU
     assert evaluate_accuracy(base.model, fashion_small.test) > 0.75
+
+
+def test_mixed_precision_only_on_cuda_and_off_by_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    from automl_prune.pipeline import set_threads
+    from automl_prune.precision import ENV, autocast
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert isinstance(autocast("cpu"), contextlib.nullcontext)  # the CPU computes in float32
+    assert isinstance(autocast("cuda"), torch.autocast)
+    set_threads(resolve(None, {"amp": "false"}))
+    assert isinstance(autocast("cuda"), contextlib.nullcontext)
+    set_threads(resolve(None))
+    assert isinstance(autocast("cuda"), torch.autocast)
+
+
+@CUDA
+def test_mixed_precision_scores_like_float32(trained_cnn, fashion_small, monkeypatch: pytest.MonkeyPatch) -> None:
+    from automl_prune.measure.accuracy import evaluate_accuracy
+    from automl_prune.precision import ENV
+
+    model = trained_cnn.model.to("cuda")
+    monkeypatch.setenv(ENV, "0")
+    full = evaluate_accuracy(model, fashion_small.test)
+    monkeypatch.setenv(ENV, "1")
+    assert evaluate_accuracy(model, fashion_small.test) == pytest.approx(full, abs=0.01)
+    trained_cnn.model.cpu()

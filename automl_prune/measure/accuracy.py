@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from automl_prune.data import TensorData
+from automl_prune.precision import autocast
 
 
 @torch.inference_mode()
@@ -28,7 +29,9 @@ def evaluate_accuracy(model: nn.Module, data: TensorData, batch_size: int = 500,
         for start in range(0, len(labels), batch_size):
             x = images[start : start + batch_size].to(device, non_blocking=True)
             y = labels[start : start + batch_size].to(device, non_blocking=True)
-            correct += int((model(x).argmax(1) == y).sum())
+            with autocast(device):
+                logits = model(x)
+            correct += int((logits.argmax(1) == y).sum())
             total += len(y)
     finally:
         model.train(was_training)
