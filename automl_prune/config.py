@@ -97,7 +97,6 @@ class BudgetSection:
     latency_ms: float | None = _opt(None, "latency limit in ms on `runtime` and `device` at `batch_size`", gt=0)
     speedup: float | None = _opt(None, "minimum speed-up over the dense model on `runtime` (e.g. 1.6)", ge=1)
     runtime: str = _opt("onnxruntime", "runtime the model ships in and latency is measured on", choices=RUNTIME_NAMES)
-    amp: bool = _opt(True, "bfloat16 mixed precision for training and scoring on CUDA (no effect on the CPU)")
     device: str = _opt("cpu", "device the model runs on", choices=("cpu", "cuda"))
     batch_size: int = _opt(1, "batch size of the latency budget", ge=1)
     threads: int | None = _opt(None, "intra-op threads of the runtime (default: torch's)", ge=1)
@@ -195,6 +194,7 @@ class Config:
 
     seed: int = _opt(0, "seed of data splits, initialisation, batch order and the search", ge=0)
     threads: int | None = _opt(None, "torch CPU threads (default: all)", ge=1)
+    amp: bool = _opt(True, "bfloat16 mixed precision for training and scoring on CUDA (no effect on the CPU)")
     device: str = _opt(
         "auto",
         "where training, fine-tuning, scoring and Ray workers compute: auto (cuda when available), cpu, cuda or cuda:N",
