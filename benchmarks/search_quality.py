@@ -165,7 +165,9 @@ def plan_key(plan: Plan) -> str:
 # --------------------------------------------------------------------------- the benchmark
 
 
-def finetune_test(ev: Evaluator, plan: Plan, data: DataSplits, teacher: torch.nn.Module, arm: str, seed: int, args) -> float:
+def finetune_test(
+    ev: Evaluator, plan: Plan, data: DataSplits, teacher: torch.nn.Module, arm: str, seed: int, args
+) -> float:
     """Test accuracy of ``plan``'s scored model after the recipe's fine-tune in ``arm``."""
     config = TrainConfig(
         epochs=args.finetune_epochs,
@@ -268,6 +270,15 @@ def _ms(values: Sequence[float], digits: int = 4, scale: float = 1.0) -> str:
     return f"{statistics.fmean(vals):.{digits}f} +- {statistics.stdev(vals):.{digits}f}"
 
 
+def _arms_text(args: argparse.Namespace) -> str:
+    return ", ".join(
+        "labels only"
+        if arm == "labels"
+        else f"distilled from the dense model (w {ARMS[arm]:g}, T {args.distill_temperature:g})"
+        for arm in args.arms
+    )
+
+
 def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One row per (model, budget, seed, strategy, choice, arm) that has its fine-tuned test accuracy."""
     rows = []
@@ -334,8 +345,7 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         f"{args.evaluations} cheap evaluations per search; criterion {args.criterion}, min_keep {args.min_keep:g}, "
         f"round_to {args.round_to}; refinement of the best {args.refine_top} distinct plans in rungs of "
         f"{', '.join(map(str, args.refine_steps))} cumulative steps; fine-tune recipe {args.finetune_epochs:g} epoch "
-        f"at lr {args.finetune_lr:g} (labels only, and distilled: w {ARMS['distilled']:g}, T "
-        f"{args.distill_temperature:g}); test on all 10000 images. 'pick' is how the plan was chosen (cheap score or "
+        f"at lr {args.finetune_lr:g} ({_arms_text(args)}); test on all 10000 images. 'pick' is how the plan was chosen (cheap score or "
         "refined score, both on search-val). Differences are paired by seed and fine-tune arm, in percentage points.",
         "",
         "| model | budget | strategy | pick | fine-tune | seeds | search-val cheap | FT test | - uniform (pp) | - global (pp) | FLOPs ratio |",
@@ -377,7 +387,9 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
     for key, value in state.items():
         if key.endswith("/baseline"):
             curve = ", ".join(f"{v:.4f}" for v in value["curve"][-4:] if v is not None)
-            lines.append(f"- {key.split('/')[0]}: {value['epochs']:g} epochs, last epochs {curve}; test {value['test']:.4f}")
+            lines.append(
+                f"- {key.split('/')[0]}: {value['epochs']:g} epochs, last epochs {curve}; test {value['test']:.4f}"
+            )
     return "\n".join(lines)
 
 
