@@ -146,11 +146,11 @@ class State:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
 
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        """The stored result of ``key``, computed and saved first when missing."""
+    def get(self, key: str, compute: Callable[..., Any], *args: Any) -> Any:
+        """The stored result of ``key``, ``compute(*args)`` saved first when missing."""
         if key not in self.data:
             started = time.perf_counter()
-            value = compute()
+            value = compute(*args)
             logger.info("%s: done in %.0f s", key, time.perf_counter() - started)
             self.data[key] = value
             write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
@@ -179,6 +179,15 @@ def finetune_test(
     )
     tuned = train(ev.build(plan), data, config, description=f"finetune ({arm})", teacher=teacher).model
     return evaluate_accuracy(tuned, data.test)
+
+
+def baseline_record(base: Any, epochs: float, data: DataSplits) -> dict[str, Any]:
+    """The baseline's epochs, test accuracy and search-val curve."""
+    return {
+        "epochs": epochs,
+        "test": evaluate_accuracy(base.model, data.test),
+        "curve": [r.get("val_accuracy") for r in base.info.meta.get("history", [])],
+    }
 
 
 def search_cell(strategy: str, seed: int, ev: Evaluator, space: SearchSpace, args) -> dict[str, Any]:
@@ -217,14 +226,7 @@ def run(args: argparse.Namespace, state: State) -> None:
             ModelSpec(name, data.in_channels, data.num_classes), data, TrainConfig(epochs=epochs, lr=args.train_lr)
         )
         model = base.model
-        state.get(
-            f"{name}/baseline",
-            lambda: {
-                "epochs": epochs,
-                "test": evaluate_accuracy(model, data.test),
-                "curve": [r.get("val_accuracy") for r in base.info.meta.get("history", [])],
-            },
-        )
+        state.get(f"{name}/baseline", baseline_record, base, epochs, data)
         for fraction in args.budgets:
             ev = Evaluator(
                 model,
@@ -241,13 +243,11 @@ def run(args: argparse.Namespace, state: State) -> None:
             for seed in args.seeds:
                 for strategy in args.strategies:
                     cell = f"{name}/flops{fraction:g}/seed{seed}/{strategy}"
-                    search = state.get(f"{cell}/search", lambda: search_cell(strategy, seed, ev, space, args))
+                    search = state.get(f"{cell}/search", search_cell, strategy, seed, ev, space, args)
                     chosen = {"cheap": 0}
                     if args.refine_top and strategy not in SINGLE_PLAN and len(search["pool"]) > 1:
-                        refined = state.get(
-                            f"{cell}/refine",
-                            lambda: refine_cell(search, ev, data, seed, args.work_dir / cell.replace("/", "_"), args),
-                        )
+                        run_dir = args.work_dir / cell.replace("/", "_")
+                        refined = state.get(f"{cell}/refine", refine_cell, search, ev, data, seed, run_dir, args)
                         chosen["refined"] = refined["chosen"]
                     plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
                     wanted = {(i, arm) for i in chosen.values() for arm in args.arms}
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace, state: State) -> None:
                         wanted |= {(i, "labels") for i in range(len(plans))}
                     for i, arm in sorted(wanted):
                         key = f"{name}/flops{fraction:g}/seed{seed}/finetune/{arm}/{plan_key(plans[i])}"
-                        state.get(key, lambda i=i, arm=arm: finetune_test(ev, plans[i], data, model, arm, seed, args))
+                        state.get(key, finetune_test, ev, plans[i], data, model, arm, seed, args)
 
 
 # --------------------------------------------------------------------------- report
