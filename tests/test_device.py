@@ -64,13 +64,17 @@ def test_mixed_precision_only_on_cuda_and_off_by_config(monkeypatch: pytest.Monk
     from automl_prune.pipeline import set_threads
     from automl_prune.precision import ENV, autocast
 
+    import warnings
+
     monkeypatch.delenv(ENV, raising=False)
     assert isinstance(autocast("cpu"), contextlib.nullcontext)  # the CPU computes in float32
-    assert isinstance(autocast("cuda"), torch.autocast)
-    set_threads(resolve(None, {"amp": "false"}))
-    assert isinstance(autocast("cuda"), contextlib.nullcontext)
-    set_threads(resolve(None))
-    assert isinstance(autocast("cuda"), torch.autocast)
+    with warnings.catch_warnings():  # torch warns that a CUDA autocast is disabled where CUDA is absent
+        warnings.simplefilter("ignore", UserWarning)
+        assert isinstance(autocast("cuda"), torch.autocast)
+        set_threads(resolve(None, {"amp": "false"}))
+        assert isinstance(autocast("cuda"), contextlib.nullcontext)
+        set_threads(resolve(None))
+        assert isinstance(autocast("cuda"), torch.autocast)
 
 
 @CUDA
