@@ -60,11 +60,10 @@ def test_training_on_cuda_learns(fashion_small) -> None:
 
 def test_mixed_precision_only_on_cuda_and_off_by_config(monkeypatch: pytest.MonkeyPatch) -> None:
     import contextlib
+    import warnings
 
     from automl_prune.pipeline import set_threads
     from automl_prune.precision import ENV, autocast
-
-    import warnings
 
     monkeypatch.delenv(ENV, raising=False)
     assert isinstance(autocast("cpu"), contextlib.nullcontext)  # the CPU computes in float32

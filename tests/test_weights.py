@@ -75,7 +75,9 @@ def test_pickled_objects_and_torchscript_are_refused_without_running_code(traine
     with pytest.raises(CheckpointError, match=r"TorchScript archive.*torch.jit.load"):
         safe_load(scripted)
     # the CLI says the same in one line, exit 2
-    proc = cli("search", "--config", "smoke", "--model.weights", str(whole), "--out", str(tmp_path / "run"), check=False)
+    proc = cli(
+        "search", "--config", "smoke", "--model.weights", str(whole), "--out", str(tmp_path / "run"), check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "torch.save(model.state_dict()" in proc.stderr.strip().splitlines()[-1]
     state = tmp_path / "state.pt"
