@@ -146,11 +146,6 @@ def student_loss(
     return (1.0 - weight) * ce + weight * distillation_loss(logits, teacher_logits, temperature)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -178,7 +173,8 @@ def train(
     seed_everything(config.seed)
     device = next(model.parameters()).device
     if teacher is not None and config.distill_weight > 0:
-        teacher = (teacher if _device_of(teacher) == device else copy.deepcopy(teacher).to(device)).eval()
+        on_device = next(teacher.parameters()).device == device
+        teacher = (teacher if on_device else copy.deepcopy(teacher).to(device)).eval()
     n_train = len(data.train)
     steps_per_epoch = max(1, n_train // config.batch_size)  # full batches only (drop_last)
     total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
