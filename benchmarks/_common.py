@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from automl_prune.data import DataSplits, load_dataset
 from automl_prune.evaluator import EvaluatorConfig
@@ -13,7 +13,9 @@ from automl_prune.measure.latency import cpu_model_name as cpu_model
 
 __all__ = [
     "DEFAULT_EPOCHS",
+    "csv_ints",
     "csv_list",
+    "run_header",
     "int_at_least",
     "setup_logging",
     "cpu_model",
@@ -25,6 +27,28 @@ __all__ = [
 
 DEFAULT_EPOCHS: dict[str, float] = {"fashion_cnn": 3.0, "resnet20": 2.0}
 """Baseline epochs per model used by the search and evaluator benchmarks."""
+
+
+def csv_ints(value: str) -> list[int]:
+    """``"0,1, 2"`` -> ``[0, 1, 2]`` (an argparse type)."""
+    return [int(v) for v in csv_list(value)]
+
+
+def run_header(script: str, argv: Sequence[str] | None, threads: int, load_start: str, started: float) -> str:
+    """The machine, threads, date, load and wall time of a run, and the command that reproduces it."""
+    import datetime as dt
+    import shlex
+    import sys
+    import time
+
+    import torch
+
+    return (
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, {threads} thread(s); "
+        f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; load average {load_start} at start, {load_average()} at "
+        f"end; {time.perf_counter() - started:.0f} s.\n\n"
+        f"Command: `python benchmarks/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}`"
+    )
 
 
 def csv_list(value: str) -> list[str]:

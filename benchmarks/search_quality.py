@@ -30,13 +30,10 @@ the report is written from whatever the state holds. Example (a small check, the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import logging
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -45,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import cpu_model, csv_list, epochs_per_model, int_at_least, load_average, setup_logging
+from _common import csv_ints, csv_list, epochs_per_model, int_at_least, load_average, run_header, setup_logging
 from scipy.stats import spearmanr
 
 from automl_prune.baseline import train_baseline
@@ -79,10 +76,6 @@ def _floats(value: str) -> list[float]:
     return out
 
 
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in csv_list(value)]
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the issue's protocol."""
     p = argparse.ArgumentParser(
@@ -97,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="strategies",
     )
     p.add_argument("--evaluations", type=int_at_least(1), default=300, help="cheap evaluations per search")
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="search, refinement and fine-tune seeds")
+    p.add_argument("--seeds", type=csv_ints, default=[0, 1, 2], help="search, refinement and fine-tune seeds")
     p.add_argument("--epochs", type=epochs_per_model, default={}, help="baseline epochs per model, MODEL=EPOCHS,...")
     p.add_argument("--default-epochs", type=float, default=8.0, help="baseline epochs of models not in --epochs")
     p.add_argument("--train-lr", type=float, default=0.1, help="baseline peak learning rate")
@@ -107,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-keep", type=float, default=0.1, help="smallest keep ratio of any group")
     p.add_argument("--round-to", type=int_at_least(1), default=1, help="channel multiple of pruned widths")
     p.add_argument("--refine-top", type=int_at_least(0), default=8, help="distinct plans refined (0 = no refinement)")
-    p.add_argument("--refine-steps", type=_ints, default=[50, 150, 450], help="cumulative fine-tune steps per rung")
+    p.add_argument("--refine-steps", type=csv_ints, default=[50, 150, 450], help="cumulative fine-tune steps per rung")
     p.add_argument("--finetune-epochs", type=float, default=1.0, help="epochs of the fine-tune recipe")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of the fine-tune recipe")
     p.add_argument("--arms", type=csv_list, default=list(ARMS), help="fine-tune arms: labels, distilled")
@@ -405,12 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start, started = load_average(), time.perf_counter()
     if not args.report_only:
         run(args, state)
-    header = (
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, {args.threads} thread(s); "
-        f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; load average {load_start} at start, {load_average()} at "
-        f"end; {time.perf_counter() - started:.0f} s this invocation.\n\n"
-        f"Command: `python benchmarks/search_quality.py {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-    )
+    header = run_header("search_quality.py", argv, args.threads, load_start, started)
     table = markdown(state.data, args)
     print(table + "\n\n" + header)
     if args.out is not None:

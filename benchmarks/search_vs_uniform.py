@@ -25,11 +25,8 @@ fixed, so differences come from the plans. Example::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -41,12 +38,13 @@ import numpy as np
 import torch
 from _common import (
     DEFAULT_EPOCHS,
-    cpu_model,
+    csv_ints,
     csv_list,
     epochs_per_model,
     evaluator_config,
     load_average,
     load_splits,
+    run_header,
     setup_logging,
 )
 
@@ -68,10 +66,6 @@ from automl_prune.types import Budget, Plan
 logger = logging.getLogger("benchmarks.search_vs_uniform")
 
 # --------------------------------------------------------------------------- arguments
-
-
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in csv_list(value)]
 
 
 def _budgets(value: str) -> list[tuple[str, float]]:
@@ -105,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--strategies", type=csv_list, default=["uniform", "random", "ddpg", "ppo", "reinforce"], help="strategies"
     )
     p.add_argument("--evaluations", type=int, default=100, help="evaluation budget per search")
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="search seeds (uniform runs once)")
+    p.add_argument("--seeds", type=csv_ints, default=[0, 1, 2], help="search seeds (uniform runs once)")
     p.add_argument("--eval-size", type=int, default=2000, help="search-val images scored per plan")
     p.add_argument("--recal-batches", type=int, default=8, help="BN recalibration batches")
     p.add_argument("--batch-size", type=int, default=128, help="evaluator batch size")
@@ -380,12 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_start, started = load_average(), time.perf_counter()
     table = markdown(run(args), args)
-    header = (
-        f"Machine: {cpu_model()}, {os.cpu_count()} logical cores; torch {torch.__version__}, {args.threads} thread(s); "
-        f"{dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; load average {load_start} at start, {load_average()} at end; "
-        f"{time.perf_counter() - started:.0f} s.\n\n"
-        f"Command: `python benchmarks/search_vs_uniform.py {shlex.join(sys.argv[1:] if argv is None else argv)}`"
-    )
+    header = run_header("search_vs_uniform.py", argv, args.threads, load_start, started)
     print(table + "\n\n" + header)
     if args.out is not None:
         write_text(args.out, header + "\n\n" + table + "\n")
