@@ -18,8 +18,10 @@ way :func:`automl_prune.pruning.apply` computes them), without building the mode
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -32,6 +34,51 @@ from automl_prune.types import GroupInfo, LayerInfo, Plan
 logger = logging.getLogger(__name__)
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+
+
+class UnmappableReshapeError(ValueError):
+    """Raised when pruning indices reach a reshape whose channel mapping Torch-Pruning could not infer."""
+
+
+def _unmappable(idxs: Any) -> Any:
+    raise UnmappableReshapeError(
+        "its channels pass through a reshape the dependency graph cannot map (a channel shuffle)"
+    )
+
+
+def _tolerate_unmappable_reshapes() -> None:
+    """Let Torch-Pruning build graphs with reshapes it cannot map; groups reaching one fail fast.
+
+    Torch-Pruning infers how a ``view``/``reshape`` moves channels; on a channel shuffle
+    (ShuffleNet's ``view -> transpose -> view``) the inference divides by zero and the whole
+    graph build fails. Wrapped, every dependency through the failing node gets an index
+    mapping that raises :class:`UnmappableReshapeError`, so forming a group that reaches the
+    node fails at once and :class:`LayerGraph` leaves that group whole (with the reason), while
+    the rest of the model stays prunable. Installed once, at import.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "_automl_prune", False):
+        return
+
+    def update(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ArithmeticError as exc:
+            logger.debug("Torch-Pruning cannot map the channels of reshape %s: %s", node, exc)
+            for dep in node.dependencies:
+                dep.index_mapping[0] = _unmappable
+            for neighbour in [*node.inputs, *node.outputs]:
+                for dep in neighbour.dependencies:
+                    if dep.target is node:
+                        dep.index_mapping[0] = _unmappable
+
+    update._automl_prune = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = update
+
+
+_tolerate_unmappable_reshapes()
 
 
 @dataclass(frozen=True)
@@ -115,6 +162,15 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
 
 def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """True for a grouped convolution that is not depthwise (its groups must stay equal when pruned)."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups > 1
+        and not module.groups == module.in_channels == module.out_channels
+    )
 
 
 def _layer_flops(module: nn.Module, c_in: int, c_out: int, out_size: tuple[int, int], positions: int) -> int:
@@ -250,9 +306,14 @@ class LayerGraph:
     def _build_groups(self, ignored: list[nn.Module]) -> list[GroupInfo]:
         dg = self.dependency_graph
         raw = []
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE_TYPES):
+        self._whole_groups: dict[str, str] = {}  # member layer -> why its group is left whole
+        self._divided: dict[str, tuple[int, str]] = {}  # group name -> (divisor, the grouped layer)
+        for group in self._all_groups(ignored):
             members, consumers, items = [], [], []
             seen = set()
+            divisor, grouped, partial = 1, None, False
+            channels = len(group[0].idxs)
+            whole_width: set[nn.Module] = set()  # members whose every output channel is in the group
             for dep, idxs in group:
                 module, handler = dep.target.module, dep.handler
                 if module not in self._dims or (module, handler) in seen:
@@ -262,14 +323,39 @@ class LayerGraph:
                 items.append((module, is_out, len(idxs)))
                 if isinstance(module, PRUNABLE_TYPES):
                     (members if is_out else consumers).append(module)
+                    if is_out and len(idxs) == channels:
+                        whole_width.add(module)
+                if _is_grouped(module):
+                    divisor, grouped = math.lcm(divisor, module.groups), module
+                    # the group must hold all the layer's channels on that side, channel j being the layer's channel j;
+                    # otherwise its equal parts are not the layer's groups
+                    width = module.out_channels if is_out else module.in_channels
+                    partial = partial or width != channels or [int(i) for i in idxs] != list(range(width))
             members = [m for m in members if m in self._rank and m not in ignored]
-            if not members:
+            if not members or not whole_width.intersection(members):
                 continue
-            root = min(members, key=self._rank.__getitem__)
-            raw.append((root, members, consumers, items, len(group[0].idxs)))
+            root = min(whole_width.intersection(members), key=self._rank.__getitem__)
+            if grouped is not None:
+                where = f"{self._names[grouped]} is a grouped convolution (groups={grouped.groups})"
+                if partial:
+                    for module in members:
+                        self._whole_groups[self._names[module]] = (
+                            f"{where} and these channels are only part of its channels (a concatenation): its "
+                            "groups could not be kept equal"
+                        )
+                    continue
+                if channels % divisor or divisor >= channels:
+                    for module in members:
+                        self._whole_groups[self._names[module]] = (
+                            f"{where}: its {channels} channels cannot lose the same number from each of "
+                            f"{divisor} groups"
+                        )
+                    continue
+                self._divided[self._names[root]] = (divisor, where)
+            raw.append((root, members, consumers, items, channels, divisor))
         raw.sort(key=lambda r: self._rank[r[0]])
         groups = []
-        for index, (root, members, consumers, items, channels) in enumerate(raw):
+        for index, (root, members, consumers, items, channels, divisor) in enumerate(raw):
             for module, is_out, count in items:
                 dims = self._dims[module]
                 (dims.out_deps if is_out else dims.in_deps).append((index, count))
@@ -279,23 +365,65 @@ class LayerGraph:
                     name=self._names[root],
                     index=index,
                     root=self.layers[self._names[root]],
-                    channels=int(root.out_channels if isinstance(root, nn.Conv2d) else root.out_features),
+                    channels=channels,
                     members=tuple(self._names[m] for m in sorted(members, key=self._rank.__getitem__)),
                     consumers=tuple(self._names[m] for m in sorted(consumers, key=self._rank.__getitem__)),
                     flops=sum(self.layers[self._names[m]].flops for m in touched if m in self._rank),
                     params=sum(_module_params(m, self._dims[m].in_total, self._dims[m].out_total) for m in touched),
+                    divisor=divisor,
                 )
             )
-            del channels
         return groups
+
+    def _all_groups(self, ignored: list[nn.Module]) -> Iterator[Any]:
+        """Torch-Pruning's groups rooted at conv/linear layers (as ``get_all_groups`` finds them),
+        except that a layer whose group Torch-Pruning cannot form is left whole with the reason
+        instead of failing the whole model."""
+        dg = self.dependency_graph
+        visited: set[nn.Module] = set()
+        for module in self._rank:
+            if module in ignored or module in visited or module not in dg.module2node:
+                continue
+            pruner = dg.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            try:
+                group = dg.get_pruning_group(
+                    module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+                )
+            except UnmappableReshapeError as exc:
+                self._whole_groups[self._names[module]] = str(exc)
+                continue
+            except (ArithmeticError, IndexError, ValueError, RuntimeError) as exc:
+                self._whole_groups[self._names[module]] = (
+                    f"the dependency graph cannot follow its channels ({type(exc).__name__}: {exc})"
+                )
+                continue
+            prunable = True
+            for dep, _ in group:
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(dep.target.module)
+                    prunable = prunable and dep.target.module not in ignored
+            if prunable:
+                yield group
+
+    def divided_groups(self) -> list[tuple[str, int, str]]:
+        """Groups pruned only in multiples of a divisor: (group, divisor, why), in forward order.
+
+        A group whose channels feed or leave a grouped convolution (``groups`` > 1, not
+        depthwise) loses the same channel positions from each of that layer's groups, so its
+        kept count is a multiple of the number of groups (:attr:`GroupInfo.divisor`).
+        """
+        return [(g.name, *self._divided[g.name]) for g in self.groups if g.name in self._divided]
 
     def whole_layers(self) -> list[tuple[str, str]]:
         """Conv and linear layers no plan can narrow, each with the reason (the head included).
 
         A layer is left whole when it is the classifier head (its outputs are the classes), when
-        its output channels are tied through the dependency graph to the head's, or when the
-        graph found no group that prunes its output channels (a custom operation or a reshape
-        the tracer could not follow).
+        its output channels are tied through the dependency graph to the head's, when a grouped
+        convolution splits them into parts that cannot all lose the same number of channels
+        (one channel per part), or when the graph found no group that prunes its output
+        channels (a custom operation or a reshape the tracer could not follow).
         """
         pruned = {m for g in self.groups for m in g.members}
         out = []
@@ -305,6 +433,8 @@ class LayerGraph:
                 continue
             if name == self.head:
                 out.append((name, "classifier head: its outputs are the classes"))
+            elif name in self._whole_groups:
+                out.append((name, self._whole_groups[name]))
             elif layer.out_channels == head.out_channels and self._tied_to_head(name):
                 out.append((name, f"its output channels are tied to the classifier head ({self.head})"))
             else:
@@ -355,7 +485,7 @@ class LayerGraph:
     def kept_channels(self, plan: Plan, round_to: int = 1) -> dict[str, int]:
         """Channels each group keeps under ``plan`` (the counts ``apply`` produces)."""
         self.validate(plan)
-        return {g.name: channels_to_keep(g.channels, plan.keep_ratio(g.name), round_to) for g in self.groups}
+        return {g.name: channels_to_keep(g.channels, plan.keep_ratio(g.name), round_to, g.divisor) for g in self.groups}
 
     def _kept_dims(self, plan: Plan, round_to: int) -> Iterator[tuple[nn.Module, int, int]]:
         """(module, kept input channels, kept output channels) of every parametrised module ``plan`` keeps."""
@@ -416,7 +546,9 @@ class LayerGraph:
 
         parts = [str(tuple(self.example_inputs.shape[1:]))]
         parts += [repr(info) for info in self.layers.values()]
-        parts += [f"{g.name}:{g.channels}:{g.members}" for g in self.groups]
+        parts += [
+            f"{g.name}:{g.channels}:{g.members}" + (f":/{g.divisor}" if g.divisor > 1 else "") for g in self.groups
+        ]
         parts += self.blocks
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 

@@ -28,21 +28,25 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def channel_multiple(channels: int, round_to: int) -> int:
-    """The multiple a group of ``channels`` is rounded to: ``round_to``, halved until it is below ``channels``.
+def channel_multiple(channels: int, round_to: int, divisor: int = 1) -> int:
+    """The multiple a group of ``channels`` is kept in: ``round_to`` (halved until it is below
+    ``channels``), made a multiple of the group's ``divisor``.
 
     A group no larger than ``round_to`` (16 channels rounded to 16) would otherwise be
     all-or-nothing; halving keeps it prunable in widths the kernels still like (8 of 16).
+    ``divisor`` is the number of equal parts a grouped convolution splits the group into
+    (:attr:`~automl_prune.types.GroupInfo.divisor`): every part must keep as many channels as
+    the others, so the kept count is a multiple of it whatever ``round_to`` says.
     """
     if round_to < 1:
         raise InvalidValueError(f"round_to must be a positive integer, got {round_to}")
     multiple = round_to
-    while multiple > 1 and channels <= multiple:
+    while multiple > 1 and channels <= math.lcm(multiple, divisor):
         multiple //= 2
-    return multiple
+    return math.lcm(multiple, divisor)
 
 
-def channels_to_keep(channels: int, keep_ratio: float, round_to: int = 1) -> int:
+def channels_to_keep(channels: int, keep_ratio: float, round_to: int = 1, divisor: int = 1) -> int:
     """Channels a group of ``channels`` keeps at ``keep_ratio``.
 
     The count is ``round(keep_ratio * channels)``, rounded to the nearest multiple of the
@@ -54,8 +58,9 @@ def channels_to_keep(channels: int, keep_ratio: float, round_to: int = 1) -> int
         keep_ratio: Fraction to keep, in (0, 1].
         round_to: Multiple to round to (1 = no rounding). Channel counts that are multiples
             of 8 or 16 run faster on CPUs and GPUs (BENCHMARKS.md, "Channel widths").
+        divisor: Equal parts the group is split into by grouped convolutions (1 = none).
     """
-    multiple = channel_multiple(channels, round_to)
+    multiple = channel_multiple(channels, round_to, divisor)
     if keep_ratio >= 1.0:
         return channels
     keep = max(1, int(math.floor(keep_ratio * channels + 0.5)))
@@ -64,17 +69,47 @@ def channels_to_keep(channels: int, keep_ratio: float, round_to: int = 1) -> int
     return min(channels, keep)
 
 
-def prune_ratio(channels: int, keep_ratio: float, round_to: int = 1) -> float:
+def prune_ratio(channels: int, keep_ratio: float, round_to: int = 1, divisor: int = 1) -> float:
     """The fraction of a group's channels removed (Torch-Pruning's pruning ratio)."""
-    return 1.0 - channels_to_keep(channels, keep_ratio, round_to) / channels
+    return 1.0 - channels_to_keep(channels, keep_ratio, round_to, divisor) / channels
 
 
-Selector = Callable[[Any, int, int], list[int]]
-"""(Torch-Pruning group, channels, channels to remove) -> indices to remove."""
+Scorer = Callable[[Any, int], torch.Tensor]
+"""(Torch-Pruning group, channels) -> one score per channel; the lowest-scoring channels go."""
 
 
-def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int, select: Selector) -> nn.Module:
-    """Prune a deep copy of ``model`` group by group, choosing channels with ``select``."""
+def select_channels(scores: torch.Tensor, n_remove: int, divisor: int = 1) -> list[int]:
+    """Indices of the ``n_remove`` channels to remove: the lowest ``scores``.
+
+    With ``divisor`` > 1 the channels form ``divisor`` equal consecutive parts (the groups of a
+    grouped convolution) that must stay equal: a channel position's score is its mean over
+    the parts, and the same positions are removed from every part (as Torch-Pruning's own
+    pruners do for grouped layers).
+
+    Raises:
+        InvalidValueError: When ``n_remove`` or the channel count is not a multiple of ``divisor``.
+    """
+    scores = scores.detach().flatten().cpu().double()
+    channels = scores.numel()
+    if channels % divisor or n_remove % divisor:
+        raise InvalidValueError(
+            f"cannot remove {n_remove} of {channels} channels in {divisor} equal parts: both must be multiples of "
+            f"{divisor}"
+        )
+    if divisor == 1:
+        return sorted(torch.argsort(scores, stable=True)[:n_remove].tolist())
+    per_part = channels // divisor
+    positions = torch.argsort(scores.view(divisor, per_part).mean(0), stable=True)[: n_remove // divisor].tolist()
+    return sorted(part * per_part + p for part in range(divisor) for p in positions)
+
+
+def _out_width(module: nn.Module) -> int:
+    """Output channels (features) of a conv or linear layer."""
+    return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
+
+
+def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int, score: Scorer) -> nn.Module:
+    """Prune a deep copy of ``model`` group by group, removing the channels ``score`` ranks lowest."""
     graph.validate(plan)
     pruned = copy.deepcopy(model)
     for block in graph.skipped_blocks(plan):
@@ -83,19 +118,22 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
     dg = tp.DependencyGraph().build_dependency(pruned, graph.example_inputs, verbose=False)
     modules = dict(pruned.named_modules())
     for group in graph.groups:
-        n_keep = channels_to_keep(group.channels, plan.keep_ratio(group.name), round_to)
+        n_keep = channels_to_keep(group.channels, plan.keep_ratio(group.name), round_to, group.divisor)
         n_remove = group.channels - n_keep
-        alive = [name for name in group.members if name in modules]
+        alive = [
+            modules[n]
+            for n in (group.name, *group.members)
+            if n in modules and _out_width(modules[n]) == group.channels
+        ]
         if n_remove == 0 or not alive:  # nothing to remove, or the group lived in skipped blocks only
             continue
-        root = modules[alive[0]]
+        root = alive[0]
         prune_fn = dg.get_pruner_of_module(root).prune_out_channels
         full = dg.get_pruning_group(root, prune_fn, list(range(group.channels)))
-        idxs = sorted(int(i) for i in select(full, group.channels, n_remove))
-        if len(idxs) != n_remove or len(set(idxs)) != n_remove:
-            raise RuntimeError(
-                f"selector returned {len(set(idxs))} indices for group {group.name}, expected {n_remove}"
-            )
+        scores = score(full, group.channels)
+        if scores.numel() != group.channels:
+            raise RuntimeError(f"{scores.numel()} scores for the {group.channels} channels of group {group.name}")
+        idxs = select_channels(scores, n_remove, group.divisor)
         dg.get_pruning_group(root, prune_fn, idxs).prune()
     return pruned
 
@@ -139,15 +177,7 @@ def apply(
     graph.validate(plan)
     crit.prepare(model, graph, data)
     try:
-
-        def select(group: Any, channels: int, n_remove: int) -> list[int]:
-            scores = crit(group).detach().flatten().cpu().double()
-            if scores.numel() != channels:
-                raise RuntimeError(f"criterion {crit.name} returned {scores.numel()} scores for {channels} channels")
-            order = torch.argsort(scores, stable=True)
-            return order[:n_remove].tolist()
-
-        pruned = _prune_groups(model, graph, plan, round_to, select)
+        pruned = _prune_groups(model, graph, plan, round_to, lambda group, _channels: crit(group))
         crit.after_prune(pruned)  # e.g. reconstruction criteria refit the consumers' weights
     finally:
         crit.release()
@@ -158,6 +188,6 @@ def rebuild_structure(model: nn.Module, graph: LayerGraph, plan: Plan, round_to:
     """The pruned architecture of ``plan`` without scoring (weights to be loaded afterwards).
 
     Shapes depend only on the kept channel counts, so any selection gives the same
-    architecture; this one drops each group's last channels.
+    architecture; this one drops each group's last channels (of each part, in grouped layers).
     """
-    return _prune_groups(model, graph, plan, round_to, lambda _g, c, n: list(range(c - n, c))).eval()
+    return _prune_groups(model, graph, plan, round_to, lambda _g, c: -torch.arange(c, dtype=torch.float64)).eval()

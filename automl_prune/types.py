@@ -57,6 +57,10 @@ class GroupInfo:
         consumers: Names of the conv/linear layers whose inputs the group prunes.
         flops: Multiply-accumulates of all conv/linear layers the group touches.
         params: Parameters of all layers (BN included) the group touches.
+        divisor: Equal parts a grouped convolution (``groups`` > 1, not depthwise) splits the
+            group's channels into; every part keeps as many channels as the others, so the
+            kept count is a multiple of it (the lcm when several grouped layers share the group;
+            1 when none does).
     """
 
     name: str
@@ -67,6 +71,7 @@ class GroupInfo:
     consumers: tuple[str, ...]
     flops: int
     params: int
+    divisor: int = 1
 
 
 def check_keep_ratio(name: str, keep_ratio: float) -> float:

@@ -89,21 +89,46 @@ class Criterion:
 
 
 # --------------------------------------------------------------------------- groups
-def member_weights(group: Any) -> list[tuple[nn.Module, torch.Tensor]]:
-    """(module, out-channel-major weight rows) for each conv/linear whose outputs ``group`` prunes.
+def _positions(item: Any) -> torch.Tensor:
+    """The group channel each of a group item's indices belongs to (its Torch-Pruning root indices)."""
+    root = getattr(item, "root_idxs", None)
+    if root is not None and len(root) == len(item.idxs):
+        return torch.as_tensor([int(r) for r in root], dtype=torch.long)
+    return torch.arange(len(item.idxs))
 
-    Rows are reordered so that row ``j`` belongs to the group's channel ``j``.
+
+def member_weights(group: Any) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    """(module, out-channel-major weight rows, group positions) for each conv/linear whose outputs ``group`` prunes.
+
+    Row ``k`` belongs to the group's channel ``positions[k]``. A layer covers every channel of
+    the group, except a branch that reaches the group through a concatenation, which covers
+    its part only; :func:`combine` averages over the layers that cover each channel.
     """
     rows = []
-    for dep, idxs in group:
+    for item in group:
+        dep, idxs = item.dep, item.idxs
         module = dep.target.module
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         if dep.handler.__name__ != "prune_out_channels":
             continue
         index = torch.as_tensor(list(idxs), dtype=torch.long)
-        rows.append((module, module.weight.detach().flatten(1)[index]))
+        rows.append((module, module.weight.detach().flatten(1)[index], _positions(item)))
     return rows
+
+
+def norm_scales(group: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(``|gamma|``, group positions) of every affine BatchNorm whose channels ``group`` prunes."""
+    out = []
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, _BatchNorm) or item.dep.handler.__name__ != "prune_out_channels":
+            continue
+        if module.weight is None:
+            continue
+        index = torch.as_tensor(list(item.idxs), dtype=torch.long)
+        out.append((module.weight.detach().abs()[index], _positions(item)))
+    return out
 
 
 def group_channels(group: Any) -> int:
@@ -261,11 +286,37 @@ def normalise(scores: torch.Tensor, mode: str) -> torch.Tensor:
     return scores / scale if float(scale) > 0 else scores
 
 
-def combine(per_layer: Sequence[torch.Tensor], mode: str = "none") -> torch.Tensor:
-    """Mean over layers of their (normalised) per-channel scores, all in group order."""
+def combine(
+    per_layer: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], mode: str = "none", channels: int = 0
+) -> torch.Tensor:
+    """Mean over layers of their (normalised) per-channel scores, in group order.
+
+    Args:
+        per_layer: Per layer, either scores of every group channel in group order, or
+            ``(scores, positions)`` for a layer covering only the group channels ``positions``
+            (a branch of a concatenation).
+        mode: Normalisation of each layer's scores (see :func:`normalise`).
+        channels: Channels in the group (needed when a layer gives positions).
+
+    Raises:
+        RuntimeError: No layer at all, or a channel no layer covers.
+    """
     if not per_layer:
         raise RuntimeError("no layer scores to combine")
-    return torch.stack([normalise(s.double(), mode) for s in per_layer]).mean(0)
+    full = []
+    for item in per_layer:
+        scores, positions = item if isinstance(item, tuple) else (item, None)
+        scores = normalise(scores.double(), mode)
+        if positions is None:
+            full.append(scores)
+            continue
+        placed = torch.full((max(channels, int(positions.max()) + 1),), float("nan"), dtype=torch.float64)
+        placed[positions] = scores
+        full.append(placed)
+    mean = torch.nanmean(torch.stack(full), 0)
+    if bool(mean.isnan().any()):
+        raise RuntimeError(f"{int(mean.isnan().sum())} channel(s) of the group have no score from any layer")
+    return mean
 
 
 def to_ranks(scores: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:

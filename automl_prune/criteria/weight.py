@@ -14,7 +14,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from automl_prune.criteria.base import Criterion, combine, group_channels, group_name, member_weights
+from automl_prune.criteria.base import (
+    Criterion,
+    combine,
+    group_channels,
+    group_name,
+    member_weights,
+    norm_scales,
+)
 from automl_prune.errors import InvalidValueError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ class NormCriterion(Criterion):
 
     def __call__(self, group: Any) -> torch.Tensor:
         rows = member_weights(group)
-        return torch.stack([w.norm(p=self.p, dim=1) for _, w in rows]).mean(0)
+        return combine([(w.norm(p=self.p, dim=1), at) for _, w, at in rows], "none", group_channels(group))
 
 
 class RandomCriterion(Criterion):
@@ -81,10 +88,10 @@ class FPGMCriterion(Criterion):
 
     def __call__(self, group: Any) -> torch.Tensor:
         per_layer = []
-        for _, rows in member_weights(group):
+        for _, rows, at in member_weights(group):
             rows = rows.double()
-            per_layer.append(torch.cdist(rows, rows, p=self.p).sum(1))
-        return combine(per_layer, "sum")
+            per_layer.append((torch.cdist(rows, rows, p=self.p).sum(1), at))
+        return combine(per_layer, "sum", group_channels(group))
 
 
 class SlimmingCriterion(Criterion):
@@ -112,18 +119,10 @@ class SlimmingCriterion(Criterion):
             )
 
     def __call__(self, group: Any) -> torch.Tensor:
-        per_layer = []
-        for dep, idxs in group:
-            module = dep.target.module
-            if not isinstance(module, _BatchNorm) or dep.handler.__name__ != "prune_out_channels":
-                continue
-            if module.weight is None:
-                continue
-            index = torch.as_tensor(list(idxs), dtype=torch.long)
-            per_layer.append(module.weight.detach().abs()[index])
+        per_layer = norm_scales(group)
         if not per_layer:
             raise InvalidValueError(
                 f"criterion 'slimming' needs a BatchNorm after the layers of group '{group_name(group)}', "
                 "but the group has no affine BatchNorm; use 'l1' (or another weight criterion) for this model"
             )
-        return combine(per_layer, "none")
+        return combine(per_layer, "none", group_channels(group))

@@ -78,11 +78,15 @@ class SearchSpace:
         self.round_to = evaluator.config.round_to
         self.groups = self.graph.group_names()
         self._channels = np.array([g.channels for g in self.graph.groups])
+        self._divisors = [g.divisor for g in self.graph.groups]
         min_keep_per_group = np.array([per_type[g.root.kind] for g in self.graph.groups])
         if levels is not None:  # ABCPruner's grid of levels (the evaluator derives the widths from them)
             self.min_keep = np.ceil(min_keep_per_group * levels - 1e-9) / levels
         else:
-            widths = [self._smallest_width(int(c), float(k)) for c, k in zip(self._channels, min_keep_per_group)]
+            widths = [
+                self._smallest_width(int(c), float(k), d)
+                for c, k, d in zip(self._channels, min_keep_per_group, self._divisors, strict=True)
+            ]
             self.min_keep = np.array(widths) / self._channels
         self.blocks = list(self.graph.blocks) if skip_gates else []
         smallest = self.plan_from_keeps(self.min_keep)
@@ -107,9 +111,9 @@ class SearchSpace:
         """Number of keep-ratio dimensions (one per group)."""
         return len(self.groups)
 
-    def _smallest_width(self, channels: int, min_keep: float) -> int:
-        """Smallest width of a group that ``round_to`` allows and that keeps at least ``min_keep``."""
-        r = channel_multiple(channels, self.round_to)
+    def _smallest_width(self, channels: int, min_keep: float, divisor: int) -> int:
+        """Smallest width of a group that ``round_to`` and its divisor allow and that keeps at least ``min_keep``."""
+        r = channel_multiple(channels, self.round_to, divisor)
         return min(channels, max(r, math.ceil(min_keep * channels / r - 1e-9) * r))
 
     def snap(self, keep: float, index: int) -> float:
@@ -119,7 +123,7 @@ class SearchSpace:
         if self.levels is not None:
             return max(self.min_keep[index], math.floor(keep * self.levels + 1e-9) / self.levels)
         channels = int(self._channels[index])
-        return channels_to_keep(channels, keep, self.round_to) / channels
+        return channels_to_keep(channels, keep, self.round_to, self._divisors[index]) / channels
 
     def action_to_keep(self, action: float, index: int) -> float:
         """Map an action in [-1, 1] to a keep ratio in ``[min_keep, 1]`` of group ``index``."""
