@@ -58,8 +58,8 @@ def _tolerate_unmappable_reshapes() -> None:
     """
     from torch_pruning.dependency import index_mapping
 
-    original = index_mapping.update_reshape_index_mapping
-    if getattr(original, "_automl_prune", False):
+    original = getattr(index_mapping, "update_reshape_index_mapping", None)
+    if original is None or getattr(original, "_automl_prune", False):  # another Torch-Pruning layout, or installed
         return
 
     def update(graph: Any, node: Any) -> None:
@@ -627,6 +627,34 @@ def count_cost(model: nn.Module, example_inputs: torch.Tensor) -> Cost:
 
     _run_with_hooks(model, example_inputs, hook)
     return Cost(flops=int(total), params=sum(p.numel() for p in model.parameters()))
+
+
+def _by_reason(items: Sequence[tuple[str, str]], shown: int) -> str:
+    reasons: dict[str, list[str]] = {}
+    for name, why in items:
+        reasons.setdefault(why, []).append(name)
+    parts = []
+    for why, names in reasons.items():
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        parts.append(f"{listed}: {why}")
+    return "; ".join(parts)
+
+
+def structure_notes(graph: LayerGraph, shown: int = 4) -> list[str]:
+    """One line each for the layers left whole (besides the head) and the groups pruned in multiples.
+
+    Empty for models where every group prunes freely (the zoo's). Printed by the search and by
+    ``automl-prune graph``.
+    """
+    lines = []
+    whole = [(n, why) for n, why in graph.whole_layers() if n != graph.head]
+    if whole:
+        lines.append(f"{len(whole)} layer(s) besides the head are left whole: {_by_reason(whole, shown)}")
+    divided = graph.divided_groups()
+    if divided:
+        items = [(name, f"kept in multiples of {d}, as {why}") for name, d, why in divided]
+        lines.append(f"{len(divided)} group(s) are pruned in multiples: {_by_reason(items, shown)}")
+    return lines
 
 
 def group_table(graph: LayerGraph, plan: Plan | None = None, round_to: int = 1) -> list[dict[str, object]]:

@@ -39,6 +39,7 @@ from automl_prune.data import DataSplits, load_dataset
 from automl_prune.errors import InvalidValueError, SearchFailedError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.finalists import FinalistChoice
+from automl_prune.graph import structure_notes
 from automl_prune.io import write_json
 from automl_prune.measure.latency_model import LatencyModel
 from automl_prune.models import ModelSpec
@@ -656,12 +657,8 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
         write_json(run.path / LATENCY_MODEL_FILE, evaluator.latency_model.to_dict())
         if fitting:
             stage(f"      {evaluator.latency_model.describe()}")
-    whole = [(n, why) for n, why in evaluator.graph.whole_layers() if n != evaluator.graph.head]
-    if whole:
-        shown = "; ".join(f"{n} ({why})" for n, why in whole[:6]) + (
-            f"; and {len(whole) - 6} more" if len(whole) > 6 else ""
-        )
-        stage(f"      {len(whole)} layer(s) besides the head are left whole: {shown}")
+    for line in structure_notes(evaluator.graph):
+        stage(f"      {line}")
     space = make_space(config, evaluator)
     stage(f"[3/{total}] search: {config.search.strategy}, {config.search.evaluations} evaluations")
     outcome = run_search(config, run, evaluator, space, info.spec, progress=progress, stage=stage)

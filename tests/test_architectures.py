@@ -207,3 +207,14 @@ def test_searches_on_the_branchy_model_evaluate_and_meet_the_budget(trained_bran
     assert count_cost(pruned, x).flops <= 0.5 * count_cost(trained_branchy, x).flops
     assert evaluate_accuracy(pruned, result.evaluator.val) == pytest.approx(result.score)
     assert result.score > 0.3  # dense 0.75 on search-val; half the FLOPs keeps well above chance (0.1)
+
+
+def test_structure_notes_say_which_groups_are_constrained_and_why() -> None:
+    from automl_prune.graph import structure_notes
+
+    notes = structure_notes(LayerGraph(Branchy(add=False), torch.zeros(1, 1, 28, 28)))
+    assert len(notes) == 2
+    # the squeeze-excitation's expand conv multiplies the concat's channels, so it is tied to them
+    assert notes[0].startswith("3 layer(s) besides the head are left whole: left.0, right.0, se_expand: grouped.0 is")
+    assert notes[1].startswith("1 group(s) are pruned in multiples: grouped.0: kept in multiples of 2")
+    assert structure_notes(LayerGraph(build_model(ModelSpec("resnet20", 1, 10)), torch.zeros(1, 1, 28, 28))) == []
