@@ -218,3 +218,13 @@ def test_structure_notes_say_which_groups_are_constrained_and_why() -> None:
     assert notes[0].startswith("3 layer(s) besides the head are left whole: left.0, right.0, se_expand: grouped.0 is")
     assert notes[1].startswith("1 group(s) are pruned in multiples: grouped.0: kept in multiples of 2")
     assert structure_notes(LayerGraph(build_model(ModelSpec("resnet20", 1, 10)), torch.zeros(1, 1, 28, 28))) == []
+
+
+def test_the_torch_pruning_internal_wrapped_for_channel_shuffles_is_still_there() -> None:
+    """graph.py wraps index_mapping.update_reshape_index_mapping; a Torch-Pruning release that moves it fails here."""
+    from torch_pruning.dependency import index_mapping
+
+    import automl_prune.graph  # noqa: F401 - installs the wrapper
+
+    assert getattr(index_mapping.update_reshape_index_mapping, "_automl_prune", False)
+    assert index_mapping.update_index_mapping.__globals__ is vars(index_mapping)  # the call the wrapper intercepts
