@@ -167,6 +167,8 @@ class ParallelSection:
     cpus_per_worker: int = _opt(1, "CPUs (and torch threads) per Ray worker", ge=1)
     gpus_per_worker: float = _opt(0.0, "GPU fraction per Ray worker", ge=0)
     ray_address: str | None = _opt(None, "join an existing Ray cluster (HOST:PORT or auto)")
+    task_timeout: float = _opt(600.0, "seconds one evaluation may run on a worker before it is resubmitted", gt=0)
+    worker_timeout: float = _opt(120.0, "seconds without any live worker before the search stops (resumable)", gt=0)
 
 
 @dataclass

@@ -3,13 +3,26 @@
 Each worker is a Ray actor that builds its own :class:`~automl_prune.evaluator.Evaluator`
 once from an :class:`EvaluatorSpec` (the dense weights, the dataset arguments, the budget
 and the scoring options), so the model and the search-val data are held once per worker,
-not shipped per candidate. :meth:`RayEvaluatorPool.evaluate_many` spreads a batch of plans
-over the workers and returns the evaluations in order, together with which worker and
-which Ray node scored each; it plugs into ``Strategy.search(..., evaluate_many=...)``.
+not shipped per candidate. :meth:`RayEvaluatorPool.evaluate_many` hands each plan of a batch
+to the next free worker and returns the evaluations in the order of the plans, together with
+which worker and which Ray node scored each and in how many attempts; it plugs into
+``Strategy.search(..., evaluate_many=...)``.
 
-A worker that dies (killed process, exception in the actor) loses at most the plan it
-was scoring: the worker is restarted and the plan retried once; if it fails again the plan
-is recorded as an infeasible evaluation with the reason, and the search goes on.
+Faults never hang a search; every wait is bounded:
+
+- A worker that dies (killed process, lost node) loses at most the plan it was scoring. Ray
+  restarts the actor (``max_restarts``), wherever the cluster has room; the plan is resubmitted
+  at once to the next live worker (Ray's own task retry would wait for the same actor, which
+  on a lost node may never come back). A plan that fails twice is recorded as a failed
+  evaluation with the reason, and the search goes on.
+- An evaluation running longer than ``task_timeout`` seconds is abandoned the same way (its
+  worker is killed and restarted by Ray, the plan resubmitted).
+- When no worker has been alive for ``start_timeout`` seconds (every one lost, or restarts
+  waiting for resources a lost node took with it), the search stops with one clear error; the
+  evaluations made so far are in the run's log, and ``--resume`` goes on from there.
+
+Every resubmission, restart and failure is counted (:class:`PoolStats`, written to the run's
+``result.json`` and report), and each evaluation's attempts are in ``evaluations.jsonl``.
 
 Evaluations are deterministic given the plan (fixed BN-calibration batches, fixed
 search-val subset, and the driver's latency model shared with every worker), so a
@@ -22,6 +35,8 @@ import dataclasses
 import logging
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,12 +120,51 @@ class _Worker:
         self.node = ray.get_runtime_context().get_node_id()
         self.evaluator = spec.build()
 
+    def ready(self) -> tuple[str, int]:
+        """(node id, process id): answered once the evaluator is built."""
+        return self.node, os.getpid()
+
     def evaluate(self, plan: dict[str, Any]) -> tuple[dict[str, Any], int, str]:
         evaluation = self.evaluator.evaluate(Plan.from_dict(plan))
         return evaluation.to_dict(), self.index, self.node
 
-    def pid(self) -> int:
-        return os.getpid()
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one evaluation was made.
+
+    Attributes:
+        worker: Worker index (None for a cache hit).
+        node: Ray node id (``"cache"`` for a cache hit, ``""`` when every attempt failed).
+        attempts: Submissions it took (2 when a lost worker's plan was resubmitted).
+    """
+
+    worker: int | None
+    node: str
+    attempts: int = 1
+
+
+@dataclass
+class PoolStats:
+    """Faults a pool met, counted.
+
+    Attributes:
+        resubmitted: Plans sent again to another worker after their worker died or timed out.
+        restarts: Workers Ray restarted after they died.
+        timeouts: Evaluations abandoned after ``task_timeout`` seconds.
+        failed: Plans recorded as failed evaluations after their last attempt.
+        lost: Workers dead for good (no restart left) or still waiting for resources at the end.
+    """
+
+    resubmitted: int = 0
+    restarts: int = 0
+    timeouts: int = 0
+    failed: int = 0
+    lost: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
 
 
 def connect_ray(address: str, timeout: float = 15.0) -> None:
@@ -164,6 +218,13 @@ def start_local_ray(workers: int, cpus_per_worker: int = 1) -> int:
     return workers
 
 
+class NoWorkerLeftError(AutomlPruneError):
+    """No evaluation worker has been alive for the pool's ``start_timeout``."""
+
+
+_STARTING, _IDLE, _BUSY, _DEAD = "starting", "idle", "busy", "dead"
+
+
 class RayEvaluatorPool:
     """Evaluation workers on Ray (local by default, or an existing cluster).
 
@@ -174,10 +235,16 @@ class RayEvaluatorPool:
         cpus_per_worker: CPUs reserved per worker (also its torch thread count).
         gpus_per_worker: GPU fraction per worker.
         connect_timeout: Seconds to wait for a cluster before giving up.
+        task_timeout: Seconds one evaluation may run before it is abandoned and resubmitted.
+        start_timeout: Seconds without any live worker before :class:`NoWorkerLeftError`.
+        max_restarts: Restarts Ray makes of each worker actor.
 
     Raises:
         AutomlPruneError: The cluster cannot be reached (nothing is left running).
     """
+
+    MAX_ATTEMPTS = 2
+    POLL_SECONDS = 1.0
 
     def __init__(
         self,
@@ -187,11 +254,16 @@ class RayEvaluatorPool:
         cpus_per_worker: int = 1,
         gpus_per_worker: float = 0.0,
         connect_timeout: float = 15.0,
+        task_timeout: float = 600.0,
+        start_timeout: float = 120.0,
+        max_restarts: int = 3,
     ):
         import ray
 
         if workers < 1:
             raise InvalidValueError(f"workers must be >= 1, got {workers}")
+        if task_timeout <= 0 or start_timeout <= 0:
+            raise InvalidValueError("task_timeout and start_timeout must be positive numbers of seconds")
         self._started_ray = False
         if not ray.is_initialized():
             if address is None:
@@ -203,44 +275,149 @@ class RayEvaluatorPool:
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
-        spec_ref = ray.put(spec)
-        self._spec_ref = spec_ref
-        self._actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Worker)
-        self._actors = [self._start(i) for i in range(workers)]
-        self.placements: list[tuple[int, str]] = []
-        self.retries = 0
-        self.failures = 0
+        self.task_timeout = task_timeout
+        self.start_timeout = start_timeout
+        self._spec_ref = ray.put(spec)
+        self._actor_cls = ray.remote(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=max_restarts, max_task_retries=0
+        )(_Worker)
+        self._actors = [self._actor_cls.remote(self._spec_ref, i, cpus_per_worker) for i in range(workers)]
+        self._state = [_STARTING] * workers
+        self._nodes = [""] * workers
+        self._pids = [0] * workers
+        self._deaths = [0] * workers
+        self._pings: dict[Any, int] = {a.ready.remote(): i for i, a in enumerate(self._actors)}
+        self._repings: dict[int, float] = {}  # worker -> when to ask again whether it is back
+        self._last_alive = time.monotonic()
+        self.placements: list[Placement] = []
+        self.stats = PoolStats()
 
-    def _start(self, index: int) -> Any:
-        return self._actor_cls.remote(self._spec_ref, index, self.cpus_per_worker)
+    # ------------------------------------------------------------------ workers
+    def _ping(self, worker: int) -> None:
+        """Ask ``worker`` whether it is up (again); it takes plans once it answers."""
+        self._state[worker] = _STARTING
+        self._pings[self._actors[worker].ready.remote()] = worker
 
-    def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
-        """Evaluate ``plans`` on the workers; results in the order of ``plans``."""
+    def _died(self, worker: int, why: str) -> None:
+        logger.warning("evaluation worker %d is down (%s); Ray restarts it where there is room", worker, why)
+        self._deaths[worker] += 1
+        self._ping(worker)
+
+    def _answered(self, ref: Any) -> None:
         import ray
 
-        pending = {}
-        for i, plan in enumerate(plans):
-            pending[i] = (self._actors[i % self.workers].evaluate.remote(plan.to_dict()), i % self.workers, 0)
+        worker = self._pings.pop(ref)
+        if self._state[worker] != _STARTING:  # an older ping, answered after the worker was up again
+            return
+        try:
+            self._nodes[worker], self._pids[worker] = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            if any(w == worker for w in self._pings.values()):
+                return  # a newer ping is still out
+            if isinstance(exc, ray.exceptions.ActorDiedError):  # no restart left (or its node will not return)
+                logger.warning("evaluation worker %d is lost for good (%s)", worker, exc.__class__.__name__)
+                self._state[worker] = _DEAD
+            else:  # restarting (ActorUnavailableError) or not placed yet: ask again shortly
+                self._repings[worker] = time.monotonic() + self.POLL_SECONDS
+            return
+        if self._deaths[worker]:
+            self.stats.restarts += 1
+            logger.info("evaluation worker %d is back on node %s", worker, self._nodes[worker][:8])
+        self._state[worker] = _IDLE
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """Refs among ``refs`` (and the pings) that are done within one poll; pings handled, re-pings sent."""
+        import ray
+
+        now = time.monotonic()
+        for worker, due in list(self._repings.items()):
+            if due <= now:
+                del self._repings[worker]
+                if self._state[worker] == _STARTING:
+                    self._ping(worker)
+        waitable = [*refs, *self._pings]
+        if not waitable:
+            time.sleep(self.POLL_SECONDS)
+            return []
+        done, _ = ray.wait(waitable, num_returns=1, timeout=self.POLL_SECONDS)
+        out = []
+        for ref in done:
+            if ref in self._pings:
+                self._answered(ref)
+            else:
+                out.append(ref)
+        return out
+
+    def _check_alive(self, now: float) -> None:
+        if any(state in (_IDLE, _BUSY) for state in self._state):
+            self._last_alive = now
+            return
+        waited = now - self._last_alive
+        if all(state == _DEAD for state in self._state) or waited > self.start_timeout:
+            down = sum(state == _DEAD for state in self._state)
+            raise NoWorkerLeftError(
+                f"no evaluation worker is left: {down} of {self.workers} lost for good, the others waiting "
+                f"{waited:.0f} s for resources (a node was lost, or the cluster is full); the evaluations made so far "
+                "are in the run's log: add resources or fewer --parallel.workers, then --resume"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_many(self, plans: list[Plan]) -> list[Evaluation]:
+        """Evaluate ``plans`` on the workers, each plan going to the next free worker.
+
+        Returns:
+            The evaluations in the order of ``plans``; :attr:`placements` gets one
+            :class:`Placement` per plan, in the same order.
+
+        Raises:
+            NoWorkerLeftError: No worker alive for ``start_timeout`` seconds.
+        """
+        import ray
+
+        queue = deque(range(len(plans)))
+        attempts = [0] * len(plans)
         results: dict[int, Evaluation] = {}
-        where: dict[int, tuple[int, str]] = {}
-        while pending:
-            i, (ref, worker, attempt) = next(iter(pending.items()))
-            del pending[i]
-            try:
-                data, index, node = ray.get(ref)
+        where: dict[int, Placement] = {}
+        running: dict[Any, tuple[int, int, float]] = {}  # ref -> (plan, worker, started)
+
+        def give_up_or_resubmit(i: int, worker: int, why: str) -> None:
+            if attempts[i] < self.MAX_ATTEMPTS:
+                self.stats.resubmitted += 1
+                queue.appendleft(i)
+            else:
+                self.stats.failed += 1
+                results[i] = _failed({}, f"worker failed {attempts[i]} times: {why}")
+                where[i] = Placement(worker, "", attempts[i])
+
+        while queue or running:
+            for worker, state in enumerate(self._state):
+                if state == _IDLE and queue:
+                    i = queue.popleft()
+                    attempts[i] += 1
+                    ref = self._actors[worker].evaluate.remote(plans[i].to_dict())
+                    running[ref] = (i, worker, time.monotonic())
+                    self._state[worker] = _BUSY
+            for ref in self._wait(list(running)):
+                i, worker, _ = running.pop(ref)
+                try:
+                    data, index, node = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    why = type(exc).__name__
+                    self._died(worker, why)
+                    give_up_or_resubmit(i, worker, why)
+                    continue
+                self._state[worker] = _IDLE
                 results[i] = Evaluation(**data)
-                where[i] = (index, node)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.RayTaskError) as exc:
-                logger.warning("worker %d failed on a plan (%s)", worker, type(exc).__name__)
-                if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)):
-                    self._actors[worker] = self._start(worker)
-                if attempt == 0:
-                    self.retries += 1
-                    pending[i] = (self._actors[worker].evaluate.remote(plans[i].to_dict()), worker, 1)
-                else:
-                    self.failures += 1
-                    results[i] = _failed({}, f"worker failed twice: {type(exc).__name__}")
-                    where[i] = (worker, "")
+                where[i] = Placement(index, node, attempts[i])
+            now = time.monotonic()
+            for ref, (i, worker, started) in list(running.items()):
+                if now - started > self.task_timeout:
+                    del running[ref]
+                    self.stats.timeouts += 1
+                    ray.kill(self._actors[worker], no_restart=False)  # Ray restarts it
+                    self._died(worker, f"no result after {self.task_timeout:.0f} s")
+                    give_up_or_resubmit(i, worker, f"timed out after {self.task_timeout:.0f} s")
+            self._check_alive(now)
         self.placements.extend(where[i] for i in range(len(plans)))
         return [results[i] for i in range(len(plans))]
 
@@ -249,10 +426,10 @@ class RayEvaluatorPool:
 
         Fresh results go into the driver's cache too, so identical plans are never scored twice
         (and a resumed run's logged plans are not re-scored on workers). The returned function
-        has a ``placements`` list: ``(worker, node)`` per evaluation in the order made, with
-        ``(None, "cache")`` for cache hits.
+        has a ``placements`` list: a :class:`Placement` per evaluation in the order made, with
+        ``Placement(None, "cache", 0)`` for cache hits.
         """
-        placements: list[tuple[int | None, str]] = []
+        placements: list[Placement] = []
 
         def evaluate_many(plans: list[Plan]) -> list[Evaluation]:
             hits = [evaluator.cached(p) for p in plans]
@@ -264,7 +441,7 @@ class RayEvaluatorPool:
             for plan, hit in zip(plans, hits):
                 if hit is not None:
                     out.append(hit)
-                    placements.append((None, "cache"))
+                    placements.append(Placement(None, "cache", 0))
                 else:
                     evaluation = next(fresh)
                     evaluator.preload(plan, evaluation)
@@ -276,21 +453,30 @@ class RayEvaluatorPool:
         return evaluate_many
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the workers (for tests that kill one)."""
-        import ray
+        """Process ids of the live workers (for tests that kill one), waiting up to ``start_timeout`` for starting ones."""
+        deadline = time.monotonic() + self.start_timeout
+        while _STARTING in self._state and time.monotonic() < deadline:
+            self._wait([])
+        return [self._pids[i] for i, state in enumerate(self._state) if state in (_IDLE, _BUSY)]
 
-        return ray.get([a.pid.remote() for a in self._actors])
+    def worker_nodes(self) -> list[str]:
+        """Ray node id of each worker as last seen (``""`` before it first answered)."""
+        return list(self._nodes)
 
     def close(self) -> None:
-        """Stop the workers, and Ray itself if this pool started it."""
+        """Stop the workers (no restart, nothing orphaned), and Ray itself if this pool started it."""
         import ray
 
+        self.stats.lost = sum(
+            state in (_DEAD, _STARTING) and self._deaths[i] > 0 for i, state in enumerate(self._state)
+        )
         for actor in self._actors:
             try:
-                ray.kill(actor)
+                ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self._actors = []
+        self._pings = {}
         if self._started_ray:
             ray.shutdown()
 

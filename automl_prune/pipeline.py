@@ -380,6 +380,8 @@ def run_search(
                 address=par.ray_address,
                 cpus_per_worker=par.cpus_per_worker,
                 gpus_per_worker=par.gpus_per_worker,
+                task_timeout=par.task_timeout,
+                start_timeout=par.worker_timeout,
             )
             evaluate_many = pool.evaluate_many_cached(evaluator)
         strategy = get_strategy(s.strategy, **({"batch_size": par.workers} if s.strategy in BATCHED else {}))
@@ -391,6 +393,8 @@ def run_search(
         bar.close()
         if pool is not None:
             pool.close()
+            if any(pool.stats.to_dict().values()):
+                logger.warning("Ray worker faults this session: %s", pool.stats.to_dict())
         if log is not None:
             log.close()
     failures = [e for _, e in result.history if e.failed]
@@ -435,6 +439,7 @@ def run_search(
             "evaluations": result.evaluations,
             "failed_evaluations": len(failures),
             "first_failure": failures[0].reason if failures else None,
+            "worker_faults": pool.stats.to_dict() if pool is not None else None,
             "wall_time": result.wall_time,
             "dense": evaluator.dense.to_dict(),
             "latency_model": evaluator.latency_model.to_dict() if evaluator.latency_model is not None else None,

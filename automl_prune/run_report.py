@@ -279,6 +279,7 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
             "evaluations": result.get("evaluations"),
             "failed_evaluations": result.get("failed_evaluations", 0),
             "first_failure": result.get("first_failure"),
+            "worker_faults": result.get("worker_faults"),
             "wall_time_s": result.get("wall_time"),
             "best_search_val_accuracy": best.get("accuracy"),
             "dense_search_val_accuracy": result.get("dense", {}).get("accuracy"),
@@ -493,6 +494,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         s = report["search"]
         lines += [
             f"**{s['failed_evaluations']} of {s['evaluations']} evaluations failed**; the first: {s['first_failure']}",
+            "",
+        ]
+    faults = report["search"].get("worker_faults") or {}
+    if any(faults.values()):
+        lines += [
+            f"Ray workers: {faults['resubmitted']} plan(s) resubmitted to another worker, {faults['restarts']} "
+            f"worker restart(s), {faults['timeouts']} evaluation(s) timed out, {faults['failed']} plan(s) failed on "
+            f"every attempt, {faults['lost']} worker(s) lost (each evaluation's attempts are in evaluations.jsonl).",
             "",
         ]
     lines += _pareto_lines(report)

@@ -24,13 +24,16 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.io import write_text
 from automl_prune.types import Evaluation, Plan
+
+if TYPE_CHECKING:
+    from automl_prune.parallel import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -231,13 +234,13 @@ class RunDirectory:
         """The (plan, evaluation) pairs in the log, as it is on disk now."""
         return [(Plan.from_dict(r["plan"]), Evaluation(**r["evaluation"])) for r in self._read_log()]
 
-    def callback(self, strategy: str, placements: list[tuple[int | None, str]] | None = None) -> Any:
+    def callback(self, strategy: str, placements: list[Placement] | None = None) -> Any:
         """A search callback that appends every *new* evaluation to the log and flushes it.
 
         Args:
             strategy: Recorded with each evaluation.
-            placements: ``(worker, node)`` per evaluation in the order made (parallel runs);
-                recorded as ``worker`` and ``node``.
+            placements: A :class:`~automl_prune.parallel.Placement` per evaluation in the order
+                made (parallel runs); recorded as ``worker``, ``node`` and ``attempts``.
         """
         already = len(self.records)
         handle = (self.path / LOG).open("a")
@@ -248,7 +251,8 @@ class RunDirectory:
                 return  # replayed from the log on resume
             record = {"index": index, "strategy": strategy, "time": time.time()}
             if placements is not None and len(placements) >= index:
-                record["worker"], record["node"] = placements[index - 1]
+                placed = placements[index - 1]
+                record.update(worker=placed.worker, node=placed.node, attempts=placed.attempts)
             record.update(plan=plan.to_dict(), evaluation=evaluation.to_dict())
             handle.write(json.dumps(record) + "\n")
             handle.flush()
