@@ -255,7 +255,7 @@ STRATEGIES.register(
 STRATEGIES.register(
     "global",
     "automl_prune.searchers.global_pruning:GlobalStrategy",
-    "Torch-Pruning global pruning: one normalised-magnitude threshold at the budget (baseline)",
+    "global pruning: one threshold over every channel's normalised l1 score, at the budget (baseline)",
 )
 STRATEGIES.register("ddpg", "automl_prune.agents.sb3:DDPGStrategy", "AMC: DDPG on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register("ppo", "automl_prune.agents.sb3:PPOStrategy", "PPO on LayerPrune-v0 (stable-baselines3)")

@@ -257,7 +257,7 @@ def test_global_plan_meets_the_budget_and_is_not_uniform(evaluator, space) -> No
 def test_global_with_levels_and_a_params_budget(model, data) -> None:
     ev = Evaluator(model, data, Budget(params=0.4), CONFIG)
     space10 = SearchSpace(ev, levels=10)
-    result = GlobalStrategy(p=2).search(ev, space10, 1, seed=0)
+    result = GlobalStrategy(criterion="l2").search(ev, space10, 1, seed=0)
     plan = result.best_plan
     assert space10.is_feasible(plan) and on_grid(plan, 10, space10)
     assert ev.cost(plan).params >= 0.4 * 0.9 * ev.graph.params
@@ -266,8 +266,8 @@ def test_global_with_levels_and_a_params_budget(model, data) -> None:
 def test_global_rejects_bad_options() -> None:
     with pytest.raises(InvalidValueError):
         GlobalStrategy(normalizer="median")
-    with pytest.raises(InvalidValueError):
-        GlobalStrategy(p=3)
+    with pytest.raises(InvalidValueError, match="'taylor' is not one. Valid: .*l1"):
+        GlobalStrategy(criterion="taylor")
 
 
 # ----------------------------------------------------------------------------------- learning

@@ -270,12 +270,15 @@ def normalise(scores: torch.Tensor, mode: str) -> torch.Tensor:
 
     Args:
         scores: One score per channel.
-        mode: ``"none"``, ``"sum"`` (divide by the sum of absolute values), ``"l2"``
-            (divide by the L2 norm) or ``"max"`` (divide by the largest absolute value).
+        mode: ``"none"``, ``"mean"`` (divide by the mean absolute value), ``"sum"`` (divide by
+            the sum of absolute values), ``"l2"`` (divide by the L2 norm) or ``"max"`` (divide by
+            the largest absolute value).
     """
     if mode == "none":
         return scores
-    if mode == "sum":
+    if mode == "mean":
+        scale = scores.abs().mean()
+    elif mode == "sum":
         scale = scores.abs().sum()
     elif mode == "l2":
         scale = scores.norm()

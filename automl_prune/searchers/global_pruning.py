@@ -1,22 +1,21 @@
 """Global pruning: one importance threshold across all groups, solved for the budget (one plan).
 
-Torch-Pruning's ``global_pruning=True`` ranks the channels of *all* groups together by a
-normalised group importance and removes the lowest-ranked ones everywhere, so each layer
-loses as many channels as fall below one global threshold. This strategy produces that
-per-group allocation as a :class:`~automl_prune.types.Plan` at exactly the evaluator's
-budget (the budget the ``uniform`` baseline meets), and spends one evaluation on it.
+Global pruning (Torch-Pruning's ``global_pruning=True``; the global threshold on BatchNorm
+scales of network slimming) ranks the channels of *all* groups together by a normalised
+importance and removes the lowest-ranked ones everywhere, so each layer loses as many channels
+as fall below one global threshold. This strategy produces that per-group allocation as a
+:class:`~automl_prune.types.Plan` at exactly the evaluator's budget (the budget the
+``uniform`` baseline meets), and spends one evaluation on it.
 
 The exact procedure:
 
-1. **Scores.** For every prunable group of the evaluator's
-   :class:`~automl_prune.graph.LayerGraph`, the Torch-Pruning group of all its channels is
-   taken from the graph's dependency graph on the dense model (``evaluator.model``), and
-   scored with ``tp.importance.GroupMagnitudeImportance(p, group_reduction, normalizer)``:
-   per channel and coupled layer, ``sum |w|^p`` over the channel's weights there (conv/linear
-   output filters, consumer input slices, BatchNorm scales), reduced over the layers
-   (``group_reduction``), then normalised within the group (``normalizer``; ``"mean"``
-   divides by the group's mean score, which is what makes scores of different layers
-   comparable). Weights are only read.
+1. **Scores.** Every channel of every prunable group of the evaluator's
+   :class:`~automl_prune.graph.LayerGraph` is scored on the dense model (``evaluator.model``,
+   only read) by one of the project's data-free criteria (:mod:`automl_prune.criteria`:
+   ``l1`` by default, ``l2``, ``fpgm`` or ``slimming``), the same ranking that decides
+   *which* channels a plan removes; then normalised within the group (``normalizer``:
+   ``"mean"`` divides by the group's mean score, which is what makes groups of different
+   weight scale comparable; ``sum``, ``max`` and ``l2`` likewise).
 2. **Ranking.** All channels of all groups are sorted by score (ascending; ties broken by
    group order, then channel index). Removing the ``r`` lowest channels means the global
    threshold sits at the ``r``-th score.
@@ -24,8 +23,8 @@ The exact procedure:
    channels, as the keep ratio ``kept / C_g`` passed through
    :meth:`~automl_prune.search_spaces.SearchSpace.snap`, which clips it to the group's
    ``min_keep`` (channels below the threshold in a group already at ``min_keep`` stay:
-   this is Torch-Pruning's per-layer maximum pruning ratio) and, on a discrete space,
-   floors it to a level.
+   this is Torch-Pruning's per-layer maximum pruning ratio), rounds it to the widths the
+   group allows and, on a discrete space, floors it to a level.
 4. **Budget.** The cost of the plan (exact FLOPs/params from the cost model, predicted
    latency for latency budgets) never grows with ``r``, so the smallest ``r`` whose plan
    meets every budget term is found by bisection over the integers ``0..total`` (about
@@ -42,10 +41,9 @@ The exact procedure:
    prediction leaves it infeasible, it goes through
    :meth:`~automl_prune.search_spaces.SearchSpace.repair`).
 
-Only the *number* of channels per group comes from the global ranking; *which* channels
-go is decided by the evaluator's criterion, as for every other strategy (with the default
-``l1`` criterion the two rankings agree within most groups, but not exactly, since the
-group importance also counts consumer layers and BatchNorm). Skip gates are not used.
+Only the *number* of channels per group comes from the global ranking; *which* channels go
+is decided by the evaluator's criterion, as for every other strategy (with the default
+``l1`` for both, the two rankings are the same). Skip gates are not used.
 """
 
 from __future__ import annotations
@@ -55,8 +53,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch_pruning as tp
 
+from automl_prune.criteria import CRITERIA, get_criterion
+from automl_prune.criteria.base import normalise
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator
 from automl_prune.graph import LayerGraph
@@ -66,45 +65,47 @@ from automl_prune.types import Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NORMALIZERS", "REDUCTIONS", "GlobalRanking", "GlobalStrategy", "group_importance"]
+__all__ = ["NORMALIZERS", "GlobalRanking", "GlobalStrategy", "group_scores"]
 
-NORMALIZERS = ("mean", "sum", "max", "standarization", "gaussian", "lamp")
-"""Within-group normalisations of Torch-Pruning's GroupMagnitudeImportance."""
-REDUCTIONS = ("mean", "sum", "max", "prod", "first")
-"""Reductions over a group's layers."""
+NORMALIZERS = ("mean", "sum", "max", "l2")
+"""Within-group normalisations (see :func:`automl_prune.criteria.base.normalise`)."""
 
 
-def group_importance(
-    model: torch.nn.Module,
-    graph: LayerGraph,
-    p: int = 1,
-    group_reduction: str = "mean",
-    normalizer: str = "mean",
+def _data_free() -> list[str]:
+    return [name for name in CRITERIA.names() if not get_criterion(name).needs_data]
+
+
+def group_scores(
+    model: torch.nn.Module, graph: LayerGraph, criterion: str = "l1", normalizer: str = "mean"
 ) -> list[np.ndarray]:
-    """Normalised group-magnitude scores of every channel of every group, in group order.
+    """Normalised scores of every channel of every group, in group order, by a data-free criterion.
 
     Args:
         model: The dense model the graph was built on (only read).
         graph: Its :class:`~automl_prune.graph.LayerGraph`.
-        p: Exponent of the magnitude (``sum |w|^p``).
-        group_reduction: How per-layer scores are combined.
-        normalizer: Within-group normalisation.
+        criterion: A data-free criterion name (``l1``, ``l2``, ``fpgm``, ``slimming``, ``random``).
+        normalizer: Within-group normalisation (one of :data:`NORMALIZERS`).
 
     Returns:
         One float64 array of ``channels`` scores per group.
     """
-    importance = tp.importance.GroupMagnitudeImportance(p=p, group_reduction=group_reduction, normalizer=normalizer)
+    crit = get_criterion(criterion)
+    crit.prepare(model, graph, None)
     dg = graph.dependency_graph
     scores = []
-    with torch.no_grad():
-        for group in graph.groups:
-            root = model.get_submodule(group.name)
-            prune_fn = dg.get_pruner_of_module(root).prune_out_channels
-            tp_group = dg.get_pruning_group(root, prune_fn, list(range(group.channels)))
-            imp = importance(tp_group)
-            if imp is None or imp.numel() != group.channels:
-                raise RuntimeError(f"importance of group {group.name} has the wrong size")
-            scores.append(imp.detach().double().cpu().numpy())
+    try:
+        with torch.no_grad():
+            for group in graph.groups:
+                root = model.get_submodule(group.name)
+                prune_fn = dg.get_pruner_of_module(root).prune_out_channels
+                raw = crit(dg.get_pruning_group(root, prune_fn, list(range(group.channels)))).double()
+                if raw.numel() != group.channels:
+                    raise RuntimeError(
+                        f"{criterion} gave {raw.numel()} scores for the {group.channels} channels of {group.name}"
+                    )
+                scores.append(normalise(raw, normalizer).cpu().numpy())
+    finally:
+        crit.release()
     return scores
 
 
@@ -147,11 +148,10 @@ class GlobalStrategy(AskTellStrategy):
     """Torch-Pruning-style global pruning at the budget: one plan, one evaluation (see the module docstring).
 
     Args:
-        p: Exponent of the magnitude ``sum |w|^p`` (1 = L1, 2 = squared L2, as Torch-Pruning).
-        group_reduction: Combination of a channel's per-layer scores (Torch-Pruning's names:
-            ``mean``, ``sum``, ``max``, ``prod``, ``first``).
+        criterion: The data-free criterion that ranks the channels (``l1``, ``l2``, ``fpgm``,
+            ``slimming``, ``random``).
         normalizer: Within-group normalisation making groups comparable (``mean``, ``sum``,
-            ``max``, ``standarization``, ``gaussian``, ``lamp``).
+            ``max``, ``l2``).
         fill_attempts: Most channels tried in the budget-filling pass (step 5; 0 turns it off).
         batch_size: Ignored beyond the base class's check (a single plan is asked).
 
@@ -159,13 +159,12 @@ class GlobalStrategy(AskTellStrategy):
         plan: The global-threshold plan (after the search started).
 
     Raises:
-        InvalidValueError: For a bad ``p``, reduction or normaliser.
+        InvalidValueError: For an unknown or data-driven criterion, or an unknown normaliser.
     """
 
     def __init__(
         self,
-        p: int = 1,
-        group_reduction: str = "mean",
+        criterion: str = "l1",
         normalizer: str = "mean",
         fill_attempts: int = 64,
         batch_size: int = 1,
@@ -174,14 +173,14 @@ class GlobalStrategy(AskTellStrategy):
         if fill_attempts < 0:
             raise InvalidValueError(f"fill_attempts must be >= 0, got {fill_attempts}")
         self.fill_attempts = fill_attempts
-        if p not in (1, 2):
-            raise InvalidValueError(f"p must be 1 or 2, got {p}")
-        if group_reduction not in REDUCTIONS:
-            raise InvalidValueError(f"unknown group_reduction '{group_reduction}'; valid: {', '.join(REDUCTIONS)}")
+        if criterion not in _data_free():
+            raise InvalidValueError(
+                f"global ranks channels with a data-free criterion; '{criterion}' is not one. "
+                f"Valid: {', '.join(_data_free())}"
+            )
         if normalizer not in NORMALIZERS:
             raise InvalidValueError(f"unknown normalizer '{normalizer}'; valid: {', '.join(NORMALIZERS)}")
-        self.p = p
-        self.group_reduction = group_reduction
+        self.criterion = criterion
         self.normalizer = normalizer
         self.plan: Plan | None = None
 
@@ -191,7 +190,7 @@ class GlobalStrategy(AskTellStrategy):
 
     def ranking(self, evaluator: Evaluator, space: SearchSpace) -> GlobalRanking:
         """Every channel of the dense model ranked by its normalised group importance (steps 1-2)."""
-        scores = group_importance(evaluator.model, evaluator.graph, self.p, self.group_reduction, self.normalizer)
+        scores = group_scores(evaluator.model, evaluator.graph, self.criterion, self.normalizer)
         owner = np.concatenate([np.full(len(s), g) for g, s in enumerate(scores)])
         flat = np.concatenate(scores)
         order = np.lexsort((np.arange(flat.size), owner, flat))  # by score, then group, then channel
