@@ -9,19 +9,52 @@ FLOPs. Another point than the one shipped can be pruned later without searching 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path, write_json
-from automl_prune.report import pareto_indices
 from automl_prune.types import Evaluation, Plan
 
-__all__ = ["FRONT_FILE", "front", "plan_from_front", "write_front"]
+__all__ = ["FRONT_FILE", "front", "pareto_indices", "pareto_pairs", "plan_from_front", "write_front"]
 
 FRONT_FILE = "pareto.json"
 _FORMAT = "automl-prune-pareto"
+
+
+def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (cost, accuracy) points, sorted by cost.
+
+    Lower cost and higher accuracy are better; of equal points the first is kept.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto_pairs(pairs: Sequence[tuple[Plan, Evaluation]], cost: str = "flops") -> list[tuple[Plan, Evaluation]]:
+    """The feasible (plan, evaluation) pairs no other feasible pair dominates, by increasing cost.
+
+    Args:
+        pairs: Evaluated (plan, evaluation) pairs; infeasible or failed ones are left out.
+        cost: ``"flops"`` or ``"latency_ms"``: the cost minimised (accuracy is maximised).
+
+    Returns:
+        One pair per non-dominated (cost, accuracy) point (the first evaluated), cheapest first.
+    """
+    kept = [
+        (plan, e)
+        for plan, e in pairs
+        if e.feasible and math.isfinite(e.accuracy) and (cost != "latency_ms" or e.latency_ms is not None)
+    ]
+    points = [(float(e.latency_ms if cost == "latency_ms" else e.flops), e.accuracy) for _, e in kept]
+    return [kept[i] for i in pareto_indices(points)]
 
 
 def front(

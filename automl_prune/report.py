@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from automl_prune.io import atomic_path, write_text
+from automl_prune.pareto import pareto_indices
 from automl_prune.types import Evaluation, SearchResult
 
 
@@ -71,20 +72,6 @@ def summarise(results: dict[str, list[SearchResult]]) -> list[StrategySummary]:
             )
         )
     return sorted(rows, key=lambda r: -r.best_mean)
-
-
-def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated (cost, accuracy) points, sorted by cost.
-
-    Lower cost and higher accuracy are better; of equal points the first is kept.
-    """
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -17,10 +17,11 @@ from automl_prune.data import load_dataset
 from automl_prune.errors import AutomlPruneError, InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.models import ModelSpec, build_model
+from automl_prune.pareto import pareto_pairs
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.searchers.abc import ABCStrategy
 from automl_prune.searchers.global_pruning import GlobalStrategy
-from automl_prune.searchers.optuna_search import OptunaStrategy, pareto_front
+from automl_prune.searchers.optuna_search import OptunaStrategy
 from automl_prune.strategy import RandomStrategy, SearchSession, Strategy
 from automl_prune.types import Budget, Evaluation, Plan
 
@@ -181,7 +182,7 @@ def test_optuna_nsga2_keeps_a_pareto_front(evaluator, space) -> None:
     result = strategy.search(evaluator, space, 6, seed=0)
     check_history(result, space, 6)
     front = strategy.pareto_front
-    assert front and front == pareto_front(result.history)
+    assert front and front == pareto_pairs(result.history)
     points = [(e.accuracy, e.flops) for _, e in result.history]
     for _, e in front:  # nothing evaluated dominates a front member
         assert not any(a >= e.accuracy and f <= e.flops and (a > e.accuracy or f < e.flops) for a, f in points)

@@ -46,61 +46,18 @@ import numpy as np
 import optuna
 
 from automl_prune.errors import AutomlPruneError, InvalidValueError
+from automl_prune.pareto import pareto_pairs
 from automl_prune.strategy import AskTellStrategy, SearchSession
 from automl_prune.types import Evaluation, Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "OptunaStrategy", "pareto_front", "update_front"]
+__all__ = ["SAMPLERS", "OptunaStrategy"]
 
 SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
 """Valid sampler names."""
 
 _SKIP_PREFIX = "skip:"
-
-
-def _point(evaluation: Evaluation, cost: str) -> tuple[float, float]:
-    value = evaluation.latency_ms if cost == "latency_ms" else evaluation.flops
-    return evaluation.accuracy, float(value) if value is not None else math.inf
-
-
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """True when point ``a`` (accuracy, cost) is at least as good as ``b`` in both and better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def update_front(
-    front: list[tuple[Plan, Evaluation]], plan: Plan, evaluation: Evaluation, cost: str = "flops"
-) -> list[tuple[Plan, Evaluation]]:
-    """``front`` with (plan, evaluation) added if no member dominates or equals it (dominated members dropped).
-
-    Infeasible or failed evaluations are never added.
-    """
-    if not evaluation.feasible or not math.isfinite(evaluation.accuracy):
-        return front
-    new = _point(evaluation, cost)
-    points = [_point(e, cost) for _, e in front]
-    if any(p == new or _dominates(p, new) for p in points):
-        return front
-    kept = [pe for pe, p in zip(front, points) if not _dominates(new, p)]
-    return sorted([*kept, (plan, evaluation)], key=lambda pe: _point(pe[1], cost)[1])
-
-
-def pareto_front(pairs: list[tuple[Plan, Evaluation]], cost: str = "flops") -> list[tuple[Plan, Evaluation]]:
-    """The feasible pairs no other feasible pair dominates (higher accuracy and lower cost, one strictly).
-
-    Args:
-        pairs: Evaluated (plan, evaluation) pairs.
-        cost: ``"flops"`` or ``"latency_ms"``: the cost minimised.
-
-    Returns:
-        The non-dominated pairs by increasing cost, one per distinct (accuracy, cost) point
-        (the first evaluated).
-    """
-    front: list[tuple[Plan, Evaluation]] = []
-    for plan, evaluation in pairs:
-        front = update_front(front, plan, evaluation, cost)
-    return front
 
 
 class OptunaStrategy(AskTellStrategy):
@@ -185,6 +142,7 @@ class OptunaStrategy(AskTellStrategy):
         )
         self._pending: list[tuple[optuna.trial.Trial, Plan]] = []
         self.pareto_front = []
+        self._told: list[tuple[Plan, Evaluation]] = []
         levels = self.space.levels
         self._low_level = None if levels is None else np.ceil(self.space.min_keep * levels - 1e-9).astype(int)
         logger.info(
@@ -241,7 +199,8 @@ class OptunaStrategy(AskTellStrategy):
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 self.study.tell(trial, values if self.multi_objective else values[0])
-            self.pareto_front = update_front(self.pareto_front, plan, evaluation, self.cost_name)
+            self._told.append((plan, evaluation))
+        self.pareto_front = pareto_pairs(self._told, self.cost_name)
         for trial, _ in self._pending:  # asked but never evaluated (budget spent)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         self._pending = []
