@@ -223,21 +223,34 @@ class SearchSpace:
         low, high = self.feasible_interval(decided, skip)
         return float(min(high, max(low, self.snap(keep, index))))
 
-    def repair(self, plan: Plan) -> Plan:
-        """Scale a plan's keep ratios down (uniformly, respecting ``min_keep``) until it fits the budget."""
+    def repair(self, plan: Plan, levels: int | None = None) -> Plan:
+        """Scale a plan's keep ratios down (uniformly, respecting ``min_keep``) until it fits the budget.
+
+        The one budget repair: strategies whose plans live on a grid of their own (the bee
+        colony's ``k / levels`` keep ratios in a continuous space) pass ``levels``, and the
+        repaired plan stays on that grid (each keep floored to it, never below the group's
+        lowest level ``ceil(min_keep * levels)``).
+        """
         if self.is_feasible(plan):
             return plan
         keeps = self.keeps(plan)
+        if levels is None:
+            snap = self.snap
+        else:
+            lowest = np.clip(np.ceil(self.min_keep * levels - 1e-9), 1, levels) / levels
+
+            def snap(keep: float, index: int) -> float:
+                return float(max(lowest[index], math.floor(keep * levels + 1e-9) / levels))
 
         def scaled(factor: float) -> Plan:
-            return self.plan_from_keeps([self.snap(k * factor, i) for i, k in enumerate(keeps)], plan.skip)
+            return self.plan_from_keeps([snap(k * factor, i) for i, k in enumerate(keeps)], plan.skip)
 
         factor = self._bisect(scaled, 0.0, 1.0, want_feasible_at_high=True)
         repaired = scaled(factor)
-        if not self.is_feasible(repaired):  # skip gates alone can exceed; the min_keep plan always fits
-            repaired = self.plan_from_keeps(self.min_keep, plan.skip)
+        if not self.is_feasible(repaired):  # skip gates alone can exceed; the smallest plan always fits
+            repaired = scaled(0.0)
             if not self.is_feasible(repaired):
-                repaired = self.plan_from_keeps(self.min_keep)
+                repaired = self.plan_from_keeps([snap(0.0, i) for i in range(self.dim)])
         return repaired
 
     def sample(self, rng: np.random.Generator) -> Plan:

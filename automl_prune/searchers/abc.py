@@ -39,9 +39,9 @@ How this implementation maps ABC onto ask/tell and a hard budget:
 - **Budget.** Every candidate (random or perturbed) is made feasible before it is asked:
   if it overshoots the budget, all its keep ratios are scaled down by one common factor,
   found by bisection on the exact cost model, and floored to the level grid (never below
-  the smallest level). This is :meth:`~automl_prune.search_spaces.SearchSpace.repair`'s
-  procedure, done on this strategy's grid, so repaired plans stay on the grid even when
-  the search space itself is continuous. Random sources come from
+  the smallest level): :meth:`~automl_prune.search_spaces.SearchSpace.repair` given this
+  strategy's grid, so repaired plans stay on the grid even when the search space itself is
+  continuous. Random sources come from
   :meth:`~automl_prune.search_spaces.SearchSpace.sample` (AMC's feasible intervals, so
   they use most of the budget), floored to the grid and repaired.
 - **No wasted evaluations.** A neighbour whose rounded move leaves it equal to its
@@ -83,7 +83,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["ABCStrategy"]
 
 _FITNESS = ("accuracy", "reward")
-_BISECTION_STEPS = 14
 _MAX_IDLE_PHASES = 50
 """Consecutive phases that need no evaluation (all candidates already scored) before the search stops."""
 
@@ -214,23 +213,9 @@ class ABCStrategy(AskTellStrategy):
         return np.clip(raw, self.low, self.grid)
 
     def _repair(self, levels: np.ndarray) -> np.ndarray:
-        """Scale an over-budget level vector down by one common factor (bisection) until it fits."""
+        """An over-budget level vector scaled down until it fits (:meth:`SearchSpace.repair` on this grid)."""
         levels = np.clip(np.asarray(levels, dtype=int), self.low, self.grid)
-        if self.space.is_feasible(self._plan(levels)):
-            return levels
-
-        def scaled(factor: float) -> np.ndarray:
-            return np.maximum(self.low, np.floor(levels * factor + 1e-9).astype(int))
-
-        low, high = 0.0, 1.0
-        for _ in range(_BISECTION_STEPS):
-            mid = (low + high) / 2.0
-            if self.space.is_feasible(self._plan(scaled(mid))):
-                low = mid
-            else:
-                high = mid
-        repaired = scaled(low)
-        return repaired if self.space.is_feasible(self._plan(repaired)) else self.low.copy()
+        return self._to_levels(self.space.repair(self._plan(levels), levels=self.grid))
 
     def _random_levels(self) -> np.ndarray:
         """A random feasible source: a :meth:`SearchSpace.sample` plan floored to the grid and repaired."""
