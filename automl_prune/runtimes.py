@@ -45,6 +45,7 @@ from torch import nn
 from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path
 from automl_prune.registry import Registry
+from automl_prune.threads import num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -147,14 +148,8 @@ class Runner:
         onnxruntime sessions own their thread pools (sized at creation); torch runtimes share
         torch's, so timing code runs them inside this block.
         """
-        previous = torch.get_num_threads()
-        if self.runtime != "onnxruntime" and previous != self.threads:
-            torch.set_num_threads(self.threads)
-        try:
+        with num_threads(self.threads if self.runtime != "onnxruntime" else None):
             yield self
-        finally:
-            if torch.get_num_threads() != previous:
-                torch.set_num_threads(previous)
 
     def close(self) -> None:
         """Release the runtime's resources; the runner is unusable afterwards."""

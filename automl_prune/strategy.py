@@ -260,11 +260,11 @@ STRATEGIES.register(
 STRATEGIES.register("ddpg", "automl_prune.agents.sb3:DDPGStrategy", "AMC: DDPG on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register("ppo", "automl_prune.agents.sb3:PPOStrategy", "PPO on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register(
-    "reinforce", "automl_prune.agents.policy_gradient:ReinforceStrategy", "N2N: LSTM policies trained with REINFORCE"
+    "reinforce", "automl_prune.agents.n2n:ReinforceStrategy", "N2N: LSTM policies trained with REINFORCE"
 )
 STRATEGIES.register(
     "skipnet",
-    "automl_prune.agents.policy_gradient:SkipNetStrategy",
+    "automl_prune.agents.skipnet:SkipNetStrategy",
     "SkipNet-style policy gradient over residual-block skip gates",
 )
 

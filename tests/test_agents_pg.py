@@ -15,12 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from automl_prune.agents.policy_gradient import (
-    ReinforceStrategy,
-    SkipNetStrategy,
-    block_embeddings,
-    group_embeddings,
-)
+from automl_prune.agents.n2n import ReinforceStrategy, block_embeddings, group_embeddings
+from automl_prune.agents.skipnet import SkipNetStrategy
 from automl_prune.data import load_dataset
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig

@@ -38,6 +38,7 @@ from torch import nn
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.runtimes import Runner, get_runtime, resolve_device
+from automl_prune.threads import check_threads, num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ MAX_RUNS_PER_ROUND = 500
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_threads(threads: int | None, *, allow_none: bool) -> None:
-    if threads is None and allow_none:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidValueError(f"threads must be an integer >= 1, got {threads!r}")
-
-
 def _check_count(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -92,31 +86,6 @@ def check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise InvalidValueError(f"input_shape must be a non-empty sequence of positive integers, got {input_shape!r}")
     return shape
-
-
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[int]:
-    """Pin torch's intra-op thread count to ``n`` inside the block, then restore it.
-
-    Args:
-        n: Number of threads (>= 1), or ``None`` to leave the current setting alone.
-
-    Yields:
-        The thread count in effect inside the block.
-
-    Raises:
-        InvalidValueError: If ``n`` is not ``None`` and not an integer >= 1.
-    """
-    _check_threads(n, allow_none=True)
-    previous = torch.get_num_threads()
-    if n is None or n == previous:
-        yield previous
-        return
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
@@ -321,7 +290,7 @@ def measure_latency(
         UnknownNameError: For an unknown runtime name.
     """
     resolve_device(device)
-    _check_threads(threads, allow_none=True)
+    check_threads(threads, allow_none=True)
     _check_count("warmup", warmup, 0)
     _check_count("runs", runs, 1)
     shape = check_shape(input_shape)
