@@ -10,11 +10,9 @@ line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,13 +162,6 @@ def _printed(args: argparse.Namespace, config: Any) -> bool:
     return False
 
 
-def _prepare_out(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise InvalidValueError(f"--out '{out}' exists and is not a directory; choose another path")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 # --------------------------------------------------------------------------- commands
 def cmd_list(args: argparse.Namespace) -> int:
     """List registered components of one kind."""
@@ -250,101 +241,40 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or load the cached) baseline and copy its checkpoint into --out."""
-    from automl_prune.baseline import copy_checkpoint, train_baseline
-    from automl_prune.config import check_names
-    from automl_prune.models import ModelSpec
-    from automl_prune.pipeline import cache_dir_of, compute_device, load_data, set_threads, train_config_of
+    from automl_prune.pipeline import train_checkpoint
 
     config = _resolve(args)
     if _printed(args, config):
         return 0
-    check_names(config)
-    set_threads(config)
-    data = load_data(config)
-    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
-    out = _prepare_out(Path(args.out))
-    start = time.perf_counter()
-    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config), compute_device(config))
-    copy_checkpoint(baseline.path, out / "model.pt")
-    meta = baseline.info.meta
+    done = train_checkpoint(config, args.out)
     _table(
-        f"baseline {spec.name} on {data.name}" + (" (cached)" if baseline.cached else ""),
+        f"baseline {done.model} on {done.dataset}" + (" (cached)" if done.cached else ""),
         ["model", "epochs", "val acc", "test acc", "seconds", "checkpoint"],
-        [
-            [
-                spec.name,
-                config.train.epochs,
-                meta["val_accuracy"],
-                meta["test_accuracy"],
-                time.perf_counter() - start,
-                str(out / "model.pt"),
-            ]
-        ],
+        [[done.model, config.train.epochs, done.val_accuracy, done.test_accuracy, done.seconds, str(done.path)]],
     )
     return 0
 
 
-def _read_plan(path: Path, graph: Any, point: int | None = None) -> Any:
-    """A plan file (``plan.json``, or one point of a ``pareto.json`` chosen with ``point``)."""
-    from automl_prune.pareto import plan_from_front
-    from automl_prune.types import Plan
-
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidValueError(f"plan file '{path}' does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise InvalidValueError(f"plan file '{path}' is not valid JSON: {exc}") from None
-    if isinstance(data, dict) and "points" in data:
-        plan = plan_from_front(data, point, str(path))
-    elif point is not None:
-        raise InvalidValueError(f"--point chooses a point of a Pareto front (pareto.json); '{path}' is a single plan")
-    else:
-        plan = Plan.from_dict(data)
-    graph.validate(plan)
-    return plan
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a dense checkpoint with a plan file, or uniformly to budget.flops."""
-    from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-    from automl_prune.criteria import CRITERIA
-    from automl_prune.graph import LayerGraph, count_cost
-    from automl_prune.io import write_json
-    from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import check_data_fits, check_dense, cut_plan, load_data, round_to_of
+    from automl_prune.pipeline import prune_checkpoint
 
     config = _resolve(args)
     if _printed(args, config):
         return 0
-    CRITERIA.get(config.prune.criterion)
-    model, info = load_checkpoint(args.checkpoint)
-    check_dense(info, args.checkpoint)
-    data = load_data(config)
-    check_data_fits(info, data, args.checkpoint)
-    graph = LayerGraph(model, info.example_inputs())
-    p = config.prune
-    round_to = round_to_of(config)
-    if args.plan:
-        plan = _read_plan(Path(args.plan), graph, args.point)
-    elif args.point is not None:
-        raise InvalidValueError("--point needs --plan PARETO.json (a run's pareto.json)")
-    elif config.budget.flops is not None and config.budget.flops <= 1:
-        plan = graph.uniform_plan(config.budget.flops, round_to=round_to)
-    else:
-        raise InvalidValueError("give --plan FILE, or --budget.flops FRACTION for a uniform plan")
-    pruned = cut_plan(config, model, info, plan, data, graph)
-    out = _prepare_out(Path(args.out))
-    meta = {**info.meta, "criterion": p.criterion}
-    save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta))
-    write_json(out / "plan.json", plan.to_dict())
-    cost = count_cost(pruned, info.example_inputs())
+    done = prune_checkpoint(config, args.checkpoint, args.out, args.plan, args.point)
     _table(
-        f"pruned with {p.criterion} -> {out / 'model.pt'}",
+        f"pruned with {done.criterion} -> {done.path}",
         ["model", "FLOPs", "params", "FLOPs ratio", "test acc"],
         [
-            ["dense", graph.flops, graph.params, 1.0, evaluate_accuracy(model, data.test)],
-            ["pruned", cost.flops, cost.params, cost.flops / graph.flops, evaluate_accuracy(pruned, data.test)],
+            ["dense", done.dense.flops, done.dense.params, 1.0, done.dense_test_accuracy],
+            [
+                "pruned",
+                done.pruned.flops,
+                done.pruned.params,
+                done.pruned.flops / done.dense.flops,
+                done.pruned_test_accuracy,
+            ],
         ],
     )
     return 0
@@ -352,53 +282,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a (pruned) checkpoint; keep the best epoch on search-val."""
-    from automl_prune.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-    from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.pipeline import check_data_fits, compute_device, finetune_config_of, load_data, set_threads
-    from automl_prune.training import train
+    from automl_prune.pipeline import finetune_checkpoint
 
     config = _resolve(args)
     if _printed(args, config):
         return 0
-    if config.finetune.epochs <= 0:
-        raise InvalidValueError("--finetune.epochs must be > 0 for the finetune command")
-    if config.finetune.distill_weight > 0 and args.teacher is None:
-        raise InvalidValueError(
-            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
-        )
-    set_threads(config)
-    model, info = load_checkpoint(args.checkpoint)
-    model = model.to(compute_device(config))
-    teacher = load_checkpoint(args.teacher)[0] if config.finetune.distill_weight > 0 else None
-    data = load_data(config)
-    check_data_fits(info, data, args.checkpoint)
-    before = evaluate_accuracy(model, data.test)
-    ft = finetune_config_of(config)
-    result = train(model, data, ft, description="fine-tune", teacher=teacher)
-    after = evaluate_accuracy(result.model, data.test)
-    out = _prepare_out(Path(args.out))
-    meta = {**info.meta, "finetune": {**ft.to_dict(), "test_before": before, "test_after": after}}
-    save_checkpoint(
-        out / "model.pt", result.model, CheckpointInfo(info.spec, info.input_shape, info.plan, info.round_to, meta)
-    )
+    done = finetune_checkpoint(config, args.checkpoint, args.out, args.teacher)
     _table(
         "fine-tune",
         ["test acc before", "test acc after", "best val acc", "checkpoint"],
-        [[before, after, result.val_accuracy, str(out / "model.pt")]],
+        [[done.test_before, done.test_after, done.best_val_accuracy, str(done.path)]],
     )
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint to checkpoint + TorchScript + ONNX and check ONNX against torch."""
-    import torch
+    from automl_prune.export import export_checkpoint
 
-    from automl_prune.checkpoint import load_checkpoint
-    from automl_prune.export import check_onnx, export_model
-
-    model, info = load_checkpoint(args.checkpoint)
-    paths = export_model(model, info, Path(args.out))
-    diff = check_onnx(model, paths.onnx, torch.randn(8, *info.input_shape[1:]))
+    paths, diff = export_checkpoint(args.checkpoint, args.out)
     _table(
         "export",
         ["format", "file"],
@@ -412,92 +314,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_input_shape(path: str) -> tuple[int, ...] | None:
-    """(C, H, W) of an ONNX model's input, when its non-batch dimensions are fixed."""
-    from automl_prune.runtimes import onnx_session
-
-    dims = onnx_session(path).get_inputs()[0].shape[1:]
-    return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
-
-
 def cmd_latency(args: argparse.Namespace) -> int:
     """Measure a model (checkpoint, zoo model or exported file) on a runtime; predict it where a latency table exists."""
-    import torch
+    from automl_prune.measure.latency_model import check_latency
 
-    from automl_prune.graph import LayerGraph
-    from automl_prune.measure.latency import measure_interleaved
-    from automl_prune.measure.latency_model import LatencyTable, calibrate
-    from automl_prune.models import build_model
-    from automl_prune.runtimes import check_runtime, runtime_for_file
-
-    threads = args.threads or torch.get_num_threads()
-    dense = info = None
-    if args.artifact:
-        if args.checkpoint or args.model or args.rebuild:
-            raise InvalidValueError(
-                "--artifact measures an exported file as is; give no --checkpoint, --model or --rebuild"
-            )
-        runtime = runtime_for_file(args.artifact)
-        if args.runtime and args.runtime != runtime.name:
-            raise InvalidValueError(f"'{args.artifact}' runs in {runtime.name}, not {args.runtime}; drop --runtime")
-        runtime.check(args.device)
-        sample = (args.in_channels, args.input_size, args.input_size)
-        if runtime.name == "onnxruntime":
-            sample = _onnx_input_shape(args.artifact) or sample
-        shape = (args.batch_size, *sample)
-        runners = {"model": runtime.open(args.artifact, shape, args.device, threads)}
-    else:
-        runtime = check_runtime(args.runtime or "onnxruntime", args.device)
+    model = x = info = None
+    if args.checkpoint or args.model or not args.artifact:
         model, x, info = _model_and_input(args)
-        shape = (args.batch_size, *x.shape[1:])
-        runners = {"model": runtime.compile(model, shape, args.device, threads)}
-        dense = build_model(info.spec).eval() if info is not None else model
-        if info is not None and info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
-            runners["dense"] = runtime.compile(dense, shape, args.device, threads)
-    try:
-        stats = measure_interleaved(runners, rounds=args.rounds, reference="dense" if "dense" in runners else None)
-    finally:
-        for runner in runners.values():
-            runner.close()
-    measured = stats["model"]
-    columns = ["runtime", "median ms", "p10", "p90", "runs", "noisy"]
-    row: list[object] = [runtime.name, measured.median_ms, measured.p10_ms, measured.p90_ms, measured.runs]
-    row.append(measured.note or "no")
-    if "dense" in stats:
-        columns.append("speed-up over dense")
-        row.append(f"x{stats['dense'].median_ms / measured.median_ms:.2f}")
-    if dense is not None:
-        graph = LayerGraph(dense, x)
-        table = LatencyTable(graph, runtime.name, args.device, threads, args.batch_size)
-        plan = info.plan if info is not None and info.plan is not None else None
-        fitted = None
-        if args.rebuild:
-            table.rebuild()
-            fitted = calibrate(dense, graph, table, plans=args.plans, round_to=info.round_to if info else 1)
-        elif len(table) >= 2 and table.dense_ms is not None:
-            reference = stats["dense"].median_ms if "dense" in stats else (measured.median_ms if plan is None else None)
-            fitted = table.fit(reference or table.dense_ms)
-        columns += ["predicted ms", "error"]
-        if fitted is not None:
-            from automl_prune.types import Plan
-
-            predicted = fitted.predict_ms(graph.layer_shapes(plan or Plan(), info.round_to if info else 1))
-            row += [predicted, f"{predicted / measured.median_ms - 1:+.1%}"]
-        else:
-            row += ["n/a", ""]
-    _table(
-        f"latency on {runtime.name}, {args.device}, batch {args.batch_size}, {threads} thread(s)",
-        columns,
-        [row],
+    done = check_latency(
+        model=model,
+        example=x,
+        info=info,
+        artifact=args.artifact,
+        runtime=args.runtime,
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        rebuild=args.rebuild,
+        plans=args.plans,
+        sample_shape=(args.in_channels, args.input_size, args.input_size),
     )
-    if dense is not None:
-        console = _console()
-        if fitted is not None:
-            console.print(f"{fitted.describe()}; table {table.path}")
-        else:
-            console.print(
-                f"no latency table for this architecture on {runtime.name} here; --rebuild measures one ({table.path})"
-            )
+    m = done.measured
+    columns = ["runtime", "median ms", "p10", "p90", "runs", "noisy"]
+    row: list[object] = [done.runtime, m.median_ms, m.p10_ms, m.p90_ms, m.runs, m.note or "no"]
+    if done.dense is not None:
+        columns.append("speed-up over dense")
+        row.append(f"x{done.dense.median_ms / m.median_ms:.2f}")
+    if done.note is not None:
+        columns += ["predicted ms", "error"]
+        predicted = done.predicted_ms
+        row += [predicted, f"{predicted / m.median_ms - 1:+.1%}"] if predicted is not None else ["n/a", ""]
+    _table(
+        f"latency on {done.runtime}, {args.device}, batch {args.batch_size}, {done.threads} thread(s)", columns, [row]
+    )
+    if done.note is not None:
+        _console().print(done.note)
     return 0
 
 

@@ -100,3 +100,16 @@ def export_model(
     paths = ExportPaths(out / f"{stem}.pt" if checkpoint else None, out / f"{stem}.ts", out / f"{stem}.onnx")
     logger.info("exported %s", ", ".join(str(p) for p in paths.__dict__.values() if p is not None))
     return paths
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> tuple[ExportPaths, float]:
+    """``automl-prune export``: a checkpoint exported to ``out`` (checkpoint, TorchScript, ONNX).
+
+    Returns:
+        (where each format was written, the max abs difference of ONNX to torch on 8 random inputs).
+    """
+    from automl_prune.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(checkpoint)
+    paths = export_model(model, info, Path(out))
+    return paths, check_onnx(model, paths.onnx, torch.randn(8, *info.input_shape[1:]))

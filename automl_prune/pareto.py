@@ -18,7 +18,7 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path, write_json
 from automl_prune.types import Evaluation, Plan
 
-__all__ = ["FRONT_FILE", "front", "pareto_indices", "pareto_pairs", "plan_from_front", "write_front"]
+__all__ = ["FRONT_FILE", "front", "pareto_indices", "pareto_pairs", "plan_from_front", "read_plan_file", "write_front"]
 
 FRONT_FILE = "pareto.json"
 _FORMAT = "automl-prune-pareto"
@@ -179,3 +179,25 @@ def plan_from_front(data: Any, point: int | None, source: str) -> Plan:
             f"--point {point} is not on the front in '{source}'; it has points 0..{len(points) - 1}"
         )
     return Plan.from_dict(points[point]["plan"])
+
+
+def read_plan_file(path: str | Path, point: int | None = None) -> Plan:
+    """A plan file: a run's ``plan.json`` (or any ``{"keep_ratios": ...}``), or one point of a ``pareto.json``.
+
+    Raises:
+        InvalidValueError: A missing or malformed file, or ``point`` given for a single plan.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidValueError(f"plan file '{path}' does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidValueError(f"plan file '{path}' is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and "points" in data:
+        return plan_from_front(data, point, str(path))
+    if point is not None:
+        raise InvalidValueError(f"--point chooses a point of a Pareto front (pareto.json); '{path}' is a single plan")
+    return Plan.from_dict(data)

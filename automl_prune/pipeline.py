@@ -200,11 +200,53 @@ def dense_model(config: Config, data: DataSplits) -> tuple[nn.Module, Checkpoint
         check_dense(info, path)
         check_data_fits(info, data, path)
         return model, info, path
-    spec = ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
+    spec = model_spec_of(config, data)
     if config.model.weights:
         return import_weights(spec, config.model.weights, data, cache_dir_of(config))
     baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config), compute_device(config))
     return baseline.model, baseline.info, baseline.path
+
+
+def model_spec_of(config: Config, data: DataSplits) -> ModelSpec:
+    """The dense model's spec: ``model.name`` and ``model.kwargs`` sized for ``data``."""
+    return ModelSpec(config.model.name, data.in_channels, data.num_classes, dict(config.model.kwargs))
+
+
+@dataclass
+class TrainedCheckpoint:
+    """What :func:`train_checkpoint` wrote and measured."""
+
+    path: Path
+    model: str
+    dataset: str
+    cached: bool
+    val_accuracy: float
+    test_accuracy: float
+    seconds: float
+
+
+def train_checkpoint(config: Config, out: str | Path) -> TrainedCheckpoint:
+    """``automl-prune train``: train (or load the cached) baseline and copy its checkpoint to ``out/model.pt``."""
+    import time
+
+    check_names(config)
+    set_threads(config)
+    data = load_data(config)
+    spec = model_spec_of(config, data)
+    out = output_dir(out)
+    start = time.perf_counter()
+    baseline = train_baseline(spec, data, train_config_of(config), cache_dir_of(config), compute_device(config))
+    copy_checkpoint(baseline.path, out / "model.pt")
+    meta = baseline.info.meta
+    return TrainedCheckpoint(
+        out / "model.pt",
+        spec.name,
+        data.name,
+        baseline.cached,
+        meta["val_accuracy"],
+        meta["test_accuracy"],
+        time.perf_counter() - start,
+    )
 
 
 def import_weights(
@@ -590,7 +632,6 @@ def prune_and_finetune(
         right after pruning, the search-val accuracy the search scored and the fine-tune settings).
     """
     from automl_prune.measure.accuracy import evaluate_accuracy
-    from automl_prune.training import train
 
     p = config.prune
     round_to = round_to_of(config)
@@ -614,11 +655,155 @@ def prune_and_finetune(
         meta["as_scored"] = False
     meta["test_accuracy_before_finetune"] = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     if config.finetune.epochs > 0:
-        ft = finetune_config_of(config)
-        result = train(pruned, data, ft, description="fine-tune", teacher=model if ft.distill_weight > 0 else None)
-        pruned = result.model
-        meta["finetune"] = {**ft.to_dict(), "best_val_accuracy": result.val_accuracy}
+        pruned, meta["finetune"] = finetune(config, pruned, data, teacher=model)
     return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta)
+
+
+def finetune(
+    config: Config, model: nn.Module, data: DataSplits, teacher: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune ``model`` with the ``finetune`` section, distilling from ``teacher`` when ``distill_weight`` > 0.
+
+    Returns:
+        (the model of the best epoch on search-val, the settings and that best search-val accuracy).
+
+    Raises:
+        InvalidValueError: Distillation asked for without a teacher.
+    """
+    from automl_prune.training import train
+
+    ft = finetune_config_of(config)
+    if ft.distill_weight > 0 and teacher is None:
+        raise InvalidValueError(
+            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
+        )
+    result = train(model, data, ft, description="fine-tune", teacher=teacher if ft.distill_weight > 0 else None)
+    return result.model, {**ft.to_dict(), "best_val_accuracy": result.val_accuracy}
+
+
+def output_dir(out: str | Path) -> Path:
+    """``out`` as a directory, created if needed.
+
+    Raises:
+        InvalidValueError: ``out`` exists and is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InvalidValueError(f"--out '{out}' exists and is not a directory; choose another path")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class PrunedCheckpoint:
+    """What :func:`prune_checkpoint` wrote and measured."""
+
+    path: Path
+    plan: Plan
+    criterion: str
+    dense: Any  # graph.Cost
+    pruned: Any  # graph.Cost
+    dense_test_accuracy: float
+    pruned_test_accuracy: float
+
+
+def prune_checkpoint(
+    config: Config,
+    checkpoint: str | Path,
+    out: str | Path,
+    plan_file: str | Path | None = None,
+    point: int | None = None,
+) -> PrunedCheckpoint:
+    """``automl-prune prune``: cut a plan file's plan (or the uniform plan for ``budget.flops``) out of a dense checkpoint.
+
+    Writes ``model.pt`` and ``plan.json`` into ``out`` only once the pruned model has run a
+    forward pass.
+
+    Raises:
+        InvalidValueError: A pruned checkpoint, a plan for another model, no plan and no FLOPs
+            fraction, or a plan that cannot be cut (nothing is written).
+    """
+    from automl_prune.checkpoint import save_checkpoint
+    from automl_prune.criteria import CRITERIA
+    from automl_prune.graph import LayerGraph, count_cost
+    from automl_prune.measure.accuracy import evaluate_accuracy
+    from automl_prune.pareto import read_plan_file
+
+    CRITERIA.get(config.prune.criterion)
+    model, info = load_checkpoint(checkpoint)
+    check_dense(info, checkpoint)
+    data = load_data(config)
+    check_data_fits(info, data, checkpoint)
+    graph = LayerGraph(model, info.example_inputs())
+    round_to = round_to_of(config)
+    if plan_file is not None:
+        plan = read_plan_file(plan_file, point)
+        graph.validate(plan)
+    elif point is not None:
+        raise InvalidValueError("--point needs --plan PARETO.json (a run's pareto.json)")
+    elif config.budget.flops is not None and config.budget.flops <= 1:
+        plan = graph.uniform_plan(config.budget.flops, round_to=round_to)
+    else:
+        raise InvalidValueError("give --plan FILE, or --budget.flops FRACTION for a uniform plan")
+    pruned = cut_plan(config, model, info, plan, data, graph)
+    out = output_dir(out)
+    meta = {**info.meta, "criterion": config.prune.criterion}
+    save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta))
+    write_json(out / "plan.json", plan.to_dict())
+    return PrunedCheckpoint(
+        out / "model.pt",
+        plan,
+        config.prune.criterion,
+        count_cost(model, info.example_inputs()),
+        count_cost(pruned, info.example_inputs()),
+        evaluate_accuracy(model, data.test),
+        evaluate_accuracy(pruned, data.test),
+    )
+
+
+@dataclass
+class FinetunedCheckpoint:
+    """What :func:`finetune_checkpoint` wrote and measured."""
+
+    path: Path
+    test_before: float
+    test_after: float
+    best_val_accuracy: float
+
+
+def finetune_checkpoint(
+    config: Config, checkpoint: str | Path, out: str | Path, teacher: str | Path | None = None
+) -> FinetunedCheckpoint:
+    """``automl-prune finetune``: fine-tune a (pruned) checkpoint, keeping the best epoch on search-val.
+
+    Raises:
+        InvalidValueError: ``finetune.epochs`` not positive, distillation without a teacher, or
+            data that does not fit the checkpoint.
+    """
+    from automl_prune.checkpoint import save_checkpoint
+    from automl_prune.measure.accuracy import evaluate_accuracy
+
+    if config.finetune.epochs <= 0:
+        raise InvalidValueError("--finetune.epochs must be > 0 for the finetune command")
+    if config.finetune.distill_weight > 0 and teacher is None:
+        raise InvalidValueError(
+            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
+        )
+    set_threads(config)
+    model, info = load_checkpoint(checkpoint)
+    model = model.to(compute_device(config))
+    dense = load_checkpoint(teacher)[0] if teacher is not None and config.finetune.distill_weight > 0 else None
+    data = load_data(config)
+    check_data_fits(info, data, checkpoint)
+    before = evaluate_accuracy(model, data.test)
+    tuned, settings = finetune(config, model, data, teacher=dense)
+    after = evaluate_accuracy(tuned, data.test)
+    out = output_dir(out)
+    meta = {**info.meta, "finetune": {**settings, "test_before": before, "test_after": after}}
+    save_checkpoint(
+        out / "model.pt", tuned, CheckpointInfo(info.spec, info.input_shape, info.plan, info.round_to, meta)
+    )
+    return FinetunedCheckpoint(out / "model.pt", before, after, settings["best_val_accuracy"])
 
 
 @dataclass

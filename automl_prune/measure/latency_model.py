@@ -57,7 +57,16 @@ from automl_prune.types import Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FEATURE_SETS", "LatencyModel", "LatencyTable", "Measured", "calibrate", "calibration_plans"]
+__all__ = [
+    "FEATURE_SETS",
+    "LatencyCheck",
+    "LatencyModel",
+    "LatencyTable",
+    "Measured",
+    "calibrate",
+    "calibration_plans",
+    "check_latency",
+]
 
 _FORMAT = "automl-prune-latency-table"
 _VERSION = 2
@@ -616,3 +625,125 @@ def calibrate(
         table.save()
     logger.info("%s", fitted.describe())
     return fitted
+
+
+@dataclasses.dataclass
+class LatencyCheck:
+    """What :func:`check_latency` measured (and predicted).
+
+    Attributes:
+        runtime: Runtime name.
+        threads: Intra-op threads.
+        measured: The model's latency.
+        dense: Its dense architecture's latency, measured interleaved (pruned checkpoints only).
+        predicted_ms: The latency model's prediction (None without a latency table here).
+        note: The fitted model's description, or how to measure a table; None for a bare artifact.
+    """
+
+    runtime: str
+    threads: int
+    measured: Any
+    dense: Any = None
+    predicted_ms: float | None = None
+    note: str | None = None
+
+
+def _onnx_input_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """(C, H, W) of an ONNX model's input, when its non-batch dimensions are fixed."""
+    from automl_prune.runtimes import onnx_session
+
+    dims = onnx_session(path).get_inputs()[0].shape[1:]
+    return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
+
+
+def check_latency(
+    *,
+    model: nn.Module | None = None,
+    example: torch.Tensor | None = None,
+    info: Any = None,
+    artifact: str | os.PathLike[str] | None = None,
+    runtime: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    batch_size: int = 1,
+    rounds: int = 5,
+    rebuild: bool = False,
+    plans: int = 24,
+    sample_shape: tuple[int, ...] = (3, 32, 32),
+) -> LatencyCheck:
+    """``automl-prune latency``: measure a model (or an exported file) on a runtime, and predict it.
+
+    A pruned checkpoint (``info`` with a plan) is measured interleaved with its dense
+    architecture (the speed-up); a model with a latency table for its architecture on this
+    machine also gets the latency model's prediction (``rebuild`` measures the table again).
+
+    Args:
+        model: The model (with ``example`` inputs); or give ``artifact``.
+        example: An input batch for ``model``.
+        info: ``model``'s checkpoint info, if it came from one.
+        artifact: An exported file, measured as is in the runtime its suffix names.
+        runtime: Runtime name (default onnxruntime; for an artifact, must match its suffix).
+        device: Device to run on.
+        threads: Intra-op threads (default torch's setting).
+        batch_size: Batch size.
+        rounds: Interleaved measurement rounds.
+        rebuild: Measure the architecture's latency table again and fit on it.
+        plans: Plans measured to calibrate when rebuilding.
+        sample_shape: (C, H, W) of an artifact whose input shape is not fixed in the file.
+
+    Raises:
+        InvalidValueError: Conflicting inputs, or a runtime that does not match the artifact.
+    """
+    from automl_prune.measure.latency import measure_interleaved
+    from automl_prune.models import build_model
+    from automl_prune.runtimes import check_runtime, runtime_for_file
+
+    threads = threads or torch.get_num_threads()
+    if artifact is not None:
+        if model is not None or rebuild:
+            raise InvalidValueError(
+                "--artifact measures an exported file as is; give no --checkpoint, --model or --rebuild"
+            )
+        rt = runtime_for_file(artifact)
+        if runtime and runtime != rt.name:
+            raise InvalidValueError(f"'{artifact}' runs in {rt.name}, not {runtime}; drop --runtime")
+        rt.check(device)
+        sample = (_onnx_input_shape(artifact) if rt.name == "onnxruntime" else None) or sample_shape
+        shape = (batch_size, *sample)
+        runners = {"model": rt.open(artifact, shape, device, threads)}
+        dense = None
+    else:
+        if model is None or example is None:
+            raise InvalidValueError("give --checkpoint FILE or --model NAME (or --artifact FILE)")
+        rt = check_runtime(runtime or "onnxruntime", device)
+        shape = (batch_size, *example.shape[1:])
+        runners = {"model": rt.compile(model, shape, device, threads)}
+        dense = build_model(info.spec).eval() if info is not None else model
+        if info is not None and info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
+            runners["dense"] = rt.compile(dense, shape, device, threads)
+    try:
+        stats = measure_interleaved(runners, rounds=rounds, reference="dense" if "dense" in runners else None)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    check = LatencyCheck(rt.name, threads, stats["model"], stats.get("dense"))
+    if dense is None:
+        return check
+    graph = LayerGraph(dense, example[:1])
+    table = LatencyTable(graph, rt.name, device, threads, batch_size)
+    plan = info.plan if info is not None and info.plan is not None else None
+    round_to = info.round_to if info is not None else 1
+    fitted = None
+    if rebuild:
+        table.rebuild()
+        fitted = calibrate(dense, graph, table, plans=plans, round_to=round_to)
+    elif len(table) >= 2 and table.dense_ms is not None:
+        measured_dense = check.dense.median_ms if check.dense is not None else None
+        reference = measured_dense or (check.measured.median_ms if plan is None else None)
+        fitted = table.fit(reference or table.dense_ms)
+    if fitted is None:
+        check.note = f"no latency table for this architecture on {rt.name} here; --rebuild measures one ({table.path})"
+        return check
+    check.predicted_ms = fitted.predict_ms(graph.layer_shapes(plan or Plan(), round_to))
+    check.note = f"{fitted.describe()}; table {table.path}"
+    return check
