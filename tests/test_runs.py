@@ -152,3 +152,63 @@ def test_one_writer_per_run_directory(tmp_path: Path) -> None:
     time.sleep(0.1)
     assert RunDirectory(run, {"seed": 0}).config == {"seed": 0}
     assert RunDirectory(run, resume=True).config == {"seed": 0}  # re-entrant within one process
+
+
+@pytest.fixture(scope="module")
+def digits_resnet():
+    """resnet20 (skippable residual blocks, 12 groups) trained briefly on the real digits set."""
+    from automl_prune.data import load_dataset
+    from automl_prune.evaluator import EvaluatorConfig
+    from automl_prune.models import ModelSpec, build_model
+    from automl_prune.training import TrainConfig, train
+
+    data = load_dataset("digits")
+    model = train(build_model(ModelSpec("resnet20", 1, 10)), data, TrainConfig(epochs=4, batch_size=32, seed=0)).model
+    return model, data, EvaluatorConfig(eval_size=200, recalibration_batches=1, round_to=1)
+
+
+def _fresh(digits_resnet):
+    from automl_prune.evaluator import Evaluator
+    from automl_prune.search_spaces import SearchSpace
+    from automl_prune.types import Budget
+
+    model, data, config = digits_resnet
+    evaluator = Evaluator(model, data, Budget(flops=0.5), config)
+    return evaluator, SearchSpace(evaluator, skip_gates=True)
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised by a callback to interrupt a search (as Ctrl-C would)."""
+
+
+@pytest.mark.parametrize(
+    "name", ["uniform", "global", "random", "abc", "optuna", "ddpg", "ppo", "reinforce", "skipnet"]
+)
+def test_every_strategy_resumes_its_own_trajectory(digits_resnet, name: str) -> None:
+    """Interrupted after 5 of 12 evaluations (the only one, for one-plan strategies) and resumed from the logged ones (as `--resume` does), every
+    strategy makes the plans the uninterrupted search makes, and scores none of the logged ones again."""
+    from automl_prune.strategy import get_strategy
+
+    total = 12
+    evaluator, space = _fresh(digits_resnet)
+    reference = get_strategy(name).search(evaluator, space, total, seed=3)
+    cut = min(5, reference.evaluations)  # uniform and global make one evaluation
+
+    logged = []
+
+    def log_then_stop(session, plan, evaluation) -> None:
+        logged.append((plan, evaluation))
+        if len(logged) == cut:
+            raise _Stop
+
+    evaluator, space = _fresh(digits_resnet)
+    with pytest.raises(_Stop):
+        get_strategy(name).search(evaluator, space, total, seed=3, callbacks=[log_then_stop])
+    evaluator, space = _fresh(digits_resnet)
+    for plan, evaluation in logged:
+        evaluator.preload(plan, evaluation)
+    resumed = get_strategy(name).search(evaluator, space, total, seed=3)
+    assert [p for p, _ in resumed.history] == [p for p, _ in reference.history]
+    assert [e.accuracy for _, e in resumed.history] == [e.accuracy for _, e in reference.history]
+    fresh = sum(not e.cached for _, e in resumed.history)
+    assert fresh == sum(not e.cached for _, e in reference.history[cut:])  # the logged ones came from the log
