@@ -215,3 +215,34 @@ def test_the_space_steps_in_the_runtimes_channel_multiple(trained_resnet20, fash
             assert round(width) % multiple == 0 or round(width) == group.channels
         assert graph.kept_channels(plan, 16) == graph.kept_channels(plan, 1)  # nothing is rounded later
     assert list(space.min_keep[:1]) == [0.5]  # 16 channels: the smallest width is one multiple of 8
+
+
+def test_amc_observations_equal_hand_computed_values(cnn_evaluator) -> None:
+    """fashion_cnn on 1x28x28: conv 1->32 (28x28), conv 32->64 (14x14), conv 64->128 (7x7), linear 128->10."""
+    conv = [9 * 1 * 32 * 28 * 28, 9 * 32 * 64 * 14 * 14, 9 * 64 * 128 * 7 * 7]
+    fc = 128 * 10
+    dense = sum(conv) + fc
+    touched = [conv[0] + conv[1], conv[1] + conv[2], conv[2] + fc]  # each group's FLOPs: its conv and its consumer
+    env = gymnasium.make("LayerPrune-v0", space=SearchSpace(cnn_evaluator)).unwrapped
+    obs, _ = env.reset(seed=0)
+    # index, kind (conv 0), in/max 64, out/max 128, stride, kernel, feature map/max 28, FLOPs/max; reduced, rest, prev
+    expected = [0, 0, 1 / 64, 32 / 128, 1, 1, 28 / 28, touched[0] / max(touched), 0, (dense - conv[0]) / dense, 1]
+    np.testing.assert_allclose(obs, expected, rtol=1e-6, atol=1e-7)
+    keep = env.space.snap(0.5, 0)  # an action that keeps 16 of 32 (inside AMC's feasible interval here)
+    obs, reward, done, _, info = env.step(np.array([env.space.keep_to_action(keep, 0)], dtype=np.float32))
+    assert info["keep"] == pytest.approx(0.5) and not done and reward == 0.0
+    reduced = (conv[0] / 2 + conv[1] / 2) / dense  # half of conv 1's filters and half of conv 2's inputs
+    expected = [
+        1 / 2,
+        0,
+        32 / 64,
+        64 / 128,
+        1,
+        1,
+        14 / 28,
+        touched[1] / max(touched),
+        reduced,
+        (conv[2] + fc) / dense,
+        0.5,
+    ]
+    np.testing.assert_allclose(obs, expected, rtol=1e-6, atol=1e-7)

@@ -2,8 +2,9 @@
 
 One episode walks the prunable groups in forward order. The observation is the group's
 normalised embedding (AMC, He et al. ECCV 2018): index, layer type, input and output
-channels, stride, kernel size, input feature-map size, FLOPs, FLOPs reduced so far, FLOPs
-remaining after this group, and the previous action. The action, in ``Box(-1, 1, (1,))``, is mapped to a keep
+channels, stride, kernel size, input feature-map size, FLOPs, the share of the dense FLOPs the
+decisions so far removed, the share in the layers after this group's root layer, and the
+previous action (the last keep ratio). The action, in ``Box(-1, 1, (1,))``, is mapped to a keep
 ratio by the search space and clipped into its budget-feasible interval, so every
 episode ends inside the budget. The reward is 0 until the last step, then the evaluated
 plan's reward; ``info`` carries the plan and the :class:`~automl_prune.types.Evaluation`.
@@ -81,6 +82,11 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         self.observation_space = gym.spaces.Box(0.0, 1.0, (len(OBS_FEATURES),), dtype=np.float32)
         self._static = group_embeddings(space)
         self._dense_flops = float(space.graph.flops)
+        names = list(space.graph.layers)
+        after = np.cumsum([info.flops for info in space.graph.layers.values()][::-1])[::-1]  # from each layer on
+        after = np.append(after, 0.0)
+        # AMC's "rest": FLOPs of the layers after the group's root layer, over the dense model's
+        self._rest = [float(after[names.index(g.root.name) + 1]) / self._dense_flops for g in space.graph.groups]
         self._decided: list[float] = []
         self._last_action = 1.0
         self.last_plan: Plan | None = None
@@ -92,8 +98,7 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         row = self._static[min(index, n - 1)]
         decided = self.space.plan_from_keeps(self._decided + [1.0] * (n - index))
         reduced = 1.0 - self.space.evaluator.cost(decided).flops / self._dense_flops
-        rest_groups = self.space.graph.groups[index + 1 :]
-        rest = sum(g.flops for g in rest_groups) / max(1.0, sum(g.flops for g in self.space.graph.groups))
+        rest = self._rest[index] if index < n else 0.0
         obs = np.concatenate([row, [reduced, rest, self._last_action]]).astype(np.float32)
         return np.clip(obs, 0.0, 1.0)
 
