@@ -178,9 +178,11 @@ def test_optuna_mechanics_and_determinism(evaluator, space, sampler) -> None:
 
 
 def test_optuna_nsga2_keeps_a_pareto_front(evaluator, space) -> None:
-    strategy = OptunaStrategy("nsga2", batch_size=3)
-    result = strategy.search(evaluator, space, 6, seed=0)
-    check_history(result, space, 6)
+    strategy = OptunaStrategy("nsga2", batch_size=4, sampler_kwargs={"population_size": 4})
+    result = strategy.search(evaluator, space, 12, seed=0)
+    check_history(result, space, 12)
+    generations = [t.system_attrs.get("NSGAIISampler:generation") for t in strategy.study.trials]
+    assert max(g for g in generations if g is not None) >= 2  # bred past the random first generation
     front = strategy.pareto_front
     assert front and front == pareto_pairs(result.history)
     points = [(e.accuracy, e.flops) for _, e in result.history]
