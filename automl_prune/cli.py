@@ -62,7 +62,7 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``."""
 
     def parse(text: str) -> int:
@@ -77,7 +77,7 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-_positive_int = _int_at_least(1)
+_positive_int = int_at_least(1)
 
 _CFG = "cfg:"
 """Prefix of the argparse destinations that hold config flags (``--budget.flops`` -> ``cfg:budget.flops``)."""
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan JSON ({'keep_ratios': {group: keep}}): a run's plan.json, or its pareto.json with --point",
     )
     p.add_argument(
-        "--point", type=_int_at_least(0), default=None, help="the point of a pareto.json to prune (0 = cheapest)"
+        "--point", type=int_at_least(0), default=None, help="the point of a pareto.json to prune (0 = cheapest)"
     )
     _add_config_flags(
         p,
@@ -612,13 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads [torch's]")
-    p.add_argument("--rounds", type=_int_at_least(2), default=5, help="interleaved measurement rounds [5]")
+    p.add_argument("--rounds", type=int_at_least(2), default=5, help="interleaved measurement rounds [5]")
     p.add_argument(
         "--rebuild",
         action="store_true",
         help="measure the architecture's latency table again (e.g. after noisy measurements) and refit",
     )
-    p.add_argument("--plans", type=_int_at_least(3), default=24, help="plans measured by --rebuild [24]")
+    p.add_argument("--plans", type=int_at_least(3), default=24, help="plans measured by --rebuild [24]")
     p.set_defaults(func=cmd_latency)
 
     p = command("report", "measure a finished run again and rewrite report.md / report.json")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from automl_prune.cli import int_at_least
 from automl_prune.data import DataSplits, load_dataset
 from automl_prune.evaluator import EvaluatorConfig
 from automl_prune.measure.latency import cpu_model_name as cpu_model
@@ -106,18 +107,3 @@ def setup_logging(verbose: bool, quiet: tuple[str, ...] = ()) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
-
-    return parse

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from _common import cpu_model, csv_list, epochs_per_model, load_average, load_splits, setup_logging
+from _common import cpu_model, csv_ints, csv_list, epochs_per_model, load_average, load_splits, setup_logging
 
 from automl_prune.baseline import train_baseline
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
@@ -39,10 +39,6 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in csv_list(text)]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in csv_list(text)]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=csv_list, default=["fashion_cnn"], help="comma-separated model names")
@@ -52,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--weight", type=float, default=0.5, help="distillation weight w")
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tune peak learning rate (cosine)")
-    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="fine-tune seeds (batch order)")
+    p.add_argument("--seeds", type=csv_ints, default=[0, 1, 2], help="fine-tune seeds (batch order)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--train-size", type=int, default=55000)
     p.add_argument("--val-size", type=int, default=5000)

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
-from _common import cpu_model
+from _common import cpu_model, csv_ints
 
 from automl_prune.baseline import train_baseline
 from automl_prune.data import load_dataset
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--model", default="fashion_cnn")
     parser.add_argument("--evaluations", type=int, default=24)
     parser.add_argument("--eval-size", type=int, default=2000)
-    parser.add_argument("--workers", default="1,2", help="worker counts to measure")
+    parser.add_argument("--workers", type=csv_ints, default=[1, 2], help="worker counts to measure (comma-separated)")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -52,7 +52,7 @@ def main() -> None:
         rows.append((f"serial, {threads} torch thread(s)", args.evaluations / (time.perf_counter() - start)))
     torch.set_num_threads(1)
     per_worker = {}
-    for workers in [int(w) for w in args.workers.split(",")]:
+    for workers in args.workers:
         with RayEvaluatorPool(spec_for(evaluator, spec, "fashion-mnist"), workers=workers) as pool:
             pool.evaluate_many([space.plan_from_keeps([1.0] * space.dim)] * workers)  # warm the workers up
             evaluator.clear_cache()

@@ -98,7 +98,10 @@ def test_calibrate_measures_caches_and_predicts_in_order(
     stored = json.loads(table.path.read_text())
     assert len(stored["entries"]) + table.noisy_count >= 6 and stored["dense_ms"] == pytest.approx(table.dense_ms)
     smallest = calibration_plans(graph, 6, round_to=8)[0]  # the min-keep plan: 10x fewer FLOPs
-    assert stored["entries"][table.key(smallest)]["ratio"] < 0.9
+    entry = stored["entries"].get(table.key(smallest))
+    assert entry is not None or table.noisy_count > 0  # a noisy measurement is used but not stored
+    if entry is not None:
+        assert entry["ratio"] < 0.9
     # predictions grow with the kept channels (non-negative weights on growing features)
     names = graph.group_names()
     predicted = [fitted.predict_ms(graph.layer_shapes(Plan.uniform(names, k), 8)) for k in (0.25, 0.5, 0.75, 1.0)]

@@ -97,12 +97,13 @@ def test_two_node_cluster_on_loopback_runs_evaluations_on_both_nodes(digits_prob
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         with RayEvaluatorPool(spec_for(evaluator, spec, "digits"), workers=2, address=cluster.address) as remote:
+            assert len(remote.worker_pids()) == 2  # both up before the search, so both get plans
+            assert len(set(remote.worker_nodes())) == 2  # one CPU per node: each worker on its own node
             result = get_strategy("random", batch_size=2).search(
                 evaluator, space, 4, seed=4, evaluate_many=remote.evaluate_many
             )
-            nodes = {p.node for p in remote.placements}
         assert result.evaluations == 4 and all(e.feasible for _, e in result.history)
-        assert len(nodes) == 2
+        assert {p.node for p in remote.placements} <= set(remote.worker_nodes())
     finally:
         ray.shutdown()
         cluster.shutdown()
