@@ -811,7 +811,7 @@ class JobResult:
     """What :func:`run_job` produced."""
 
     run_dir: Path
-    search: SearchOutcome
+    search: SearchOutcome | None  # None when the run was already complete
     report: dict[str, Any] | None
 
 
@@ -828,6 +828,14 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
     from automl_prune.run_report import write_run_report
 
     preflight(config)
+    if not config.search.only and run.complete():
+        import json
+
+        stage(
+            f"{run.path} holds a finished run: nothing to redo (`automl-prune report --run {run.path}` measures it "
+            "again; `--overwrite` starts afresh)"
+        )
+        return JobResult(run.path, None, json.loads((run.path / "report.json").read_text()))
     set_threads(config)
     seed_everything(config.seed)
     total = 3 if config.search.only else 5

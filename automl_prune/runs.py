@@ -76,6 +76,9 @@ def lock_run_dir(path: Path) -> None:
     _HELD[key] = fd
 
 
+COMPLETE = ("plan.json", "result.json", "model.pt", "model.ts", "model.onnx", "report.json", "report.md")
+"""The files a finished main job leaves (the report is written last)."""
+
 OUTPUTS = (
     LOG,
     "plan.json",
@@ -229,6 +232,10 @@ class RunDirectory:
     def _holds_results(self) -> bool:
         """Whether the directory holds any evaluation or output of a run."""
         return bool(self._read_log()) or any((self.path / name).exists() for name in OUTPUTS if name != LOG)
+
+    def complete(self) -> bool:
+        """Whether every stage of the main job has finished here (the report and the exported model are written)."""
+        return all((self.path / name).is_file() for name in COMPLETE)
 
     def logged(self) -> list[tuple[Plan, Evaluation]]:
         """The (plan, evaluation) pairs in the log, as it is on disk now."""

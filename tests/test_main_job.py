@@ -161,6 +161,14 @@ def test_report_command_remeasures_a_finished_run(smoke: tuple[Path, str, str]) 
     assert after["layers"] == before["layers"]
 
 
+def test_resuming_a_finished_run_redoes_nothing(smoke: tuple[Path, str, str]) -> None:
+    out, _, _ = smoke
+    stamps = {name: (out / name).stat().st_mtime_ns for name in OUTPUTS}
+    proc = cli("search", "--resume", str(out))
+    assert "holds a finished run: nothing to redo" in proc.stdout and "budget FLOPs: met" in proc.stdout
+    assert {name: (out / name).stat().st_mtime_ns for name in OUTPUTS} == stamps  # not a file rewritten
+
+
 @pytest.mark.slow
 def test_the_stored_config_reproduces_the_search(smoke: tuple[Path, str, str], tmp_path: Path) -> None:
     out, _, _ = smoke
