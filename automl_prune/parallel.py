@@ -289,6 +289,7 @@ class RayEvaluatorPool:
         self._pings: dict[Any, int] = {a.ready.remote(): i for i, a in enumerate(self._actors)}
         self._repings: dict[int, float] = {}  # worker -> when to ask again whether it is back
         self._last_alive = time.monotonic()
+        self._next = 0  # where the search for a free worker starts (spreads single plans over the workers)
         self.placements: list[Placement] = []
         self.stats = PoolStats()
 
@@ -390,13 +391,15 @@ class RayEvaluatorPool:
                 where[i] = Placement(worker, "", attempts[i])
 
         while queue or running:
-            for worker, state in enumerate(self._state):
-                if state == _IDLE and queue:
+            for k in range(self.workers):  # free workers in turn, starting after the last one given a plan
+                worker = (self._next + k) % self.workers
+                if self._state[worker] == _IDLE and queue:
                     i = queue.popleft()
                     attempts[i] += 1
                     ref = self._actors[worker].evaluate.remote(plans[i].to_dict())
                     running[ref] = (i, worker, time.monotonic())
                     self._state[worker] = _BUSY
+                    self._next = worker + 1
             for ref in self._wait(list(running)):
                 i, worker, _ = running.pop(ref)
                 try:
