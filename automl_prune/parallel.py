@@ -167,9 +167,34 @@ class PoolStats:
         return dataclasses.asdict(self)
 
 
+def probe_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail at once when nothing listens at ``address`` (``HOST:PORT``; ``auto`` and ``ray://`` are left to Ray).
+
+    Run before any data is loaded or any model trained, so a mistyped address costs seconds.
+
+    Raises:
+        AutomlPruneError: The port refuses the connection or does not answer within ``timeout``.
+    """
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise AutomlPruneError(
+            f"cannot reach the Ray cluster at '{address}' ({reason}); check --parallel.ray_address"
+        ) from None
+
+
 def connect_ray(address: str, timeout: float = 15.0) -> None:
     """Join the Ray cluster at ``address``, or fail within ``timeout`` seconds with one clear error."""
     import ray
+
+    probe_ray_address(address)
 
     errors: list[BaseException] = []
 

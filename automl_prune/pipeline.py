@@ -163,6 +163,7 @@ def preflight(config: Config) -> None:
         UnknownNameError: A strategy, reward, criterion or dataset name is unknown.
         InvalidValueError: ``budget.device`` is cuda on a machine without CUDA, or the
             runtime cannot run there (not installed, no CUDA provider).
+        AutomlPruneError: Nothing listens at ``parallel.ray_address``.
     """
     from automl_prune.runtimes import check_runtime
 
@@ -172,6 +173,10 @@ def preflight(config: Config) -> None:
             "budget.device is cuda but CUDA is not available here; use --budget.device cpu or run on a GPU machine"
         )
     check_runtime(config.budget.runtime, config.budget.device)
+    if config.parallel.ray_address:
+        from automl_prune.parallel import probe_ray_address
+
+        probe_ray_address(config.parallel.ray_address)
 
 
 # --------------------------------------------------------------------------- stages

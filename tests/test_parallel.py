@@ -130,7 +130,7 @@ def test_cli_search_on_a_cluster_survives_losing_a_node(tmp_path) -> None:
         second = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "run"
-        args = ["search", "--search.strategy", "random", *DIGITS_QUICK, "--search.evaluations", "40"]
+        args = ["search", "--search.strategy", "random", *DIGITS_QUICK, "--search.evaluations", "30"]
         args += [
             "--prune.round_to",
             "1",
@@ -169,7 +169,7 @@ def test_cli_search_on_a_cluster_survives_losing_a_node(tmp_path) -> None:
         assert proc.returncode == 0, stderr
         assert time.monotonic() - killed_at < 240  # no hang
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        assert [r["index"] for r in records] == list(range(1, 41))
+        assert [r["index"] for r in records] == list(range(1, 31))
         assert all(not r["evaluation"]["reason"].startswith("failed") for r in records)
         fresh = [r for r in records if r["node"] != "cache"]
         assert len({r["node"] for r in fresh[:6]}) == 2  # both nodes worked before the loss
@@ -207,4 +207,5 @@ def test_unreachable_cluster_is_a_clear_error_within_seconds(tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert f"cannot reach the Ray cluster at '127.0.0.1:{port}'" in proc.stderr
-    assert time.perf_counter() - start < 60
+    assert time.perf_counter() - start < 30  # refused before any data is loaded or model trained
+    assert not (tmp_path / "r").exists()  # nothing written
