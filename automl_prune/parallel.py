@@ -181,8 +181,7 @@ def probe_ray_address(address: str, timeout: float = 3.0) -> None:
     if address == "auto" or "://" in address or not sep or not port.isdigit():
         return
     try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            pass
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise AutomlPruneError(
@@ -311,8 +310,10 @@ class RayEvaluatorPool:
         self._nodes = [""] * workers
         self._pids = [0] * workers
         self._deaths = [0] * workers
-        self._pings: dict[Any, int] = {a.ready.remote(): i for i, a in enumerate(self._actors)}
+        self._pings: dict[Any, int] = {}  # a ready() call out to a worker -> the worker
         self._repings: dict[int, float] = {}  # worker -> when to ask again whether it is back
+        for worker in range(workers):
+            self._ping(worker)
         self._last_alive = time.monotonic()
         self._next = 0  # where the search for a free worker starts (spreads single plans over the workers)
         self.placements: list[Placement] = []

@@ -730,7 +730,7 @@ def prune_checkpoint(
     """
     from automl_prune.checkpoint import save_checkpoint
     from automl_prune.criteria import CRITERIA
-    from automl_prune.graph import LayerGraph, count_cost
+    from automl_prune.graph import Cost, LayerGraph, count_cost
     from automl_prune.measure.accuracy import evaluate_accuracy
     from automl_prune.pareto import read_plan_file
 
@@ -759,7 +759,7 @@ def prune_checkpoint(
         out / "model.pt",
         plan,
         config.prune.criterion,
-        count_cost(model, info.example_inputs()),
+        Cost(graph.flops, graph.params),
         count_cost(pruned, info.example_inputs()),
         evaluate_accuracy(model, data.test),
         evaluate_accuracy(pruned, data.test),
@@ -790,10 +790,6 @@ def finetune_checkpoint(
 
     if config.finetune.epochs <= 0:
         raise InvalidValueError("--finetune.epochs must be > 0 for the finetune command")
-    if config.finetune.distill_weight > 0 and teacher is None:
-        raise InvalidValueError(
-            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
-        )
     set_threads(config)
     model, info = load_checkpoint(checkpoint)
     model = model.to(compute_device(config))

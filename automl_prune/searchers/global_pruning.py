@@ -173,10 +173,10 @@ class GlobalStrategy(AskTellStrategy):
         if fill_attempts < 0:
             raise InvalidValueError(f"fill_attempts must be >= 0, got {fill_attempts}")
         self.fill_attempts = fill_attempts
-        if criterion not in _data_free():
+        valid = _data_free()
+        if criterion not in valid:
             raise InvalidValueError(
-                f"global ranks channels with a data-free criterion; '{criterion}' is not one. "
-                f"Valid: {', '.join(_data_free())}"
+                f"global ranks channels with a data-free criterion; '{criterion}' is not one. Valid: {', '.join(valid)}"
             )
         if normalizer not in NORMALIZERS:
             raise InvalidValueError(f"unknown normalizer '{normalizer}'; valid: {', '.join(NORMALIZERS)}")
