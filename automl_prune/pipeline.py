@@ -664,6 +664,14 @@ def prune_and_finetune(
     return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta)
 
 
+def _check_teacher(distill_weight: float, has_teacher: bool) -> None:
+    """Refuse distillation without a teacher, before any work is done."""
+    if distill_weight > 0 and not has_teacher:
+        raise InvalidValueError(
+            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
+        )
+
+
 def finetune(
     config: Config, model: nn.Module, data: DataSplits, teacher: nn.Module | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -678,10 +686,7 @@ def finetune(
     from automl_prune.training import train
 
     ft = finetune_config_of(config)
-    if ft.distill_weight > 0 and teacher is None:
-        raise InvalidValueError(
-            "--finetune.distill_weight needs a teacher: give the dense checkpoint with --teacher (e.g. RUN/baseline.pt)"
-        )
+    _check_teacher(ft.distill_weight, teacher is not None)
     result = train(model, data, ft, description="fine-tune", teacher=teacher if ft.distill_weight > 0 else None)
     return result.model, {**ft.to_dict(), "best_val_accuracy": result.val_accuracy}
 
@@ -790,6 +795,7 @@ def finetune_checkpoint(
 
     if config.finetune.epochs <= 0:
         raise InvalidValueError("--finetune.epochs must be > 0 for the finetune command")
+    _check_teacher(finetune_config_of(config).distill_weight, teacher is not None)
     set_threads(config)
     model, info = load_checkpoint(checkpoint)
     model = model.to(compute_device(config))
