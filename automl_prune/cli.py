@@ -47,6 +47,17 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]])
     _console().print(table)
 
 
+def _default_text(value: object) -> str:
+    """A config default as a user writes it (``null``, ``true``, ``300,300``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value) if not isinstance(value, float) else f"{value:g}"
+
+
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -135,7 +146,7 @@ def _add_config_flags(
         extra: dict[str, Any] = {}
         if option.type is bool:
             extra = {"nargs": "?", "const": "true"}
-        default = option.default if not isinstance(option.default, list) else ",".join(map(str, option.default))
+        default = _default_text(option.default)
         group.add_argument(
             *names,
             dest=_CFG + option.path,
@@ -177,6 +188,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         from automl_prune.strategy import STRATEGIES
 
         rows = [(n, STRATEGIES.describe(n)) for n in STRATEGIES.names()]
+        if args.verbose:
+            from automl_prune.config import OPTIONS
+
+            _table(args.kind, ["name", "description"], rows)
+            for name in STRATEGIES.names():
+                options = [o for o in OPTIONS.values() if o.path.startswith(f"search.{name}.")]
+                if options:
+                    _table(
+                        f"{name} options (config keys; flags are --KEY)",
+                        ["key", "default", "takes", "help"],
+                        [(o.path, _default_text(o.default), o.takes, o.help) for o in options],
+                    )
+            return 0
     elif args.kind == "envs":
         from automl_prune.envs import list_envs
 
@@ -469,13 +493,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run several strategies with the same seeds and evaluation budget; write the comparison."""
     from automl_prune.compare import run_comparison
-    from automl_prune.config import check_names
     from automl_prune.pipeline import (
         budget_of,
         dense_model,
         load_data,
         make_evaluator,
         make_space,
+        preflight,
         set_threads,
         worker_spec_of,
     )
@@ -485,7 +509,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = _resolve(args)
     if _printed(args, config):
         return 0
-    check_names(config)
+    preflight(config)
     set_threads(config)
     out = RunDirectory(
         args.out, config.to_dict(), overwrite=args.overwrite, resumable=False
@@ -506,6 +530,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         evaluator=evaluator,
         cpus_per_worker=config.parallel.cpus_per_worker,
         gpus_per_worker=config.parallel.gpus_per_worker,
+        options={name: s.options_of(name) for name in c.strategies},
     )
     seeds = ",".join(map(str, c.seeds))
     rows = write_comparison(
@@ -631,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("list", "list models, datasets, criteria, strategies, envs, rewards or packaged configs")
     p.add_argument("kind", choices=["models", "datasets", "criteria", "strategies", "envs", "rewards", "configs"])
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="strategies: also list each one's options and their defaults"
+    )
     p.set_defaults(func=cmd_list)
     parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser

@@ -10,7 +10,7 @@ evaluator cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from automl_prune.evaluator import Evaluator
 from automl_prune.parallel import EvaluatorSpec, connect_ray, start_local_ray
 from automl_prune.progress import Progress
 from automl_prune.search_spaces import SearchSpace
-from automl_prune.strategy import STRATEGIES, get_strategy
+from automl_prune.strategy import STRATEGIES, make_strategy
 from automl_prune.types import SearchResult
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,13 @@ def _search(
     seed: int,
     evaluations: int,
     space_kwargs: dict[str, Any],
+    options: Mapping[str, Any],
     on_evaluation: Callable[[], None] | None = None,
 ) -> SearchResult:
     kwargs = dict(space_kwargs)
     kwargs["skip_gates"] = kwargs.get("skip_gates", False) or strategy == "skipnet"
     callbacks = [] if on_evaluation is None else [lambda session, plan, evaluation: on_evaluation()]
-    return get_strategy(strategy).search(
+    return make_strategy(strategy, options).search(
         evaluator, SearchSpace(evaluator, **kwargs), evaluations, seed=seed, callbacks=callbacks
     )
 
@@ -61,12 +62,13 @@ def _remote_search(
     seed: int,
     evaluations: int,
     space_kwargs: dict[str, Any],
+    options: Mapping[str, Any],
     threads: int,
     counter: Any = None,
 ) -> SearchResult:
     torch.set_num_threads(threads)
     report = None if counter is None else (lambda: counter.add.remote(1))
-    return _search(spec.build(), strategy, seed, evaluations, space_kwargs, report)
+    return _search(spec.build(), strategy, seed, evaluations, space_kwargs, options, report)
 
 
 def run_comparison(
@@ -80,6 +82,7 @@ def run_comparison(
     evaluator: Evaluator | None = None,
     cpus_per_worker: int = 1,
     gpus_per_worker: float = 0.0,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, list[SearchResult]]:
     """Run every strategy with every seed on the same evaluation budget.
 
@@ -94,6 +97,7 @@ def run_comparison(
         evaluator: An evaluator already built from ``spec`` (used when ``workers == 1``).
         cpus_per_worker: CPUs each search task reserves on Ray.
         gpus_per_worker: GPU fraction each search task reserves on Ray.
+        options: Strategy name -> its options (``search.<name>.*``); defaults where absent.
 
     Returns:
         Strategy name -> one result per seed, in seed order.
@@ -103,6 +107,7 @@ def run_comparison(
     if not seeds:
         raise InvalidValueError("give at least one seed")
     space_kwargs = dict(space_kwargs or {})
+    options = {name: dict((options or {}).get(name, {})) for name in strategies}
     jobs = [(s, seed) for s in strategies for seed in seeds]
     results: dict[str, list[SearchResult]] = {s: [] for s in strategies}
     bar = Progress(len(jobs) * evaluations, "compare", "eval")
@@ -112,7 +117,9 @@ def run_comparison(
             local = evaluator or spec.build()
             for i, (strategy, seed) in enumerate(jobs):
                 local.clear_cache()
-                results[strategy].append(_search(local, strategy, seed, evaluations, space_kwargs, bar.update))
+                results[strategy].append(
+                    _search(local, strategy, seed, evaluations, space_kwargs, options[strategy], bar.update)
+                )
                 bar.set_postfix(searches=f"{i + 1}/{len(jobs)}")
             return results
         import ray
@@ -128,7 +135,10 @@ def run_comparison(
             spec_ref = ray.put(spec)
             counter = ray.remote(num_cpus=0)(_Counter).remote()
             refs = {
-                task.remote(spec_ref, s, seed, evaluations, space_kwargs, cpus_per_worker, counter): (s, seed)
+                task.remote(spec_ref, s, seed, evaluations, space_kwargs, options[s], cpus_per_worker, counter): (
+                    s,
+                    seed,
+                )
                 for s, seed in jobs
             }
             done: dict[tuple[str, int], SearchResult] = {}

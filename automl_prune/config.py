@@ -38,17 +38,20 @@ from typing import Any
 import yaml
 
 from automl_prune.errors import InvalidValueError
+from automl_prune.fields import opt as _opt
+from automl_prune.strategy_options import (
+    ABCOptions,
+    DDPGOptions,
+    GlobalOptions,
+    OptunaOptions,
+    PPOOptions,
+    ReinforceOptions,
+    SkipNetOptions,
+)
 
 BUDGET_TERMS = ("flops", "params", "latency_ms", "speedup")
 RUNTIME_NAMES = ("onnxruntime", "torchscript", "torch")
 """The registered runtimes (kept equal to :data:`automl_prune.runtimes.RUNTIMES` by a test)."""
-
-
-def _opt(default: Any, help: str, **limits: Any) -> Any:
-    """A config field with its help text and limits (``ge``, ``gt``, ``le``, ``choices``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **limits})
-    return field(default=default, metadata={"help": help, **limits})
 
 
 @dataclass
@@ -128,6 +131,21 @@ class SearchSection:
         [50, 150, 450], "cumulative fine-tune steps at each refinement rung (the better half goes on)", ge=1
     )
     only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
+    ddpg: DDPGOptions = field(default_factory=DDPGOptions)
+    ppo: PPOOptions = field(default_factory=PPOOptions)
+    reinforce: ReinforceOptions = field(default_factory=ReinforceOptions)
+    skipnet: SkipNetOptions = field(default_factory=SkipNetOptions)
+    abc: ABCOptions = field(default_factory=ABCOptions)
+    optuna: OptunaOptions = field(default_factory=OptunaOptions)
+    global_: GlobalOptions = field(default_factory=GlobalOptions, metadata={"key": "global"})
+
+    def options_of(self, strategy: str) -> dict[str, Any]:
+        """The options of ``strategy`` (``search.<strategy>.*``) as its keyword arguments; {} if it has none."""
+        from automl_prune.strategy_options import STRATEGY_OPTIONS, options_of
+
+        if strategy not in STRATEGY_OPTIONS:
+            return {}
+        return options_of(getattr(self, _ATTRIBUTE.get(f"search.{strategy}", strategy)))
 
 
 @dataclass
@@ -214,8 +232,8 @@ class Config:
     report: ReportSection = field(default_factory=ReportSection)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain data (what ``config.yaml`` holds)."""
-        return dataclasses.asdict(self)
+        """The config as plain data (what ``config.yaml`` holds), nested by section."""
+        return _as_dict(self)
 
     def to_yaml(self) -> str:
         """The config as YAML, loadable by :func:`resolve`."""
@@ -225,6 +243,22 @@ class Config:
     def scoring_criterion(self) -> str:
         """The criterion used to score plans during the search."""
         return self.search.criterion or self.prune.criterion
+
+
+def _key(f: dataclasses.Field[Any]) -> str:
+    """A field's config key (its name, unless it declares another: ``global_`` is ``global``)."""
+    return str(f.metadata.get("key", f.name))
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out[_key(f)] = _as_dict(value)
+        else:
+            out[_key(f)] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+    return out
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config) if dataclasses.is_dataclass(f.default_factory))  # type: ignore[arg-type]
@@ -246,22 +280,39 @@ class Option:
         """The command-line flag of this key."""
         return f"--{self.path}"
 
+    @property
+    def takes(self) -> str:
+        """What values the key takes, in words (``an integer >= 1 (or null)``)."""
+        return _describe(self)
+
+
+_GROUPS: dict[str, str] = {}
+"""Every mapping of keys by dotted path (``search``, ``search.ddpg``) -> its description."""
+_ATTRIBUTE: dict[str, str] = {}
+"""Dotted path -> attribute name, where they differ (``search.global`` -> ``global_``)."""
+
 
 def _options(cls: type, prefix: str = "") -> list[Option]:
     hints = typing.get_type_hints(cls)
     out: list[Option] = []
     for f in fields(cls):
+        path = f"{prefix}{_key(f)}"
+        if _key(f) != f.name:
+            _ATTRIBUTE[path] = f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            out.extend(_options(hints[f.name], f"{prefix}{f.name}."))
+            _GROUPS[path] = (hints[f.name].__doc__ or "").strip().splitlines()[0]
+            out.extend(_options(hints[f.name], f"{path}."))
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
-        limits = {k: v for k, v in f.metadata.items() if k != "help"}
-        out.append(Option(f"{prefix}{f.name}", hints[f.name], default, f.metadata.get("help", ""), limits))
+        limits = {k: v for k, v in f.metadata.items() if k not in ("help", "key")}
+        out.append(Option(path, hints[f.name], default, f.metadata.get("help", ""), limits))
     return out
 
 
 OPTIONS: dict[str, Option] = {o.path: o for o in _options(Config)}
 """Every config key by dotted path."""
+GROUPS: tuple[str, ...] = tuple(_GROUPS)
+"""Every dotted path that holds a mapping of keys: the sections and the strategies' options (``search.ddpg``)."""
 
 
 def options_for(sections: tuple[str, ...] | None = None, top_level: tuple[str, ...] = ()) -> list[Option]:
@@ -281,7 +332,7 @@ def _nearest(name: str, candidates: list[str]) -> str:
 
 def unknown_key_error(key: str, where: str = "config key") -> InvalidValueError:
     """The error for an unknown dotted key, naming the nearest valid one."""
-    candidates = list(OPTIONS) + list(SECTIONS)
+    candidates = list(OPTIONS) + list(GROUPS)
     return InvalidValueError(f"unknown {where} '{key}'{_nearest(key, candidates)}")
 
 
@@ -311,6 +362,8 @@ def _describe(option: Option) -> str:
         bounds.append(f"> {limits['gt']:g}")
     if "ge" in limits:
         bounds.append(f">= {limits['ge']:g}")
+    if "lt" in limits:
+        bounds.append(f"< {limits['lt']:g}")
     if "le" in limits:
         bounds.append(f"<= {limits['le']:g}")
     if bounds:
@@ -397,7 +450,7 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
             value = [str(v) for v in value]
         if "ge" in option.limits and any(v < option.limits["ge"] for v in value):
             raise bad
-        if len(set(value)) != len(value):
+        if not option.limits.get("repeat") and len(set(value)) != len(value):
             raise InvalidValueError(f"{label} must not repeat an entry, got {raw!r}")
         return value
     limits = option.limits
@@ -405,7 +458,7 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         raise bad
     if ("gt" in limits and not value > limits["gt"]) or ("ge" in limits and not value >= limits["ge"]):
         raise bad
-    if "le" in limits and not value <= limits["le"]:
+    if ("lt" in limits and not value < limits["lt"]) or ("le" in limits and not value <= limits["le"]):
         raise bad
     if limits.get("count") and value > 1 and (value != int(value) or value < MIN_COUNT):
         raise InvalidValueError(
@@ -420,25 +473,21 @@ MIN_COUNT = 1000
 
 
 # --------------------------------------------------------------------------- building
-def _flatten(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
     """A nested config mapping as {dotted key: value}, rejecting unknown keys."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        key = str(key)
-        if key in SECTIONS:
+        path = f"{prefix}{key}"
+        if path in GROUPS:
             if value is None:
                 continue
             if not isinstance(value, Mapping):
-                raise InvalidValueError(f"{source}: '{key}' must be a mapping of its keys, got {value!r}")
-            for sub, sub_value in value.items():
-                path = f"{key}.{sub}"
-                if path not in OPTIONS:
-                    raise unknown_key_error(path, f"key in {source}:")
-                flat[path] = sub_value
-        elif key in OPTIONS:
-            flat[key] = value
+                raise InvalidValueError(f"{source}: '{path}' must be a mapping of its keys, got {value!r}")
+            flat.update(_flatten(value, source, f"{path}."))
+        elif path in OPTIONS:
+            flat[path] = value
         else:
-            raise unknown_key_error(key, f"key in {source}:")
+            raise unknown_key_error(path, f"key in {source}:")
     return flat
 
 
@@ -460,8 +509,8 @@ def _build(values: dict[str, Any]) -> Config:
     for path, value in values.items():
         target: Any = config
         *parents, leaf = path.split(".")
-        for p in parents:
-            target = getattr(target, p)
+        for i, p in enumerate(parents):
+            target = getattr(target, _ATTRIBUTE.get(".".join(parents[: i + 1]), p))
         setattr(target, leaf, value)
     return config
 

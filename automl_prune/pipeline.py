@@ -56,9 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BATCHED = ("random", "abc", "optuna")
-"""Ask/tell strategies that ask a worker-sized batch at a time when run in parallel."""
-
 Stage = Callable[[str], None]
 """Receives one line per stage started (the CLI prints it)."""
 
@@ -161,13 +158,19 @@ def preflight(config: Config) -> None:
 
     Raises:
         UnknownNameError: A strategy, reward, criterion or dataset name is unknown.
-        InvalidValueError: ``budget.device`` is cuda on a machine without CUDA, or the
+        InvalidValueError: A strategy option its strategy refuses, ``budget.device`` is cuda on a machine without CUDA, or the
             runtime cannot run there (not installed, no CUDA provider).
         AutomlPruneError: Nothing listens at ``parallel.ray_address``.
     """
     from automl_prune.runtimes import check_runtime
+    from automl_prune.strategy import make_strategy
 
     check_names(config)
+    for name in dict.fromkeys([config.search.strategy, *config.compare.strategies]):
+        try:
+            make_strategy(name, config.search.options_of(name))  # refuses a bad option before any work
+        except InvalidValueError as exc:
+            raise InvalidValueError(f"search.{name}: {exc}") from None
     if config.budget.device == "cuda" and not torch.cuda.is_available():
         raise InvalidValueError(
             "budget.device is cuda but CUDA is not available here; use --budget.device cpu or run on a GPU machine"
@@ -399,7 +402,7 @@ def run_search(
     """
     from automl_prune.finalists import choose_finalist
     from automl_prune.pareto import front, write_front
-    from automl_prune.strategy import get_strategy
+    from automl_prune.strategy import make_strategy
 
     s, par = config.search, config.parallel
     for plan, evaluation in run.logged():
@@ -431,7 +434,7 @@ def run_search(
                 start_timeout=par.worker_timeout,
             )
             evaluate_many = pool.evaluate_many_cached(evaluator)
-        strategy = get_strategy(s.strategy, **({"batch_size": par.workers} if s.strategy in BATCHED else {}))
+        strategy = make_strategy(s.strategy, s.options_of(s.strategy), par.workers)
         log = run.callback(s.strategy, placements=getattr(evaluate_many, "placements", None))
         result = strategy.search(
             evaluator, space, s.evaluations, seed=config.seed, callbacks=[log, show], evaluate_many=evaluate_many

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -250,12 +250,12 @@ STRATEGIES.register(
 STRATEGIES.register(
     "optuna",
     "automl_prune.searchers.optuna_search:OptunaStrategy",
-    "Optuna ask/tell: tpe (default), cmaes, random or nsga2 (accuracy vs cost) sampler",
+    "Optuna ask/tell: search.optuna.sampler tpe (default), cmaes, random or nsga2 (accuracy vs cost)",
 )
 STRATEGIES.register(
     "global",
     "automl_prune.searchers.global_pruning:GlobalStrategy",
-    "global pruning: one threshold over every channel's normalised l1 score, at the budget (baseline)",
+    "global pruning: one threshold over every channel's normalised score (l1 by default), at the budget (baseline)",
 )
 STRATEGIES.register("ddpg", "automl_prune.agents.sb3:DDPGStrategy", "AMC: DDPG on LayerPrune-v0 (stable-baselines3)")
 STRATEGIES.register("ppo", "automl_prune.agents.sb3:PPOStrategy", "PPO on LayerPrune-v0 (stable-baselines3)")
@@ -278,3 +278,20 @@ def get_strategy(name: str, **kwargs: Any) -> Strategy:
     strategy = STRATEGIES.get(name)(**kwargs)
     strategy.name = name
     return strategy
+
+
+BATCHED = ("random", "abc", "optuna")
+"""Ask/tell strategies that ask a worker-sized batch at a time."""
+
+
+def make_strategy(name: str, options: Mapping[str, Any] | None = None, workers: int = 1) -> Strategy:
+    """The strategy ``name`` with its options (``search.<name>.*``), asking ``workers`` plans at a time if it can.
+
+    Raises:
+        UnknownNameError: Listing the valid names.
+        InvalidValueError: An option the strategy refuses (e.g. a data-driven criterion for ``global``).
+    """
+    kwargs = dict(options or {})
+    if name in BATCHED:
+        kwargs["batch_size"] = workers
+    return get_strategy(name, **kwargs)

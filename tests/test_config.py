@@ -17,10 +17,15 @@ def test_default_yaml_is_the_embedded_default() -> None:
     assert resolve("configs/default.yaml") == Config() == resolve(None)
     # and it spells out every key, so it documents them all
     data = yaml.safe_load(Path("configs/default.yaml").read_text())
-    flat = {f"{s}.{k}" for s, v in data.items() if isinstance(v, dict) for k in v} | {
-        k for k, v in data.items() if not isinstance(v, dict)
-    }
-    assert flat == set(OPTIONS)
+
+    def keys(mapping: dict, prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in mapping.items():
+            is_group = isinstance(v, dict) and f"{prefix}{k}" not in OPTIONS  # model.kwargs is a key holding {}
+            out |= keys(v, f"{prefix}{k}.") if is_group else {f"{prefix}{k}"}
+        return out
+
+    assert keys(data) == set(OPTIONS)
 
 
 def test_configs_by_name_are_the_packaged_files() -> None:
