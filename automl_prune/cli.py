@@ -491,53 +491,34 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Run several strategies with the same seeds and evaluation budget; write the comparison."""
-    from automl_prune.compare import run_comparison
-    from automl_prune.pipeline import (
-        budget_of,
-        dense_model,
-        load_data,
-        make_evaluator,
-        make_space,
-        preflight,
-        set_threads,
-        worker_spec_of,
-    )
-    from automl_prune.report import write_comparison
+    """Run several strategies with the same seeds and evaluation budget (a Tune experiment); write the comparison."""
+    from automl_prune.config import from_dict
+    from automl_prune.pipeline import preflight, run_compare
     from automl_prune.runs import RunDirectory
 
-    config = _resolve(args)
-    if _printed(args, config):
-        return 0
-    preflight(config)
-    set_threads(config)
-    out = RunDirectory(
-        args.out, config.to_dict(), overwrite=args.overwrite, resumable=False
-    ).path  # refuses a different comparison
-    data = load_data(config)
-    model, info, _ = dense_model(config, data)
-    evaluator = make_evaluator(config, model, data)
-    make_space(config, evaluator)  # a budget no plan can meet fails here, before any search
-    s, c = config.search, config.compare
-    results = run_comparison(
-        worker_spec_of(config, evaluator, info.spec),
-        c.strategies,
-        c.seeds,
-        s.evaluations,
-        {"min_keep": s.min_keep, "skip_gates": s.skip_gates},
-        workers=config.parallel.workers,
-        address=config.parallel.ray_address,
-        evaluator=evaluator,
-        cpus_per_worker=config.parallel.cpus_per_worker,
-        gpus_per_worker=config.parallel.gpus_per_worker,
-        options={name: s.options_of(name) for name in c.strategies},
-    )
-    seeds = ",".join(map(str, c.seeds))
-    rows = write_comparison(
-        results,
-        out,
-        f"{', '.join(c.strategies)} under {budget_of(config).describe()}, {s.evaluations} evaluations, seeds {seeds}",
-    )
+    if args.resume:
+        given = [k for k in vars(args) if k.startswith(_CFG)]
+        if given or args.config or args.overwrite:
+            raise InvalidValueError(
+                "--resume continues a comparison with its own config.yaml; give no --config, config flags or --overwrite"
+            )
+        run = RunDirectory(args.resume, resume=True)
+        config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
+    else:
+        config = _resolve(args)
+        if _printed(args, config):
+            return 0
+        preflight(config)
+        run = RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite)  # refuses a different comparison
+    try:
+        out, rows = run_compare(config, run.path)
+    except KeyboardInterrupt as exc:
+        print(
+            f"automl-prune: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; finished trials are "
+            f"kept in {run.path / 'trials'}. Resume with: automl-prune compare --resume {run.path}",
+            file=sys.stderr,
+        )
+        return _interrupted_status(exc)
     _table(
         f"comparison -> {out / 'comparison.md'}",
         ["strategy", "seeds", "best acc (mean)", "std", "FLOPs ratio", "evals to 99%", "wall s"],
@@ -581,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
         exclude=("search.strategy", "search.only", "search.finalists"),
     )
     p.add_argument("--out", default="runs/compare", help="output directory [runs/compare]")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the interrupted comparison in DIR (finished trials kept)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a different comparison already in --out")
     p.set_defaults(func=cmd_compare)
 

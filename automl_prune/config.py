@@ -47,6 +47,8 @@ from automl_prune.strategy_options import (
     PPOOptions,
     ReinforceOptions,
     SkipNetOptions,
+    split_top_level,
+    split_variant,
 )
 
 BUDGET_TERMS = ("flops", "params", "latency_ms", "speedup")
@@ -131,6 +133,11 @@ class SearchSection:
         [50, 150, 450], "cumulative fine-tune steps at each refinement rung (the better half goes on)", ge=1
     )
     only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
+    init_policy: str | None = _opt(
+        None,
+        "a run directory (or its policy.pt) whose learned policy this search starts from (ddpg, ppo, reinforce, "
+        "skipnet: the same strategy and model family, e.g. another budget)",
+    )
     ddpg: DDPGOptions = field(default_factory=DDPGOptions)
     ppo: PPOOptions = field(default_factory=PPOOptions)
     reinforce: ReinforceOptions = field(default_factory=ReinforceOptions)
@@ -381,7 +388,7 @@ def _parse_text(text: str, tp: Any) -> Any:
         stripped = text.strip()
         if stripped.startswith("["):
             return yaml.safe_load(stripped)
-        items = [t.strip() for t in stripped.split(",") if t.strip()]
+        items = split_top_level(stripped)  # "ddpg,ddpg(warmup_episodes=10,noise_sigma=0.5)" is two entries
         inner = typing.get_args(tp)[0]
         if inner is int:
             return [yaml.safe_load(t) for t in items]
@@ -664,8 +671,8 @@ def check_names(config: Config) -> None:
     from automl_prune.strategy import STRATEGIES
 
     STRATEGIES.get(config.search.strategy)
-    for name in config.compare.strategies:
-        STRATEGIES.get(name)
+    for text in config.compare.strategies:
+        STRATEGIES.get(split_variant(text)[0])
     REWARDS.get(config.search.reward)
     CRITERIA.get(config.prune.criterion)
     CRITERIA.get(config.scoring_criterion)

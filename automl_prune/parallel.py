@@ -237,7 +237,11 @@ def start_local_ray(workers: int, cpus_per_worker: int = 1) -> int:
         )
         workers = capped
     ray.init(
-        num_cpus=workers * cpus_per_worker, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        address="local",  # a private instance even where `ray start` left a cluster for ray.init() to find
+        num_cpus=workers * cpus_per_worker,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     return workers
 

@@ -162,15 +162,22 @@ def preflight(config: Config) -> None:
             runtime cannot run there (not installed, no CUDA provider).
         AutomlPruneError: Nothing listens at ``parallel.ray_address``.
     """
+    from automl_prune.compare import Entry, parse_entries
     from automl_prune.runtimes import check_runtime
     from automl_prune.strategy import make_strategy
 
     check_names(config)
-    for name in dict.fromkeys([config.search.strategy, *config.compare.strategies]):
+    entries = [Entry(config.search.strategy, config.search.strategy, config.search.options_of(config.search.strategy))]
+    for entry in [*entries, *parse_entries(config.compare.strategies, config.search)]:
         try:
-            make_strategy(name, config.search.options_of(name))  # refuses a bad option before any work
+            make_strategy(entry.strategy, entry.options)  # refuses a bad option before any work
         except InvalidValueError as exc:
-            raise InvalidValueError(f"search.{name}: {exc}") from None
+            where = "search" if entry.label == entry.strategy else "compare.strategies"
+            raise InvalidValueError(f"{where}.{entry.label}: {exc}") from None
+    if config.search.init_policy:
+        from automl_prune.policies import load_policy
+
+        load_policy(config.search.init_policy, config.search.strategy)
     if config.budget.device == "cuda" and not torch.cuda.is_available():
         raise InvalidValueError(
             "budget.device is cuda but CUDA is not available here; use --budget.device cpu or run on a GPU machine"
@@ -402,6 +409,7 @@ def run_search(
     """
     from automl_prune.finalists import choose_finalist
     from automl_prune.pareto import front, write_front
+    from automl_prune.policies import load_policy, save_policy
     from automl_prune.strategy import make_strategy
 
     s, par = config.search, config.parallel
@@ -435,6 +443,17 @@ def run_search(
             )
             evaluate_many = pool.evaluate_many_cached(evaluator)
         strategy = make_strategy(s.strategy, s.options_of(s.strategy), par.workers)
+        if s.init_policy:
+            state, about = load_policy(s.init_policy, s.strategy)
+            strategy.start_from(state)
+            logger.info(
+                "%s starts from the policy of %s (%s, learned under %s in %s evaluations)",
+                s.strategy,
+                s.init_policy,
+                about.get("model", "?"),
+                about.get("budget", "?"),
+                about.get("evaluations", "?"),
+            )
         log = run.callback(s.strategy, placements=getattr(evaluate_many, "placements", None))
         result = strategy.search(
             evaluator, space, s.evaluations, seed=config.seed, callbacks=[log, show], evaluate_many=evaluate_many
@@ -457,6 +476,14 @@ def run_search(
     if failures:
         logger.warning(
             "%d of %d evaluations failed; the first: %s", len(failures), len(result.history), failures[0].reason
+        )
+    state = strategy.policy_state()
+    if state is not None:
+        save_policy(
+            run.path,
+            s.strategy,
+            state,
+            {"model": spec.name, "budget": evaluator.budget.describe(), "evaluations": result.evaluations},
         )
     outcome = SearchOutcome(result, result.best_plan, result.best_evaluation)
     measured: dict[int, float] = {}
@@ -884,3 +911,41 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
     )
     report = write_run_report(run.path, config, data)
     return JobResult(run.path, outcome, report)
+
+
+def run_compare(config: Config, out: str | Path) -> tuple[Path, list[Any]]:
+    """``automl-prune compare``: every ``compare.strategies`` entry with every seed, as a Tune experiment in ``out``.
+
+    An interrupted comparison in ``out`` resumes: finished trials are kept.
+
+    Returns:
+        (the directory, one summary row per entry as written to comparison.md/.csv).
+    """
+    from automl_prune.compare import parse_entries, run_comparison
+    from automl_prune.report import write_comparison
+
+    set_threads(config)
+    s, c, par = config.search, config.compare, config.parallel
+    entries = parse_entries(c.strategies, s)
+    data = load_data(config)
+    model, info, _ = dense_model(config, data)
+    evaluator = make_evaluator(config, model, data)
+    make_space(config, evaluator)  # a budget no plan can meet fails here, before any search
+    results = run_comparison(
+        worker_spec_of(config, evaluator, info.spec),
+        entries,
+        c.seeds,
+        s.evaluations,
+        out,
+        {"min_keep": s.min_keep, "skip_gates": s.skip_gates},
+        workers=par.workers,
+        address=par.ray_address,
+        cpus_per_worker=par.cpus_per_worker,
+        gpus_per_worker=par.gpus_per_worker,
+    )
+    seeds = ",".join(map(str, c.seeds))
+    title = (
+        f"{', '.join(e.label for e in entries)} under {budget_of(config).describe()}, "
+        f"{s.evaluations} evaluations, seeds {seeds}"
+    )
+    return Path(out), write_comparison(results, out, title)

@@ -312,6 +312,8 @@ FILES = {
     "finalists.json": "the finalists measured on the runtime, with their prediction errors",
     "refine.json": "the refined plans' search-val scores at every rung of short fine-tunes (refine.png plots them)",
     "latency_model.json": "the latency model the search predicted with",
+    "policy.pt": "the policy the agent learned: `--search.init_policy DIR` starts another search (e.g. another "
+    "budget) from it",
     "result.json": "the search's result and every evaluation",
     "config.yaml": "the resolved config: `automl-prune search --config config.yaml` reruns the search",
 }

@@ -106,6 +106,7 @@ OUTPUTS = (
     "best_so_far.png",
     "accuracy_vs_flops.png",
     "accuracy_vs_latency.png",
+    "trials",
 )
 """Files a run (search or comparison) writes; a run started afresh in a directory removes the previous run's."""
 

@@ -148,6 +148,23 @@ class Strategy:
     """
 
     name: str = ""
+    initial_policy: dict[str, Any] | None = None
+    """Tensors of a policy learned before, the next search starts from (see :meth:`start_from`)."""
+
+    def policy_state(self) -> dict[str, Any] | None:
+        """The policy learned by the last search, as tensors (None: this strategy learns no policy)."""
+        return None
+
+    def start_from(self, state: dict[str, Any]) -> None:
+        """Start the next search from a policy this strategy learned before (:meth:`policy_state`).
+
+        Raises:
+            InvalidValueError: The strategy learns no policy.
+        """
+        raise InvalidValueError(
+            f"{self.name or type(self).__name__} learns no policy to start from; search.init_policy is for "
+            "ddpg, ppo, reinforce and skipnet"
+        )
 
     def search(
         self,

@@ -11,6 +11,7 @@ that the defaults agree). This module imports nothing heavy, so the config can u
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "STRATEGY_OPTIONS",
     "SkipNetOptions",
     "options_of",
+    "split_variant",
 ]
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
@@ -154,3 +156,47 @@ def options_of(options: Any) -> dict[str, Any]:
 
 def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
+_VARIANT = re.compile(r"^\s*([A-Za-z_][\w-]*)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def split_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``"ddpg(warmup_episodes=100, noise_sigma=0.5)"`` -> ``("ddpg", {"warmup_episodes": "100", ...})``.
+
+    Raises:
+        InvalidValueError: Not ``name`` or ``name(key=value, ...)``.
+    """
+    from automl_prune.errors import InvalidValueError
+
+    match = _VARIANT.match(str(text))
+    bad = InvalidValueError(
+        f"compare.strategies entry '{text}' must be a strategy name or name(key=value, ...), "
+        "e.g. ddpg(warmup_episodes=100)"
+    )
+    if match is None:
+        raise bad
+    options: dict[str, str] = {}
+    for part in split_top_level(match.group(2) or ""):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or key.strip() in options:
+            raise bad
+        options[key.strip()] = value.strip()
+    return match.group(1), options
+
+
+def split_top_level(text: str) -> list[str]:
+    """``text`` split on commas outside brackets (``"a,b(c=1,d=2),[1,2]"`` -> 3 parts); blanks dropped."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]

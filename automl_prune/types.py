@@ -299,3 +299,28 @@ class SearchResult:
     wall_time: float
     evaluations: int
     seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (:meth:`from_dict` reads it back)."""
+        return {
+            "strategy": self.strategy,
+            "best_plan": self.best_plan.to_dict(),
+            "best_evaluation": self.best_evaluation.to_dict(),
+            "history": [{"plan": p.to_dict(), "evaluation": e.to_dict()} for p, e in self.history],
+            "wall_time": self.wall_time,
+            "evaluations": self.evaluations,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchResult:
+        """The result :meth:`to_dict` wrote."""
+        return cls(
+            strategy=data["strategy"],
+            best_plan=Plan.from_dict(data["best_plan"]),
+            best_evaluation=Evaluation(**data["best_evaluation"]),
+            history=[(Plan.from_dict(h["plan"]), Evaluation(**h["evaluation"])) for h in data["history"]],
+            wall_time=float(data["wall_time"]),
+            evaluations=int(data["evaluations"]),
+            seed=int(data["seed"]),
+        )

@@ -1,11 +1,14 @@
-"""automl-prune compare: three strategies on 2 Ray workers, real (digits) data, every output checked."""
+"""automl-prune compare: a Ray Tune experiment on real (digits) data; every output, resume and retry checked."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
     args = [
         "compare",
         "--compare.strategies",
-        "random,uniform,reinforce",
+        "random,uniform,reinforce(levels=5)",
         "--compare.seeds",
         "0,1",
         "--parallel.workers",
@@ -38,7 +41,7 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     rows = {r["strategy"]: r for r in csv.DictReader((out / "comparison.csv").open())}
-    assert set(rows) == {"random", "uniform", "reinforce"}
+    assert set(rows) == {"random", "uniform", "reinforce(levels=5)"}
     for name, row in rows.items():
         assert int(row["seeds"]) == 2
         assert int(row["evaluations"]) == (1 if name == "uniform" else 5)
@@ -46,6 +49,19 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
         assert float(row["best_flops_ratio"]) <= 0.5 + 1e-9
         assert 1 <= float(row["evals_to_99"]) <= int(row["evaluations"])
     assert float(rows["random"]["best_mean"]) >= float(rows["uniform"]["best_mean"]) - 0.05
+    # each (strategy, seed) is a Tune trial with Tune's own files: one row per evaluation, TensorBoard events
+    for label, directory in (
+        ("random", "random"),
+        ("uniform", "uniform"),
+        ("reinforce(levels=5)", "reinforce_levels=5"),
+    ):
+        for seed in (0, 1):
+            trial = out / "trials" / "compare" / f"{directory}_seed{seed}"
+            progress = list(csv.DictReader((trial / "progress.csv").open()))
+            assert [int(r["evaluations"]) for r in progress] == list(range(1, int(rows[label]["evaluations"]) + 1))
+            best = [float(r["best_accuracy"]) for r in progress]
+            assert best == sorted(best)  # best so far never drops
+            assert (trial / "result.json").is_file() and list(trial.glob("events.out.tfevents.*"))
     markdown = (out / "comparison.md").read_text()
     assert all(name in markdown for name in rows) and "best_so_far.png" in markdown
     for plot in ("best_so_far.png", "accuracy_vs_flops.png"):
@@ -56,3 +72,66 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
 def test_pareto_front() -> None:
     points = [(0.5, 0.8), (0.4, 0.7), (0.45, 0.9), (0.3, 0.6), (0.3, 0.5), (0.6, 0.85)]
     assert pareto_front(points) == [(0.3, 0.6), (0.4, 0.7), (0.45, 0.9)]
+
+
+def _trial_workers(driver: int) -> list[int]:
+    """PIDs of the Ray Tune trial processes of the Ray instance ``driver`` started (its raylet's children)."""
+
+    def children(pid: int) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    raylets = [p for p in children(driver) if "raylet" in cmdline(p)]
+    return [w for r in raylets for w in children(r) if cmdline(w).startswith("ray::ImplicitFunc")]
+
+
+def _num_failures(experiment: Path) -> list[int]:
+    """How often each trial failed, from Tune's saved experiment state."""
+    state = json.loads(sorted(experiment.glob("experiment_state-*.json"))[-1].read_text())
+    return [json.loads(runtime)["num_failures"] for _, runtime in state["trial_data"]]
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_and_an_interrupted_comparison_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--compare.strategies", "random", "--compare.seeds", "0,1", *DIGITS_QUICK]
+    args += ["--search.evaluations", "150", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "automl_prune.cli", *args], stderr=subprocess.PIPE, text=True, env=os.environ.copy()
+    )
+    trials = out / "trials" / "compare"
+    killed = False
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if not killed:
+            workers = _trial_workers(proc.pid)
+            if workers:  # the first trial is running: its worker dies, Tune retries the trial
+                os.kill(workers[0], signal.SIGKILL)
+                killed = True
+        elif list(trials.glob("*/checkpoint_000000")):  # one trial finished: Ctrl-C
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.1)
+    _, stderr = proc.communicate(timeout=120)
+    assert killed and proc.returncode == 130, stderr[-2000:]
+    assert f"automl-prune compare --resume {out}" in stderr
+    (finished,) = [p.parent for p in trials.glob("*/checkpoint_000000")]
+    kept = (finished / "progress.csv").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "automl_prune.cli", "compare", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in trials.iterdir() if p.is_dir()) == ["random_seed0", "random_seed1"]
+    assert (finished / "progress.csv").read_bytes() == kept  # the finished trial was not run again
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert len(rows) == 1 and int(rows[0]["seeds"]) == 2 and int(rows[0]["evaluations"]) == 150
+    assert sorted(_num_failures(trials)) == [0, 1]  # the killed trial was retried once, then finished

@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,6 +170,14 @@ class PolicyGradientStrategy(Strategy):
     def _label(self) -> str:
         return self.name or type(self).__name__
 
+    def policy_state(self) -> dict[str, Any] | None:
+        """The policy network(s) after the last search."""
+        return None if self.policy is None else {"policy": self.policy.state_dict()}
+
+    def start_from(self, state: dict[str, Any]) -> None:
+        """Start the next search's policy from ``state`` (:meth:`policy_state` of an earlier search)."""
+        self.initial_policy = state
+
     def _policy_threads(self) -> contextlib.AbstractContextManager[None]:
         """Context in which the policy's own (tiny) torch ops run."""
         return num_threads(self.policy_threads)
@@ -185,6 +194,15 @@ class PolicyGradientStrategy(Strategy):
         with torch.random.fork_rng(devices=[]), self._policy_threads():
             torch.manual_seed(derive_seed(session.seed, label, "init"))
             policy = self._build(session)
+        if self.initial_policy is not None:
+            try:
+                policy.load_state_dict(self.initial_policy["policy"])
+            except (RuntimeError, KeyError) as exc:
+                raise InvalidValueError(
+                    f"search.init_policy does not fit this {label} policy (other sizes, levels or a model with other "
+                    f"blocks?): {str(exc).splitlines()[0]}"
+                ) from None
+            logger.info("%s: starting from the given policy", label)
         self.policy = policy
         generator = torch_generator(derive_seed(session.seed, label, "sample"))
         optimizer = torch.optim.Adam(policy.parameters(), lr=self.learning_rate)

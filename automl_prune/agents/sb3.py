@@ -335,6 +335,14 @@ class _SB3Strategy(Strategy):
     def __init__(self) -> None:
         self.model: BaseAlgorithm | None = None
 
+    def policy_state(self) -> dict[str, Any] | None:
+        """The SB3 model's parameters (networks and optimisers) after the last search."""
+        return None if self.model is None else self.model.get_parameters()
+
+    def start_from(self, state: dict[str, Any]) -> None:
+        """Start the next search's networks from ``state`` (:meth:`policy_state` of an earlier search)."""
+        self.initial_policy = state
+
     def _build(self, env: LayerPruneEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
         """The SB3 model to train on ``env`` (seeded with ``session.seed``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _build")
@@ -345,6 +353,15 @@ class _SB3Strategy(Strategy):
         # SB3 wraps the env (Monitor, DummyVecEnv) and, given ``seed``, seeds its reset and action space.
         env = LayerPruneEnv(space, evaluate=session.evaluate)
         model = self._build(env, session, n_groups)
+        if self.initial_policy is not None:
+            try:
+                model.set_parameters(self.initial_policy, exact_match=True)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise InvalidValueError(
+                    f"search.init_policy does not fit this {self.name or type(self).__name__} agent (other network "
+                    f"sizes or observations?): {str(exc).splitlines()[0]}"
+                ) from None
+            logger.info("%s: starting from the given policy", type(self).__name__)
         self.model = model
         stop = StopWhenBudgetSpent(session)
         logger.info(
@@ -487,6 +504,8 @@ class DDPGStrategy(_SB3Strategy):
     def schedule(self, episodes: int) -> tuple[int, float]:
         """(warm-up episodes, per-episode noise decay) for a search of ``episodes`` episodes."""
         warmup = self.warmup_episodes
+        if warmup is None and self.initial_policy is not None:
+            warmup = 0  # a learned policy acts from the first episode (its noise still explores)
         if warmup is None:
             warmup = min(max(2, round(WARMUP_SHARE * episodes)), max(0, episodes - 1))
         decay = self.noise_decay
