@@ -118,3 +118,38 @@ def test_list_strategies_verbose_shows_every_option_with_its_default() -> None:
             assert path in out, path
     assert "search.optuna.sampler" in out and "tpe" in out and "one of tpe, cmaes, random, nsga2" in out
     assert "search.ddpg" not in cli("list", "strategies").stdout  # the short listing stays short
+
+
+def test_nsga2_from_the_command_line_writes_its_pareto_front(tmp_path: Path) -> None:
+    """Optuna's NSGA-II chosen by flag: the run's front (accuracy against FLOPs) is written, plotted, non-dominated."""
+    import json
+
+    out = tmp_path / "nsga2"
+    cli(
+        "search",
+        *DIGITS_QUICK,
+        "--search.strategy",
+        "optuna",
+        "--search.optuna.sampler",
+        "nsga2",
+        "--search.optuna.sampler_kwargs",
+        "{population_size: 4}",
+        "--search.evaluations",
+        "12",
+        "--search.only",
+        "--search.refine_top",
+        "0",
+        "--out",
+        str(out),
+    )
+    front = json.loads((out / "pareto.json").read_text())
+    assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
+    logged = [json.loads(line)["evaluation"] for line in (out / "evaluations.jsonl").read_text().splitlines()]
+    feasible = [(e["flops"], e["accuracy"]) for e in logged if e["feasible"]]
+    points = [(p["cost"], p["accuracy"]) for p in front["points"]]
+    assert points and len(logged) == 12
+    for cost, acc in points:  # nothing evaluated beats a front point on both
+        assert not any(c <= cost and a >= acc and (c, a) != (cost, acc) for c, a in feasible)
+    for cost, acc in feasible:  # and every evaluated plan is matched or beaten by the front
+        assert any(c <= cost and a >= acc for c, a in points)
+    assert yaml.safe_load((out / "config.yaml").read_text())["search"]["optuna"]["sampler"] == "nsga2"
