@@ -443,6 +443,13 @@ def run_search(
             )
             evaluate_many = pool.evaluate_many_cached(evaluator)
         strategy = make_strategy(s.strategy, s.options_of(s.strategy), par.workers)
+        if pool is not None and strategy.sequential_reason:
+            logger.warning(
+                "%s scores one plan at a time (%s): the %d workers take turns and do not speed it up",
+                s.strategy,
+                strategy.sequential_reason,
+                par.workers,
+            )
         if s.init_policy:
             state, about = load_policy(s.init_policy, s.strategy)
             strategy.start_from(state)

@@ -148,6 +148,8 @@ class Strategy:
     """
 
     name: str = ""
+    sequential_reason: str = ""
+    """Why the strategy scores one plan at a time ("" when it hands batches to ``evaluate_many``)."""
     initial_policy: dict[str, Any] | None = None
     """Tensors of a policy learned before, the next search starts from (see :meth:`start_from`)."""
 

@@ -55,6 +55,19 @@ def test_parallel_search_equals_serial(digits_problem, pool) -> None:
     assert {p.worker for p in pool.placements} == {0, 1}
 
 
+def test_reinforce_scores_each_update_on_the_workers(digits_problem, pool) -> None:
+    """The episodes of one update are scored together on the Ray workers, with the same plans as alone."""
+    _, evaluator, space = digits_problem
+    before = len(pool.placements)
+    serial = get_strategy("reinforce", episodes_per_update=4).search(evaluator, space, 8, seed=1)
+    parallel = get_strategy("reinforce", episodes_per_update=4).search(
+        evaluator, space, 8, seed=1, evaluate_many=pool.evaluate_many
+    )
+    assert [p for p, _ in parallel.history] == [p for p, _ in serial.history]
+    assert [e.accuracy for _, e in parallel.history] == [e.accuracy for _, e in serial.history]
+    assert {p.worker for p in pool.placements[before:]} == {0, 1}
+
+
 def test_killed_worker_loses_at_most_one_evaluation(digits_problem, pool) -> None:
     _, evaluator, space = digits_problem
     victim = pool.worker_pids()[0]

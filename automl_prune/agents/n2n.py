@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from automl_prune.agents.policy_gradient import (
-    Episode,
     PolicyGradientStrategy,
+    Sample,
     bernoulli,
     categorical,
     init_output,
@@ -300,8 +300,5 @@ class ReinforceStrategy(PolicyGradientStrategy):
             previous = keep
         return space.plan_from_keeps(decided, skip), log_prob, entropy
 
-    def _episode(self, session: SearchSession, generator: torch.Generator) -> Episode:
-        with self._policy_threads():
-            plan, log_prob, entropy = self.sample_plan(generator)
-        evaluation = session.evaluate(plan)
-        return Episode(float(evaluation.reward), log_prob, entropy)
+    def _sample(self, generator: torch.Generator) -> Sample:
+        return Sample(*self.sample_plan(generator))

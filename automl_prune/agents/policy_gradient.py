@@ -34,9 +34,11 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.seeding import derive_seed, torch_generator
 from automl_prune.strategy import SearchSession, Strategy
 from automl_prune.threads import num_threads
+from automl_prune.types import Evaluation, Plan
 
 __all__ = [
     "Episode",
+    "Sample",
     "MovingAverageBaseline",
     "PolicyGradientStrategy",
     "bernoulli",
@@ -75,6 +77,15 @@ class MovingAverageBaseline:
         baseline = mean if self.value is None else self.value
         self.value = mean if self.value is None else self.decay * self.value + (1.0 - self.decay) * mean
         return r - baseline
+
+
+@dataclass
+class Sample:
+    """One episode's plan, sampled from the policy, with the (differentiable) log-probability and entropy of its actions."""
+
+    plan: Plan
+    log_prob: torch.Tensor
+    entropy: torch.Tensor
 
 
 @dataclass
@@ -185,8 +196,13 @@ class PolicyGradientStrategy(Strategy):
     def _build(self, session: SearchSession) -> nn.Module:
         raise NotImplementedError
 
-    def _episode(self, session: SearchSession, generator: torch.Generator) -> Episode:
+    def _sample(self, generator: torch.Generator) -> Sample:
+        """One episode's plan from the current policy (not yet scored)."""
         raise NotImplementedError
+
+    def _reward(self, evaluation: Evaluation) -> float:
+        """The episode's reward for its plan's evaluation."""
+        return float(evaluation.reward)
 
     def _run(self, session: SearchSession) -> None:
         self.episode_rewards = []
@@ -209,15 +225,13 @@ class PolicyGradientStrategy(Strategy):
         baseline = MovingAverageBaseline(self.baseline_decay)
         update = 0
         while not session.exhausted:
-            batch: list[Episode] = []
-            for _ in range(self.episodes_per_update):
-                if session.exhausted:
-                    break
-                episode = self._episode(session, generator)  # raises EvaluationBudgetExhausted when spent
-                batch.append(episode)
-                self.episode_rewards.append(episode.reward)
-            if not batch:
-                break
+            # The update's episodes are sampled first and scored together: in parallel on the search's Ray
+            # workers when it has them (the policy only changes at the update, so nothing waits on a score).
+            with self._policy_threads():
+                samples = [self._sample(generator) for _ in range(min(self.episodes_per_update, session.remaining))]
+            evaluations = session.evaluate_many([s.plan for s in samples])
+            batch = [Episode(self._reward(e), s.log_prob, s.entropy) for s, e in zip(samples, evaluations, strict=True)]
+            self.episode_rewards.extend(e.reward for e in batch)
             advantages = baseline.advantages([e.reward for e in batch])
             with self._policy_threads():
                 loss = torch.stack(

@@ -332,6 +332,10 @@ class _SB3Strategy(Strategy):
         model: The SB3 model of the last search (``None`` before the first).
     """
 
+    sequential_reason = (
+        "its Stable-Baselines3 loop steps one environment, so each episode's plan is scored before the next begins"
+    )
+
     def __init__(self) -> None:
         self.model: BaseAlgorithm | None = None
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl_prune.agents.policy_gradient import Episode, PolicyGradientStrategy, bernoulli, init_output
+from automl_prune.agents.policy_gradient import PolicyGradientStrategy, Sample, bernoulli, init_output
 from automl_prune.envs.skip_gate import SkipGateEnv
 from automl_prune.errors import InvalidValueError
 from automl_prune.seeding import derive_seed
 from automl_prune.strategy import SearchSession
+from automl_prune.types import Evaluation
 
 __all__ = ["RecurrentGatePolicy", "SkipNetStrategy"]
 
@@ -126,7 +127,8 @@ class SkipNetStrategy(PolicyGradientStrategy):
         self._gate = RecurrentGatePolicy(obs_size, self.hidden_size, self.initial_skip_prob)
         return self._gate
 
-    def _episode(self, session: SearchSession, generator: torch.Generator) -> Episode:
+    def _sample(self, generator: torch.Generator) -> Sample:
+        """Gate every block from the policy; the plan is scored later, with the rest of the batch."""
         env, gate = self._env, self._gate
         if env is None or gate is None:
             raise InvalidValueError("the policy is built by search(); call it first")
@@ -135,11 +137,16 @@ class SkipNetStrategy(PolicyGradientStrategy):
         log_prob = torch.zeros(())
         entropy = torch.zeros(())
         state: tuple[torch.Tensor, torch.Tensor] | None = None
+        blocks = len(env.space.blocks)
         while True:
-            with self._policy_threads():
-                logit, state = gate(torch.as_tensor(obs, dtype=torch.float32), state)
-                action, lp, ent = bernoulli(logit, generator)
-                log_prob, entropy = log_prob + lp, entropy + ent
-            obs, reward, terminated, truncated, _ = env.step(np.int64(int(action.item())))  # evaluates at the end
-            if terminated or truncated:
-                return Episode(float(reward), log_prob, entropy)
+            logit, state = gate(torch.as_tensor(obs, dtype=torch.float32), state)
+            action, lp, ent = bernoulli(logit, generator)
+            log_prob, entropy = log_prob + lp, entropy + ent
+            skip = bool(int(action.item()))
+            if len(env.gates) == blocks - 1:  # the last gate: the episode's plan (the env would score it now)
+                return Sample(env.plan_for([*env.gates, skip]), log_prob, entropy)
+            obs, _, _, _, _ = env.step(np.int64(skip))
+
+    def _reward(self, evaluation: Evaluation) -> float:
+        assert self._env is not None
+        return self._env.reward_of(evaluation)

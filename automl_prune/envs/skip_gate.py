@@ -85,6 +85,15 @@ class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
         self._gates = []
         return self._observation(), {}
 
+    @property
+    def gates(self) -> list[bool]:
+        """The gates chosen so far this episode."""
+        return list(self._gates)
+
+    def reward_of(self, evaluation: Evaluation) -> float:
+        """The episode's reward for the evaluation of its plan: its reward minus the compute penalty."""
+        return float(evaluation.reward) - self.compute_penalty * evaluation.flops_ratio
+
     def plan_for(self, gates: list[bool]) -> Plan:
         """The feasible plan for a full set of gates (keep ratios repaired into the budget)."""
         skip = dict(zip(self.space.blocks, gates))
@@ -100,7 +109,7 @@ class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
         plan = self.plan_for(self._gates)
         evaluation = self.evaluate_fn(plan)
         self.last_plan, self.last_evaluation = plan, evaluation
-        reward = float(evaluation.reward) - self.compute_penalty * evaluation.flops_ratio
+        reward = self.reward_of(evaluation)
         info.update(plan=plan, evaluation=evaluation)
         return self._observation(), reward, True, False, info
 
