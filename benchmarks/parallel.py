@@ -3,7 +3,13 @@
 Each worker runs with one torch thread and holds the model and data once. The strategy is
 `random` asking a worker-sized batch at a time; the driver's cache is cleared between
 runs so every evaluation is fresh. A serial in-process run (1 and 2 torch threads) is
-shown for reference.
+shown for reference. Then:
+
+- every agent (``--agents``) with 1 and 2 workers: REINFORCE scores an update's episodes
+  together on the workers; DDPG and PPO score one plan at a time;
+- one deliberately slow plan (``--slow-seconds`` longer than the others) in a stream of
+  ``random`` plans asked 8 at a time, on 2 workers: the pool gives each plan to the next
+  free worker, so the other worker keeps going while the slow plan runs.
 
     python benchmarks/parallel.py --evaluations 24
 """
@@ -15,6 +21,7 @@ import os
 import time
 from datetime import datetime, timezone
 
+import numpy as np
 import torch
 from _common import cpu_model, csv_ints
 
@@ -35,6 +42,8 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=24)
     parser.add_argument("--eval-size", type=int, default=2000)
     parser.add_argument("--workers", type=csv_ints, default=[1, 2], help="worker counts to measure (comma-separated)")
+    parser.add_argument("--agents", default="reinforce,ddpg,ppo", help="agents measured with 1 and 2 workers")
+    parser.add_argument("--slow-seconds", type=float, default=5.0, help="extra time of the one slow plan")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -63,6 +72,33 @@ def main() -> None:
             rate = args.evaluations / (time.perf_counter() - start)
         per_worker[workers] = rate
         rows.append((f"Ray, {workers} worker(s) x 1 thread", rate))
+    agent_rows = []
+    for agent in [a for a in args.agents.split(",") if a]:
+        rates = []
+        for workers in (1, 2):
+            with RayEvaluatorPool(spec_for(evaluator, spec, "fashion-mnist"), workers=workers) as pool:
+                pool.evaluate_many([space.plan_from_keeps([1.0] * space.dim)] * workers)
+                evaluator.clear_cache()
+                start = time.perf_counter()
+                get_strategy(agent).search(
+                    evaluator, space, args.evaluations, seed=0, evaluate_many=pool.evaluate_many_cached(evaluator)
+                )
+                rates.append(args.evaluations / (time.perf_counter() - start))
+        agent_rows.append((agent, *rates))
+    slow_rows = []
+    if args.slow_seconds > 0:
+        base = spec_for(evaluator, spec, "fashion-mnist")
+        first = space.sample(np.random.default_rng(0))  # the first plan `random` asks with seed 0
+        for slow in (False, True):
+            with RayEvaluatorPool(SlowPlan(base, args.slow_seconds if slow else 0.0, first), workers=2) as pool:
+                pool.evaluate_many([space.plan_from_keeps([1.0] * space.dim)] * 2)
+                evaluator.clear_cache()
+                start = time.perf_counter()
+                get_strategy("random", batch_size=8).search(
+                    evaluator, space, args.evaluations, seed=0, evaluate_many=pool.evaluate_many_cached(evaluator)
+                )
+                elapsed = time.perf_counter() - start
+                slow_rows.append((slow, args.evaluations / elapsed, elapsed, pool.placements))
     print(f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
     print(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; load average {os.getloadavg()[0]:.2f}")
     print(
@@ -79,6 +115,45 @@ def main() -> None:
             f"Parallel efficiency with 2 workers: {per_worker[2] / (2 * per_worker[1]):.0%} "
             f"(speed-up x{per_worker[2] / per_worker[1]:.2f} over 1 worker)"
         )
+
+    if agent_rows:
+        print()
+        print("| agent | evaluations/s, 1 worker | 2 workers | speed-up |")
+        print("|---|---:|---:|---:|")
+        for agent, one, two in agent_rows:
+            print(f"| {agent} | {one:.2f} | {two:.2f} | x{two / one:.2f} |")
+    if slow_rows:
+        print()
+        print(f"`random` asking 8 plans at a time on 2 workers, {args.evaluations} evaluations:")
+        print()
+        print("| stream | evaluations/s | wall s | plans on worker 0 / 1 |")
+        print("|---|---:|---:|---:|")
+        for slow, rate, elapsed, placements in slow_rows:
+            counts = [sum(1 for p in placements[2:] if p.worker == w) for w in (0, 1)]
+            name = f"one plan {args.slow_seconds:g} s slower" if slow else "no slow plan"
+            print(f"| {name} | {rate:.2f} | {elapsed:.1f} | {counts[0]} / {counts[1]} |")
+
+
+class SlowPlan:
+    """An evaluator spec whose evaluators take ``seconds`` longer to score one given plan."""
+
+    def __init__(self, spec: object, seconds: float, plan: object) -> None:
+        self.spec, self.seconds, self.plan = spec, seconds, plan
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.spec, name)
+
+    def build(self) -> Evaluator:
+        evaluator = self.spec.build()
+        evaluate, seconds, slow = evaluator.evaluate, self.seconds, self.plan
+
+        def evaluate_slowly(plan: object) -> object:
+            if seconds and plan == slow:
+                time.sleep(seconds)
+            return evaluate(plan)
+
+        evaluator.evaluate = evaluate_slowly
+        return evaluator
 
 
 if __name__ == "__main__":
