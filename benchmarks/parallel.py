@@ -17,6 +17,7 @@ shown for reference. Then:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from datetime import datetime, timezone
@@ -29,11 +30,11 @@ from automl_prune.baseline import train_baseline
 from automl_prune.data import load_dataset
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.models import ModelSpec
-from automl_prune.parallel import RayEvaluatorPool, spec_for
+from automl_prune.parallel import EvaluatorSpec, RayEvaluatorPool, spec_for
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import get_strategy
 from automl_prune.training import TrainConfig
-from automl_prune.types import Budget
+from automl_prune.types import Budget, Plan
 
 
 def main() -> None:
@@ -90,7 +91,8 @@ def main() -> None:
         base = spec_for(evaluator, spec, "fashion-mnist")
         first = space.sample(np.random.default_rng(0))  # the first plan `random` asks with seed 0
         for slow in (False, True):
-            with RayEvaluatorPool(SlowPlan(base, args.slow_seconds if slow else 0.0, first), workers=2) as pool:
+            slowed = SlowPlan(**vars(base), seconds=args.slow_seconds if slow else 0.0, plan=first)
+            with RayEvaluatorPool(slowed, workers=2) as pool:
                 pool.evaluate_many([space.plan_from_keeps([1.0] * space.dim)] * 2)
                 evaluator.clear_cache()
                 start = time.perf_counter()
@@ -134,20 +136,18 @@ def main() -> None:
             print(f"| {name} | {rate:.2f} | {elapsed:.1f} | {counts[0]} / {counts[1]} |")
 
 
-class SlowPlan:
+@dataclasses.dataclass
+class SlowPlan(EvaluatorSpec):
     """An evaluator spec whose evaluators take ``seconds`` longer to score one given plan."""
 
-    def __init__(self, spec: object, seconds: float, plan: object) -> None:
-        self.spec, self.seconds, self.plan = spec, seconds, plan
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.spec, name)
+    seconds: float = 0.0
+    plan: Plan | None = None
 
     def build(self) -> Evaluator:
-        evaluator = self.spec.build()
+        evaluator = super().build()
         evaluate, seconds, slow = evaluator.evaluate, self.seconds, self.plan
 
-        def evaluate_slowly(plan: object) -> object:
+        def evaluate_slowly(plan: Plan) -> object:
             if seconds and plan == slow:
                 time.sleep(seconds)
             return evaluate(plan)
