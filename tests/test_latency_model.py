@@ -109,12 +109,17 @@ def test_calibrate_measures_caches_and_predicts_in_order(
         fitted.predict_ms(graph.layer_shapes(Plan()))
     )
 
-    calls = []
-    monkeypatch.setattr(lm, "measure_plans", lambda *a, **k: calls.append(a) or [])
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        lm, "measure_plans", lambda model, graph, plans, table, **k: calls.append([table.key(p) for p in plans]) or []
+    )
     reopened = LatencyTable(graph, "onnxruntime", "cpu", threads=1, batch_size=1, cache_dir=tmp_path)
     if reopened.noisy_count == 0 and len(reopened) >= 6:
+        cached = set(json.loads(reopened.path.read_text())["entries"])
         calibrate(model, graph, reopened, plans=6, round_to=8, progress=False)
-        assert calls == []  # everything was cached: only the dense model was measured again
+        # everything was cached: no plan is measured as missing; at most the plans the fit cannot explain
+        # when left out (a disturbed measurement) are measured once more, and those are cached ones
+        assert len(calls) <= 1 and all(key in cached for call in calls for key in call)
     other = LatencyTable(graph, "onnxruntime", "cpu", threads=2, batch_size=1, cache_dir=tmp_path)
     assert other.path != table.path and len(other) == 0
 
