@@ -419,30 +419,39 @@ def _print_run_summary(report: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / 'report.md'}")
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    """The main job: search under the budget, prune, fine-tune, export and report."""
+def _open_run(args: argparse.Namespace, what: str) -> tuple[Any, Any] | None:
+    """(run directory, config) of ``--resume DIR`` or of a new run in ``--out``; None once ``--print-config`` printed.
+
+    A new run's config passes :func:`~automl_prune.pipeline.preflight` before its directory is written.
+    """
     from automl_prune.config import from_dict
-    from automl_prune.pipeline import run_job
+    from automl_prune.pipeline import preflight
     from automl_prune.runs import RunDirectory
 
     if args.resume:
         given = [k for k in vars(args) if k.startswith(_CFG)]
         if given or args.config or args.overwrite:
             raise InvalidValueError(
-                "--resume continues a run with its own config.yaml; give no --config, config flags or --overwrite"
+                f"--resume continues a {what} with its own config.yaml; give no --config, config flags or --overwrite"
             )
         run = RunDirectory(args.resume, resume=True)
         config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
-        if _printed(args, config):
-            return 0
-    else:
-        config = _resolve(args)
-        if _printed(args, config):
-            return 0
-        from automl_prune.pipeline import preflight
+        return None if _printed(args, config) else (run, config)
+    config = _resolve(args)
+    if _printed(args, config):
+        return None
+    preflight(config)
+    return RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite), config  # refuses a different run
 
-        preflight(config)
-        run = RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite)
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The main job: search under the budget, prune, fine-tune, export and report."""
+    from automl_prune.pipeline import run_job
+
+    opened = _open_run(args, "run")
+    if opened is None:
+        return 0
+    run, config = opened
     console = _console()
     try:
         job = run_job(config, run, stage=lambda text: console.print(text, highlight=False))
@@ -492,26 +501,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run several strategies with the same seeds and evaluation budget (a Tune experiment); write the comparison."""
-    from automl_prune.config import from_dict
-    from automl_prune.pipeline import preflight, run_compare
-    from automl_prune.runs import RunDirectory
+    from automl_prune.pipeline import run_compare
 
-    if args.resume:
-        given = [k for k in vars(args) if k.startswith(_CFG)]
-        if given or args.config or args.overwrite:
-            raise InvalidValueError(
-                "--resume continues a comparison with its own config.yaml; give no --config, config flags or --overwrite"
-            )
-        run = RunDirectory(args.resume, resume=True)
-        config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
-    else:
-        config = _resolve(args)
-        if _printed(args, config):
-            return 0
-        preflight(config)
-        run = RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite)  # refuses a different comparison
+    opened = _open_run(args, "comparison")
+    if opened is None:
+        return 0
+    run, config = opened
     try:
-        out, rows = run_compare(config, run.path)
+        rows = run_compare(config, run.path)
     except KeyboardInterrupt as exc:
         print(
             f"automl-prune: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; finished trials are "
@@ -520,7 +517,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         return _interrupted_status(exc)
     _table(
-        f"comparison -> {out / 'comparison.md'}",
+        f"comparison -> {run.path / 'comparison.md'}",
         ["strategy", "seeds", "best acc (mean)", "std", "FLOPs ratio", "evals to 99%", "wall s"],
         [[r.strategy, r.seeds, r.best_mean, r.best_std, r.best_flops_ratio, r.evals_to_99, r.wall_time] for r in rows],
     )

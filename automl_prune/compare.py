@@ -186,7 +186,7 @@ def run_comparison(
         gpus_per_worker: GPU fraction each trial reserves.
 
     Returns:
-        Entry label -> one result per seed, in seed order.
+        Entry label -> one result per seed, in the order of ``seeds``.
 
     Raises:
         AutomlPruneError: A trial still failed after its retries (the comparison can be resumed).
@@ -250,9 +250,8 @@ def run_comparison(
     done: dict[tuple[str, int], SearchResult] = {}
     failed = []
     for result in grid:
-        if result.error is not None or result.checkpoint is None:
-            reason = str(result.error).strip().splitlines()[-1] if result.error else "no result"
-            failed.append(f"{Path(result.path).name}: {reason}")
+        if result.error is not None:
+            failed.append(f"{Path(result.path).name}: {str(result.error).strip().splitlines()[-1]}")
             continue
         label, seed = result.config["entry"]["label"], int(result.config["seed"])
         done[(label, seed)] = SearchResult.from_dict(
@@ -263,8 +262,4 @@ def run_comparison(
             f"{len(failed)} trial(s) failed after {MAX_FAILURES} retries; the first: {failed[0]} "
             f"(finished trials are kept: `automl-prune compare --resume {out}` runs the others again)"
         )
-    labels = list(dict.fromkeys(label for label, _ in done))
-    order = [e.label for e in entries if e.label in labels] + [
-        lab for lab in labels if lab not in {e.label for e in entries}
-    ]
-    return {label: [done[(label, seed)] for seed in sorted(s for lab, s in done if lab == label)] for label in order}
+    return {e.label: [done[(e.label, seed)] for seed in seeds] for e in entries}

@@ -40,6 +40,7 @@ import yaml
 from automl_prune.errors import InvalidValueError
 from automl_prune.fields import opt as _opt
 from automl_prune.strategy_options import (
+    STRATEGY_OPTIONS,
     ABCOptions,
     DDPGOptions,
     GlobalOptions,
@@ -47,6 +48,7 @@ from automl_prune.strategy_options import (
     PPOOptions,
     ReinforceOptions,
     SkipNetOptions,
+    options_of,
     split_top_level,
     split_variant,
 )
@@ -148,8 +150,6 @@ class SearchSection:
 
     def options_of(self, strategy: str) -> dict[str, Any]:
         """The options of ``strategy`` (``search.<strategy>.*``) as its keyword arguments; {} if it has none."""
-        from automl_prune.strategy_options import STRATEGY_OPTIONS, options_of
-
         if strategy not in STRATEGY_OPTIONS:
             return {}
         return options_of(getattr(self, _ATTRIBUTE.get(f"search.{strategy}", strategy)))
@@ -268,9 +268,6 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
-SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config) if dataclasses.is_dataclass(f.default_factory))  # type: ignore[arg-type]
-
-
 # --------------------------------------------------------------------------- schema
 @dataclass(frozen=True)
 class Option:
@@ -293,8 +290,8 @@ class Option:
         return _describe(self)
 
 
-_GROUPS: dict[str, str] = {}
-"""Every mapping of keys by dotted path (``search``, ``search.ddpg``) -> its description."""
+_GROUPS: list[str] = []
+"""Every dotted path holding a mapping of keys (``search``, ``search.ddpg``), in declaration order."""
 _ATTRIBUTE: dict[str, str] = {}
 """Dotted path -> attribute name, where they differ (``search.global`` -> ``global_``)."""
 
@@ -307,7 +304,7 @@ def _options(cls: type, prefix: str = "") -> list[Option]:
         if _key(f) != f.name:
             _ATTRIBUTE[path] = f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            _GROUPS[path] = (hints[f.name].__doc__ or "").strip().splitlines()[0]
+            _GROUPS.append(path)
             out.extend(_options(hints[f.name], f"{path}."))
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]

@@ -920,13 +920,13 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
     return JobResult(run.path, outcome, report)
 
 
-def run_compare(config: Config, out: str | Path) -> tuple[Path, list[Any]]:
+def run_compare(config: Config, out: str | Path) -> list[Any]:
     """``automl-prune compare``: every ``compare.strategies`` entry with every seed, as a Tune experiment in ``out``.
 
     An interrupted comparison in ``out`` resumes: finished trials are kept.
 
     Returns:
-        (the directory, one summary row per entry as written to comparison.md/.csv).
+        One summary row per entry, as written to comparison.md/.csv.
     """
     from automl_prune.compare import parse_entries, run_comparison
     from automl_prune.report import write_comparison
@@ -955,4 +955,4 @@ def run_compare(config: Config, out: str | Path) -> tuple[Path, list[Any]]:
         f"{', '.join(e.label for e in entries)} under {budget_of(config).describe()}, "
         f"{s.evaluations} evaluations, seeds {seeds}"
     )
-    return Path(out), write_comparison(results, out, title)
+    return write_comparison(results, out, title)

@@ -11,7 +11,6 @@ otherwise.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path
 
 __all__ = ["POLICY_FILE", "load_policy", "policy_file", "save_policy"]
-
-logger = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.pt"
 _FORMAT = "automl-prune-policy"

@@ -150,6 +150,8 @@ class Strategy:
     name: str = ""
     sequential_reason: str = ""
     """Why the strategy scores one plan at a time ("" when it hands batches to ``evaluate_many``)."""
+    learns_policy: bool = False
+    """Whether the strategy learns a policy (:meth:`policy_state`, :meth:`start_from`)."""
     initial_policy: dict[str, Any] | None = None
     """Tensors of a policy learned before, the next search starts from (see :meth:`start_from`)."""
 
@@ -163,10 +165,12 @@ class Strategy:
         Raises:
             InvalidValueError: The strategy learns no policy.
         """
-        raise InvalidValueError(
-            f"{self.name or type(self).__name__} learns no policy to start from; search.init_policy is for "
-            "ddpg, ppo, reinforce and skipnet"
-        )
+        if not self.learns_policy:
+            raise InvalidValueError(
+                f"{self.name or type(self).__name__} learns no policy to start from; search.init_policy is for "
+                "ddpg, ppo, reinforce and skipnet"
+            )
+        self.initial_policy = state
 
     def search(
         self,

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from automl_prune.errors import InvalidValueError
 from automl_prune.fields import opt
 
 __all__ = [
@@ -77,32 +78,33 @@ class PPOOptions:
 
 
 @dataclass
-class ReinforceOptions:
-    """N2N's two-stage REINFORCE (LSTM policies)."""
+class _PolicyGradientOptions:
+    """What the REINFORCE agents share (:class:`automl_prune.agents.policy_gradient.PolicyGradientStrategy`)."""
 
-    levels: int = opt(10, "discrete keep levels of the shrinkage policy", ge=2)
-    hidden_size: int = opt(64, "LSTM hidden size", ge=1)
-    learning_rate: float = opt(2e-2, "Adam learning rate of the policies", gt=0)
+    learning_rate: float = opt(2e-2, "Adam learning rate of the policy", gt=0)
     episodes_per_update: int = opt(5, "episodes averaged per policy-gradient update", ge=1)
     baseline_decay: float = opt(0.9, "decay of the moving-average reward baseline", ge=0, lt=1)
     entropy_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
-    initial_skip_prob: float = opt(0.3, "initial probability of removing a residual block", gt=0, lt=1)
-    remove_blocks: bool = opt(True, "run N2N's block-removal stage before shrinkage")
     policy_threads: int | None = opt(1, "torch threads of the policy's own updates (null: leave torch's)", ge=1)
 
 
 @dataclass
-class SkipNetOptions:
+class ReinforceOptions(_PolicyGradientOptions):
+    """N2N's two-stage REINFORCE (LSTM policies)."""
+
+    levels: int = opt(10, "discrete keep levels of the shrinkage policy", ge=2)
+    hidden_size: int = opt(64, "LSTM hidden size", ge=1)
+    initial_skip_prob: float = opt(0.3, "initial probability of removing a residual block", gt=0, lt=1)
+    remove_blocks: bool = opt(True, "run N2N's block-removal stage before shrinkage")
+
+
+@dataclass
+class SkipNetOptions(_PolicyGradientOptions):
     """SkipNet-style policy gradient over residual-block skip gates."""
 
     compute_penalty: float = opt(0.1, "reward penalty per unit of kept FLOPs fraction", ge=0)
     hidden_size: int = opt(32, "gate LSTM hidden size", ge=1)
-    learning_rate: float = opt(2e-2, "Adam learning rate of the gate", gt=0)
-    episodes_per_update: int = opt(5, "episodes averaged per policy-gradient update", ge=1)
-    baseline_decay: float = opt(0.9, "decay of the moving-average reward baseline", ge=0, lt=1)
-    entropy_coef: float = opt(0.0, "entropy bonus coefficient", ge=0)
     initial_skip_prob: float = opt(0.5, "initial skip probability of a block", gt=0, lt=1)
-    policy_threads: int | None = opt(1, "torch threads of the gate's own updates (null: leave torch's)", ge=1)
 
 
 @dataclass
@@ -167,8 +169,6 @@ def split_variant(text: str) -> tuple[str, dict[str, str]]:
     Raises:
         InvalidValueError: Not ``name`` or ``name(key=value, ...)``.
     """
-    from automl_prune.errors import InvalidValueError
-
     match = _VARIANT.match(str(text))
     bad = InvalidValueError(
         f"compare.strategies entry '{text}' must be a strategy name or name(key=value, ...), "

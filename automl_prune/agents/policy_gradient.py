@@ -149,6 +149,8 @@ class PolicyGradientStrategy(Strategy):
         policy: The policy network(s) of the last search.
     """
 
+    learns_policy = True
+
     def __init__(
         self,
         learning_rate: float,
@@ -184,10 +186,6 @@ class PolicyGradientStrategy(Strategy):
     def policy_state(self) -> dict[str, Any] | None:
         """The policy network(s) after the last search."""
         return None if self.policy is None else {"policy": self.policy.state_dict()}
-
-    def start_from(self, state: dict[str, Any]) -> None:
-        """Start the next search's policy from ``state`` (:meth:`policy_state` of an earlier search)."""
-        self.initial_policy = state
 
     def _policy_threads(self) -> contextlib.AbstractContextManager[None]:
         """Context in which the policy's own (tiny) torch ops run."""

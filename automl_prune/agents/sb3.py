@@ -332,6 +332,7 @@ class _SB3Strategy(Strategy):
         model: The SB3 model of the last search (``None`` before the first).
     """
 
+    learns_policy = True
     sequential_reason = (
         "its Stable-Baselines3 loop steps one environment, so each episode's plan is scored before the next begins"
     )
@@ -342,10 +343,6 @@ class _SB3Strategy(Strategy):
     def policy_state(self) -> dict[str, Any] | None:
         """The SB3 model's parameters (networks and optimisers) after the last search."""
         return None if self.model is None else self.model.get_parameters()
-
-    def start_from(self, state: dict[str, Any]) -> None:
-        """Start the next search's networks from ``state`` (:meth:`policy_state` of an earlier search)."""
-        self.initial_policy = state
 
     def _build(self, env: LayerPruneEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
         """The SB3 model to train on ``env`` (seeded with ``session.seed``)."""

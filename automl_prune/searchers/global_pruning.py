@@ -61,13 +61,14 @@ from automl_prune.evaluator import Evaluator
 from automl_prune.graph import LayerGraph
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import AskTellStrategy, SearchSession
+from automl_prune.strategy_options import GLOBAL_NORMALIZERS
 from automl_prune.types import Plan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["NORMALIZERS", "GlobalRanking", "GlobalStrategy", "group_scores"]
 
-NORMALIZERS = ("mean", "sum", "max", "l2")
+NORMALIZERS = GLOBAL_NORMALIZERS
 """Within-group normalisations (see :func:`automl_prune.criteria.base.normalise`)."""
 
 

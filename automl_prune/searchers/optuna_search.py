@@ -48,13 +48,14 @@ import optuna
 from automl_prune.errors import AutomlPruneError, InvalidValueError
 from automl_prune.pareto import pareto_pairs
 from automl_prune.strategy import AskTellStrategy, SearchSession
+from automl_prune.strategy_options import OPTUNA_SAMPLERS
 from automl_prune.types import Evaluation, Plan
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SAMPLERS", "OptunaStrategy"]
 
-SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
+SAMPLERS = OPTUNA_SAMPLERS
 """Valid sampler names."""
 
 _SKIP_PREFIX = "skip:"
