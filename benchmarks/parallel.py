@@ -6,7 +6,7 @@ runs so every evaluation is fresh. A serial in-process run (1 and 2 torch thread
 shown for reference. Then:
 
 - every agent (``--agents``) with 1 and 2 workers: REINFORCE scores an update's episodes
-  together on the workers; DDPG and PPO score one plan at a time;
+  and PPO a rollout's episodes together on the workers; DDPG scores one plan at a time;
 - one deliberately slow plan (``--slow-seconds`` longer than the others) in a stream of
   ``random`` plans asked 8 at a time, on 2 workers: the pool gives each plan to the next
   free worker, so the other worker keeps going while the slow plan runs.

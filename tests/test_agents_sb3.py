@@ -201,10 +201,24 @@ def test_ppo_rollouts_are_whole_episodes(run: Callable[..., Run], space: SearchS
     assert isinstance(strategy, PPOStrategy)
     model = strategy.model
     assert model is not None
-    assert model.n_steps == strategy.episodes_per_rollout * space.dim
-    assert model.n_steps % space.dim == 0
+    assert model.n_envs == strategy.episodes_per_rollout  # one env per episode of a rollout
+    assert model.n_steps == space.dim  # each env runs one whole episode per rollout
     assert model.gamma == 1.0
-    assert model.batch_size == model.n_steps // 2
+    assert model.batch_size == model.n_steps * model.n_envs // 2
+
+
+def test_ppo_scores_a_rollouts_plans_as_one_batch(evaluator: Evaluator, space: SearchSpace) -> None:
+    """Every evaluate_many call carries one rollout's episodes; the last is cut to the budget."""
+    batches: list[int] = []
+
+    def evaluate_many(plans: list[Plan]) -> list[Evaluation]:
+        batches.append(len(plans))
+        return [evaluator.evaluate(p) for p in plans]
+
+    result = PPOStrategy(episodes_per_rollout=4).search(evaluator, space, 10, seed=0, evaluate_many=evaluate_many)
+    assert batches == [4, 4, 2]
+    assert len(result.history) == 10
+    assert all(e.feasible and e.flops_ratio <= BUDGET + 1e-9 for _, e in result.history)
 
 
 # ---------------------------------------------------------------------------- noise

@@ -68,6 +68,19 @@ def test_reinforce_scores_each_update_on_the_workers(digits_problem, pool) -> No
     assert {p.worker for p in pool.placements[before:]} == {0, 1}
 
 
+def test_ppo_scores_each_rollout_on_the_workers(digits_problem, pool) -> None:
+    """PPO's rollout episodes run side by side; their plans are scored on the workers, as alone."""
+    _, evaluator, space = digits_problem
+    before = len(pool.placements)
+    serial = get_strategy("ppo", episodes_per_rollout=4).search(evaluator, space, 8, seed=1)
+    parallel = get_strategy("ppo", episodes_per_rollout=4).search(
+        evaluator, space, 8, seed=1, evaluate_many=pool.evaluate_many
+    )
+    assert [p for p, _ in parallel.history] == [p for p, _ in serial.history]
+    assert [e.accuracy for _, e in parallel.history] == [e.accuracy for _, e in serial.history]
+    assert {p.worker for p in pool.placements[before:]} == {0, 1}
+
+
 def test_killed_worker_loses_at_most_one_evaluation(digits_problem, pool) -> None:
     _, evaluator, space = digits_problem
     victim = pool.worker_pids()[0]

@@ -28,8 +28,11 @@ from stable_baselines3 import DDPG, PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from automl_prune.envs.layer_prune import LayerPruneEnv
 from automl_prune.errors import InvalidValueError
@@ -39,6 +42,7 @@ from automl_prune.strategy import EvaluationBudgetExhausted, SearchSession, Stra
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BatchedEvaluationVecEnv",
     "DDPGStrategy",
     "DecayingTruncatedNormalNoise",
     "EpisodeRewardReplayBuffer",
@@ -272,6 +276,47 @@ class EpisodeRewardReplayBuffer(ReplayBuffer):
 
 
 # ---------------------------------------------------------------------------- SB3 plumbing
+class BatchedEvaluationVecEnv(DummyVecEnv):
+    """Several ``LayerPrune-v0`` envs stepped together whose finished plans are scored as one batch.
+
+    Each env defers its evaluation (``defer_evaluation=True``); after every vector step the
+    plans finished in that step go to ``evaluate_many`` together (the session's, so on Ray
+    workers when the search has them) and their rewards are filled in. The envs start
+    together and every episode has one step per group, so all of them finish in the same
+    step: one rollout of ``num_envs`` episodes costs one parallel batch of evaluations.
+
+    Args:
+        space: The search space.
+        n_envs: Number of envs.
+        evaluate_many: Scores a list of plans (it may score fewer than given when the
+            budget runs out: the search then ends with
+            :class:`~automl_prune.strategy.EvaluationBudgetExhausted`).
+
+    Raises:
+        InvalidValueError: For ``n_envs < 1``.
+    """
+
+    def __init__(self, space: Any, n_envs: int, evaluate_many: Any):
+        if n_envs < 1:
+            raise InvalidValueError(f"n_envs must be >= 1, got {n_envs}")
+        super().__init__([lambda: LayerPruneEnv(space, defer_evaluation=True) for _ in range(n_envs)])
+        self.evaluate_many = evaluate_many
+
+    def step_wait(self) -> VecEnvStepReturn:
+        """Step every env, then score the plans finished in this step as one batch."""
+        obs, rewards, dones, infos = super().step_wait()
+        pending = [i for i, info in enumerate(infos) if info.get("pending")]
+        if pending:
+            evaluations = self.evaluate_many([infos[i]["plan"] for i in pending])
+            for i, evaluation in zip(pending, evaluations):
+                rewards[i] = float(evaluation.reward)
+                infos[i]["evaluation"] = evaluation
+                infos[i]["pending"] = False
+            if len(evaluations) < len(pending):
+                raise EvaluationBudgetExhausted
+        return obs, rewards, dones, infos
+
+
 class StopWhenBudgetSpent(BaseCallback):
     """Stops ``learn`` right after the step that spent the session's last evaluation.
 
@@ -333,9 +378,6 @@ class _SB3Strategy(Strategy):
     """
 
     learns_policy = True
-    sequential_reason = (
-        "its Stable-Baselines3 loop steps one environment, so each episode's plan is scored before the next begins"
-    )
 
     def __init__(self) -> None:
         self.model: BaseAlgorithm | None = None
@@ -344,16 +386,20 @@ class _SB3Strategy(Strategy):
         """The SB3 model's parameters (networks and optimisers) after the last search."""
         return None if self.model is None else self.model.get_parameters()
 
-    def _build(self, env: LayerPruneEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
+    def _build(self, env: LayerPruneEnv | VecEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
         """The SB3 model to train on ``env`` (seeded with ``session.seed``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _build")
 
+    def _env(self, session: SearchSession) -> LayerPruneEnv | VecEnv:
+        """The environment to learn on: one env scoring each episode through the session."""
+        # SB3 wraps a plain env (Monitor, DummyVecEnv) and, given ``seed``, seeds its reset and action space.
+        return LayerPruneEnv(session.space, evaluate=session.evaluate)
+
     def _run(self, session: SearchSession) -> None:
-        space = session.space
-        n_groups = space.dim
-        # SB3 wraps the env (Monitor, DummyVecEnv) and, given ``seed``, seeds its reset and action space.
-        env = LayerPruneEnv(space, evaluate=session.evaluate)
-        model = self._build(env, session, n_groups)
+        n_groups = session.space.dim
+        model = self._build(self._env(session), session, n_groups)
+        # No SB3 log outputs (its default logger makes an empty SB3-<date> folder in /tmp per learn()).
+        model.set_logger(Logger(folder=None, output_formats=[]))
         if self.initial_policy is not None:
             try:
                 model.set_parameters(self.initial_policy, exact_match=True)
@@ -432,6 +478,10 @@ class DDPGStrategy(_SB3Strategy):
       the steps left; this is what AMC's update does too and leaves the greedy action of
       each state unchanged.
 
+    Evaluations run one at a time: AMC's update follows every episode, so each episode acts
+    with the actor trained on all the episodes before it (several rollout envs would act with
+    a stale actor and need step-based training, which breaks the per-episode reward above).
+
     Args:
         warmup_episodes: Episodes of random actions before learning starts (None: a share of
             the evaluation budget, see above).
@@ -455,6 +505,10 @@ class DDPGStrategy(_SB3Strategy):
         InvalidValueError: For a negative ``warmup_episodes``, ``batch_size`` or
             ``buffer_episodes`` below 1, or an invalid noise or baseline setting.
     """
+
+    sequential_reason = (
+        "AMC's DDPG updates its actor after every episode, so each episode's plan is scored before the next is chosen"
+    )
 
     def __init__(
         self,
@@ -555,8 +609,11 @@ class DDPGStrategy(_SB3Strategy):
 class PPOStrategy(_SB3Strategy):
     """Stable-Baselines3 PPO on ``LayerPrune-v0``: an on-policy alternative to AMC's DDPG.
 
-    A rollout is ``episodes_per_rollout`` whole episodes (``n_steps`` a multiple of the
-    number of groups, and at least 2 as SB3 requires), after which PPO takes ``n_epochs`` passes of minibatch updates.
+    A rollout is ``episodes_per_rollout`` whole episodes, run side by side in as many envs of a
+    :class:`BatchedEvaluationVecEnv`: their plans are scored as one batch, in parallel on
+    the search's Ray workers when it has them (the rollout, and so the search, is the same
+    whatever the number of workers). After each rollout PPO takes ``n_epochs`` passes of
+    minibatch updates.
     ``gamma = 1``: only the episode's final reward matters. The Gaussian policy's own
     sampling explores (no action noise); advantages come from GAE with a learned value
     function and are normalised per minibatch, which plays the part of AMC's reward
@@ -612,10 +669,17 @@ class PPOStrategy(_SB3Strategy):
         self.net_arch = list(net_arch)
         self.device = device
 
-    def _build(self, env: LayerPruneEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
-        # Whole episodes per rollout, and at least two steps (SB3 needs n_steps > 1).
-        n_steps = max(self.episodes_per_rollout, math.ceil(2 / n_groups)) * n_groups
-        batch_size = min(self.batch_size if self.batch_size is not None else max(2, n_steps // 2), n_steps)
+    def _env(self, session: SearchSession) -> VecEnv:
+        """``episodes_per_rollout`` envs whose finished plans are scored together."""
+        return BatchedEvaluationVecEnv(session.space, self.episodes_per_rollout, session.evaluate_many)
+
+    def _build(self, env: LayerPruneEnv | VecEnv, session: SearchSession, n_groups: int) -> BaseAlgorithm:
+        # One episode per env per rollout; whole episodes, and a rollout of at least two steps
+        # (SB3 needs n_steps * n_envs > 1).
+        n_envs = env.num_envs if isinstance(env, VecEnv) else 1
+        n_steps = math.ceil(2 / (n_groups * n_envs)) * n_groups
+        rollout = n_steps * n_envs
+        batch_size = min(self.batch_size if self.batch_size is not None else max(2, rollout // 2), rollout)
         return PPO(
             "MlpPolicy",
             env,

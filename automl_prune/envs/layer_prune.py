@@ -8,6 +8,8 @@ previous action (the last keep ratio). The action, in ``Box(-1, 1, (1,))``, is m
 ratio by the search space and clipped into its budget-feasible interval, so every
 episode ends inside the budget. The reward is 0 until the last step, then the evaluated
 plan's reward; ``info`` carries the plan and the :class:`~automl_prune.types.Evaluation`.
+A deferred env (``defer_evaluation=True``) leaves the last step's plan to its caller, which
+scores several envs' plans at once (:class:`~automl_prune.agents.sb3.BatchedEvaluationVecEnv`).
 """
 
 from __future__ import annotations
@@ -68,14 +70,22 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         evaluate: Function scoring a plan; defaults to ``space.evaluator.evaluate``
             (strategies pass their session's, so evaluations are counted).
         render_mode: Only ``None`` or ``"ansi"``.
+        defer_evaluation: Leave the finished plan unscored: the last step's reward is 0 and
+            ``info`` carries the plan with ``pending=True`` and no evaluation; the caller
+            scores it and supplies the reward.
     """
 
     metadata = {"render_modes": ["ansi"]}
 
     def __init__(
-        self, space: SearchSpace, evaluate: Callable[[Plan], Evaluation] | None = None, render_mode: str | None = None
+        self,
+        space: SearchSpace,
+        evaluate: Callable[[Plan], Evaluation] | None = None,
+        render_mode: str | None = None,
+        defer_evaluation: bool = False,
     ):
         self.space = space
+        self.defer_evaluation = defer_evaluation
         self.evaluate_fn = evaluate or space.evaluator.evaluate
         self.render_mode = render_mode
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
@@ -124,6 +134,10 @@ class LayerPruneEnv(gym.Env[np.ndarray, np.ndarray]):
         plan = self.space.repair(
             self.space.plan_from_keeps(self._decided)
         )  # no-op unless latency noise broke the bounds
+        if self.defer_evaluation:
+            self.last_plan, self.last_evaluation = plan, None
+            info.update(plan=plan, evaluation=None, pending=True)
+            return self._observation(), 0.0, True, False, info
         evaluation = self.evaluate_fn(plan)
         self.last_plan, self.last_evaluation = plan, evaluation
         info.update(plan=plan, evaluation=evaluation)
