@@ -267,6 +267,12 @@ class RayEvaluatorPool:
         start_timeout: Seconds without any live worker before :class:`NoWorkerLeftError`.
         max_restarts: Restarts Ray makes of each worker actor.
 
+    Attributes:
+        placements: Where each evaluation was made, in the order made.
+        stats: The faults met, counted.
+        peak_running: The most plans out on workers at once (``workers`` once a batch at least
+            that large met every worker idle).
+
     Raises:
         AutomlPruneError: The cluster cannot be reached (nothing is left running).
     """
@@ -322,6 +328,7 @@ class RayEvaluatorPool:
         self._next = 0  # where the search for a free worker starts (spreads single plans over the workers)
         self.placements: list[Placement] = []
         self.stats = PoolStats()
+        self.peak_running = 0  # most plans out on workers at once
 
     # ------------------------------------------------------------------ workers
     def _ping(self, worker: int) -> None:
@@ -421,8 +428,9 @@ class RayEvaluatorPool:
                 where[i] = Placement(worker, "", attempts[i])
 
         while queue or running:
+            start = self._next
             for k in range(self.workers):  # free workers in turn, starting after the last one given a plan
-                worker = (self._next + k) % self.workers
+                worker = (start + k) % self.workers
                 if self._state[worker] == _IDLE and queue:
                     i = queue.popleft()
                     attempts[i] += 1
@@ -430,6 +438,7 @@ class RayEvaluatorPool:
                     running[ref] = (i, worker, time.monotonic())
                     self._state[worker] = _BUSY
                     self._next = worker + 1
+            self.peak_running = max(self.peak_running, len(running))
             for ref in self._wait(list(running)):
                 i, worker, _ = running.pop(ref)
                 try:

@@ -53,6 +53,7 @@ def test_parallel_search_equals_serial(digits_problem, pool) -> None:
     assert [e.accuracy for _, e in parallel.history] == [e.accuracy for _, e in serial.history]
     assert serial.best_evaluation.accuracy > 0.5  # a trained model, not chance
     assert {p.worker for p in pool.placements} == {0, 1}
+    assert pool.peak_running == 2  # both workers scored at once, not in turn
 
 
 def test_reinforce_scores_each_update_on_the_workers(digits_problem, pool) -> None:
