@@ -524,6 +524,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_skipnet(args: argparse.Namespace) -> int:
+    """Train dynamic SkipNet gates to the FLOPs budget and compare them with a static plan."""
+    from automl_prune.pipeline import run_skipnet
+
+    config = _resolve(args)
+    if _printed(args, config):
+        return 0
+    console = _console()
+    done = run_skipnet(config, args.out, stage=lambda text: console.print(text, highlight=False))
+    r = done.report
+    ort = r["latency"]["runtimes"]["onnxruntime"]
+    _table(
+        f"dynamic SkipNet -> {done.out / 'report.md'}",
+        ["model", "test acc", "FLOPs (mean)", "ORT batch-1 mean ms", "vs dense"],
+        [
+            [
+                name,
+                row["test_accuracy"],
+                share,
+                ort[label]["mean_ms"] if label in ort else "-",
+                f"x{ort[label]['speedup']:.2f}" if label in ort else "-",
+            ]
+            for name, label, row, share in (
+                ("dense", "dense", r["dense"], 1.0),
+                ("static plan", "static plan", r["static"], r["static"]["flops_share"]),
+                ("gated", "gated", r["gated"], r["gated"]["mean_flops_share"]),
+            )
+        ],
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 _RUN_SECTIONS = ("model", "data", "train", "budget", "search", "prune", "finetune", "parallel", "report")
 _TOP = ("seed", "threads", "device", "amp", "cache_dir")
@@ -567,6 +599,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a different comparison already in --out")
     p.set_defaults(func=cmd_compare)
+
+    p = command(
+        "skipnet",
+        "dynamic SkipNet: per-input skip gates trained to mean FLOPs <= --budget.flops, against a static plan",
+    )
+    _add_config_flags(
+        p,
+        ("model", "data", "train", "budget", "gates", "prune", "finetune", "report"),
+        _TOP,
+        exclude=tuple(f"budget.{k}" for k in ("params", "latency_ms", "speedup", "runtime", "device", "batch_size"))
+        + (
+            "finetune.epochs",
+            "finetune.batch_size",
+            "finetune.weight_decay",
+            "finetune.distill_weight",
+            "finetune.distill_temperature",
+            "report.latency_batch_sizes",
+        ),
+    )
+    p.add_argument("--out", default="runs/skipnet", help="output directory [runs/skipnet]")
+    p.set_defaults(func=cmd_skipnet)
 
     p = command("train", "train a baseline (cached by everything that determines it)")
     _add_config_flags(p, ("model", "data", "train"), _TOP, exclude=("model.checkpoint", "model.weights"))

@@ -1,7 +1,7 @@
 """Run configuration: one typed, validated tree shared by config files and command-line flags.
 
 A config is a YAML mapping of sections (``model``, ``data``, ``train``, ``budget``,
-``search``, ``prune``, ``finetune``, ``parallel``, ``compare``, ``report``) plus a few
+``search``, ``prune``, ``finetune``, ``parallel``, ``compare``, ``gates``, ``report``) plus a few
 top-level keys (``seed``, ``threads``, ``cache_dir``). Files give only what differs from the
 defaults below (the packaged ``default`` config, ``configs/default.yaml``, spells them out; a
 config is given by path or by the name of a packaged one: ``--config smoke``). Every key ``a.b`` is also
@@ -207,6 +207,25 @@ class CompareSection:
 
 
 @dataclass
+class GatesSection:
+    """Dynamic SkipNet (`automl-prune skipnet`): per-input skip gates on the residual blocks, mean FLOPs <= budget.flops."""
+
+    pretrain_steps: int = _opt(100, "steps of supervised pre-training with soft gates", ge=0)
+    rl_steps: int = _opt(400, "steps of hybrid RL: sampled hard gates (REINFORCE) plus the supervised loss", ge=0)
+    lr: float = _opt(0.05, "SGD learning rate of the gates", gt=0)
+    network_lr_scale: float = _opt(0.1, "learning rate of the network relative to the gates' (0 freezes it)", ge=0)
+    batch_size: int = _opt(128, "mini-batch size", ge=2)
+    compute_weight: float = _opt(
+        2.0, "weight of the FLOPs share in the reward (SkipNet's alpha); the threshold then meets budget.flops", ge=0
+    )
+    dual_lr: float = _opt(
+        0.0, "step of a dual-ascent adjustment of compute_weight towards budget.flops (0: fixed)", ge=0
+    )
+    hidden: int = _opt(16, "width of each gate's hidden layer", ge=1)
+    latency_images: int = _opt(200, "test images timed one at a time (batch 1) for the latency comparison", ge=1)
+
+
+@dataclass
 class ReportSection:
     """What the final report measures."""
 
@@ -236,6 +255,7 @@ class Config:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     compare: CompareSection = field(default_factory=CompareSection)
+    gates: GatesSection = field(default_factory=GatesSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def to_dict(self) -> dict[str, Any]:

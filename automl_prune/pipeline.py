@@ -956,3 +956,175 @@ def run_compare(config: Config, out: str | Path) -> list[Any]:
         f"{s.evaluations} evaluations, seeds {seeds}"
     )
     return write_comparison(results, out, title)
+
+
+@dataclass
+class SkipNetResult:
+    """What :func:`run_skipnet` wrote and measured (``report`` is ``report.json``'s content)."""
+
+    out: Path
+    report: dict[str, Any]
+
+
+def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> SkipNetResult:
+    """``automl-prune skipnet``: dynamic SkipNet gates trained to mean FLOPs <= ``budget.flops``, against a static plan.
+
+    The gates are trained on the dense model (:func:`automl_prune.dynamic.train_gated`), the
+    threshold calibrated on search-val; the static plan removes channels uniformly (the
+    ``prune.criterion``) to the gated model's mean FLOPs and is fine-tuned for as many steps.
+    Both, and the dense model, are tested on the test split and timed at batch 1 on real test
+    images in TorchScript and onnxruntime. Written to ``out``: ``gated.pt`` (reloadable with
+    :func:`~automl_prune.dynamic.load_gated`), ``gated.ts`` and ``gated.onnx`` (both checked
+    against the eager model before they are written), ``report.md``, ``report.json``, ``gates.png``.
+
+    Raises:
+        InvalidValueError: A budget other than a FLOPs fraction, or a model without skippable residual blocks.
+    """
+    import time
+
+    from automl_prune import dynamic
+    from automl_prune.io import atomic_path
+    from automl_prune.measure.accuracy import evaluate_accuracy
+    from automl_prune.measure.latency import measure_interleaved, round_ratio
+    from automl_prune.runtimes import get_runtime, onnx_session
+    from automl_prune.strategy import make_strategy
+    from automl_prune.training import train
+
+    b = config.budget
+    if b.flops is None or b.flops > 1 or any(v is not None for v in (b.params, b.latency_ms, b.speedup)):
+        raise InvalidValueError(
+            "skipnet targets a mean FLOPs share: give --budget.flops F with 0 < F <= 1 and no params, latency_ms "
+            "or speedup term"
+        )
+    check_names(config)
+    set_threads(config)
+    seed_everything(config.seed)
+    started = time.perf_counter()
+    out = output_dir(out)
+    g = config.gates
+    stage(f"[1/5] data {config.data.dataset}, dense model {config.model.checkpoint or config.model.name}")
+    data = load_data(config)
+    model, info, _ = dense_model(config, data)
+    model = model.cpu().eval()
+    example = info.example_inputs()
+    net = dynamic.GatedNetwork(model, example, hidden=g.hidden)
+    stage(
+        f"[2/5] gates on {len(net.blocks)} blocks: {g.pretrain_steps} soft steps, {g.rl_steps} hybrid-RL steps, "
+        f"mean FLOPs <= {b.flops:.0%} (skipping every block leaves {net.floor_share():.0%})"
+    )
+    gate_config = dynamic.GateConfig(
+        pretrain_steps=g.pretrain_steps,
+        rl_steps=g.rl_steps,
+        lr=g.lr,
+        network_lr_scale=g.network_lr_scale,
+        batch_size=g.batch_size,
+        compute_weight=g.compute_weight,
+        target_flops=b.flops,
+        dual_lr=g.dual_lr,
+        hidden=g.hidden,
+        seed=config.seed,
+    )
+    history = dynamic.train_gated(net, data, gate_config)
+    test = data.test if config.report.test_size is None else data.test.subset(config.report.test_size, seed=config.seed)
+    gated = dynamic.gate_statistics(net, test)
+    val_share = dynamic.gate_statistics(net, data.search_val).mean_flops_share
+    steps = g.pretrain_steps + g.rl_steps
+    stage(
+        f"[3/5] static plan at the gated model's {val_share:.1%} mean FLOPs ({config.prune.criterion}), {steps} steps"
+    )
+    static_config = dataclasses.replace(config, budget=dataclasses.replace(b, flops=val_share))
+    evaluator = make_evaluator(static_config, model, data)
+    plan = (
+        make_strategy("uniform").search(evaluator, make_space(static_config, evaluator), 1, seed=config.seed).best_plan
+    )
+    static = evaluator.build(plan)
+    if steps > 0:
+        epochs = steps * g.batch_size / len(data.train)
+        tune = TrainConfig(epochs=epochs, lr=config.finetune.lr, batch_size=g.batch_size, seed=config.seed)
+        static = train(static, data, tune, description="fine-tune static").model
+    static_share = evaluator.cost(plan).flops / evaluator.graph.flops
+    stage("[4/5] export (TorchScript, ONNX: both checked against the eager model)")
+    scripted = dynamic.script_gated(net)
+    check = test.images[:16]
+    with torch.no_grad():
+        expected = net.eval()(check)
+        if not torch.allclose(scripted(check), expected, atol=1e-4):
+            raise InvalidValueError("the scripted gated model disagrees with the eager one; nothing was exported")
+    onnx_bytes, onnx_note = None, ""
+    try:
+        onnx_bytes = get_runtime("onnxruntime").convert(scripted, example)
+        session = onnx_session(onnx_bytes, "cpu", 1)
+        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
+        del session
+        onnx_diff = float((torch.from_numpy(got) - expected).abs().max())
+        if onnx_diff > 1e-3:
+            onnx_bytes, onnx_note = None, f"not shipped: onnxruntime differs from torch by {onnx_diff:.2e}"
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the report says why
+        onnx_bytes, onnx_note = None, f"not exported ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    files = ["gated.pt", "gated.ts", "report.md", "report.json", "gates.png"]
+    dynamic.save_gated(out / "gated.pt", net, info.spec, tuple(example.shape), {"target_flops": b.flops})
+    with atomic_path(out / "gated.ts") as tmp:
+        scripted.save(str(tmp))
+    if onnx_bytes is not None:
+        with atomic_path(out / "gated.onnx") as tmp:
+            tmp.write_bytes(onnx_bytes)
+        files.insert(2, "gated.onnx")
+    threads = b.threads or torch.get_num_threads()
+    images = test.images[: g.latency_images]
+    stage(f"[5/5] latency at batch 1 on {len(images)} test images, {threads} thread(s); report")
+    ts = get_runtime("torchscript")
+    ort = get_runtime("onnxruntime")
+    artifacts = {
+        "torchscript": {
+            "dense": ts.convert(model, example),
+            "static plan": ts.convert(static, example),
+            "gated": scripted,
+        },
+        "onnxruntime": {"dense": ort.convert(model, example), "static plan": ort.convert(static, example)},
+    }
+    if onnx_bytes is not None:
+        artifacts["onnxruntime"]["gated"] = onnx_bytes
+    latency: dict[str, dict[str, dict[str, Any]]] = {}
+    for runtime, models in artifacts.items():
+        runners = {label: dynamic.image_runner(runtime, a, images, threads) for label, a in models.items()}
+        try:
+            measured = measure_interleaved(
+                runners, rounds=config.report.latency_rounds, runs=len(images), reference="dense"
+            )
+        finally:
+            for runner in runners.values():
+                runner.close()
+        latency[runtime] = {
+            label: {**s.to_dict(), "speedup": 1.0 / round_ratio(s, measured["dense"])} for label, s in measured.items()
+        }
+    shares = sorted(gated.flops_shares)
+    report = {
+        "model": info.spec.name,
+        "dataset": data.name,
+        "target_flops": b.flops,
+        "test_images": len(test),
+        "gates": dataclasses.asdict(g),
+        "dense": {"test_accuracy": evaluate_accuracy(model, test)},
+        "static": {
+            "plan": plan.to_dict(),
+            "criterion": config.prune.criterion,
+            "flops_share": static_share,
+            "test_accuracy": evaluate_accuracy(static, test),
+        },
+        "gated": {
+            **gated.to_dict(),
+            "test_accuracy": gated.accuracy,
+            "blocks": list(net.blocks),
+            "block_flops_share": [f / net.dense_flops for f in net.block_flops],
+            "flops_p10": shares[int(0.1 * (len(shares) - 1))],
+            "flops_p90": shares[int(0.9 * (len(shares) - 1))],
+            "search_val_flops_share": val_share,
+        },
+        "onnx": onnx_note or "exported and checked against torch",
+        "latency": {"images": len(images), "threads": threads, "runtimes": latency},
+        "training": history,
+        "seconds": time.perf_counter() - started,
+        "files": files,
+    }
+    dynamic.write_report(out, report, gated.flops_shares)
+    return SkipNetResult(out, report)
