@@ -632,9 +632,10 @@ def write_report(out: Path, report: dict[str, Any], shares: list[float]) -> None
         f"# Dynamic SkipNet: {report['model']} on {report['dataset']}",
         "",
         f"Gates on {len(gated['blocks'])} residual blocks, trained {report['gates']['pretrain_steps']} steps with soft "
-        f"gates, then {report['gates']['rl_steps']} steps of hybrid RL; threshold {gated['threshold']:.3f} "
+        f"gates, then {report['gates']['rl_steps']} steps of hybrid RL; threshold {gated['threshold']:.3g} "
         f"calibrated on search-val to mean FLOPs <= {report['target_flops']:.0%}. The static plan removes channels "
-        f"uniformly ({static['criterion']}) to the gated model's mean FLOPs and is fine-tuned for as many steps. "
+        f"uniformly ({static['criterion']}, widths in multiples of {static['round_to']}) to at most the gated "
+        f"model's mean FLOPs and is fine-tuned for as many steps. "
         f"Test split: {report['test_images']} images.",
         "",
         "| model | test accuracy | FLOPs share (mean) | p10-p90 per input |",

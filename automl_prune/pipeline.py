@@ -1108,6 +1108,7 @@ def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> S
         "static": {
             "plan": plan.to_dict(),
             "criterion": config.prune.criterion,
+            "round_to": evaluator.config.round_to,
             "flops_share": static_share,
             "test_accuracy": evaluate_accuracy(static, test),
         },
