@@ -99,6 +99,7 @@ def _dirname(label: str, seed: int) -> str:
 
 def _trial(params: dict[str, Any], *, spec: EvaluatorSpec) -> None:
     """One (strategy, seed) search, run by Ray Tune: a report per evaluation, the whole search in the last one."""
+    import ray
     from ray import tune
 
     torch.set_num_threads(int(params["threads"]))
@@ -129,7 +130,10 @@ def _trial(params: dict[str, Any], *, spec: EvaluatorSpec) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SEARCH_FILE).write_text(json.dumps(result.to_dict()))
         final = pending.pop() if pending else {"evaluations": 0}
-        tune.report({**final, "wall_time": result.wall_time}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        node = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
+        tune.report(
+            {**final, "wall_time": result.wall_time, "node": node}, checkpoint=tune.Checkpoint.from_directory(tmp)
+        )
 
 
 def _progress(total: int) -> Any:

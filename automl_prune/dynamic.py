@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -226,7 +226,7 @@ class GatedNetwork(nn.Module):
     @torch.jit.unused
     def gated_blocks(self) -> list[GatedBlock]:
         """The gated blocks, in model order."""
-        return [self.model.get_submodule(n) for n in self.blocks]
+        return [cast(GatedBlock, self.model.get_submodule(n)) for n in self.blocks]
 
     @torch.jit.unused
     def set_mode(self, mode: str) -> None:

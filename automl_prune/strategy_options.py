@@ -96,6 +96,8 @@ class ReinforceOptions(_PolicyGradientOptions):
     hidden_size: int = opt(64, "LSTM hidden size", ge=1)
     initial_skip_prob: float = opt(0.3, "initial probability of removing a residual block", gt=0, lt=1)
     remove_blocks: bool = opt(True, "run N2N's block-removal stage before shrinkage")
+    two_stage: bool = opt(True, "train removal first, then shrinkage on the best reduced architecture (N2N)")
+    removal_share: float = opt(0.3, "share of the evaluations spent on the removal stage", gt=0, lt=1)
 
 
 @dataclass

@@ -105,15 +105,17 @@ def test_embeddings_are_normalised(space: SearchSpace) -> None:
 
 @pytest.mark.parametrize("factory", [ReinforceStrategy, SkipNetStrategy], ids=["reinforce", "skipnet"])
 def test_budget_feasibility_and_seeding(factory, evaluator: Evaluator, space: SearchSpace) -> None:
-    first = factory().search(evaluator, space, max_evaluations=10, seed=0)
+    strategy = factory()
+    first = strategy.search(evaluator, space, max_evaluations=10, seed=0)
     assert first.evaluations == 10 and len(first.history) == 10
     assert first.best_evaluation.feasible
     assert first.best_evaluation.flops_ratio <= BUDGET + 1e-9
     for plan, evaluation in first.history:
         assert evaluation.flops_ratio <= BUDGET + 1e-9 and space.is_feasible(plan)
         assert set(plan.skip) == set(space.blocks)
-    if factory is ReinforceStrategy:
-        for plan, _ in first.history:
+    if factory is ReinforceStrategy:  # the shrinkage stage's plans are where sequential clipping leaves them
+        assert strategy.stage_switch is not None
+        for plan, _ in first.history[strategy.stage_switch :]:
             _assert_clip_fixed_point(space, plan)
     # same seed: the same plans (re-scored from the evaluator's cache, so this is cheap)
     again = factory().search(evaluator, space, max_evaluations=10, seed=0)
@@ -143,19 +145,42 @@ def test_reinforce_without_skip_gates_shrinks_only(evaluator: Evaluator) -> None
     assert all(toy_space.is_feasible(plan) for plan, _ in result.history)
 
 
-def test_reinforce_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> None:
+def test_reinforce_trains_removal_then_shrinkage(evaluator: Evaluator, space: SearchSpace) -> None:
+    """N2N's order: removal alone first; then shrinkage on the best reduced architecture, removal fixed."""
+    target_skip = {b: i % 3 == 0 for i, b in enumerate(space.blocks)}
+    toy = ToyEvaluator(evaluator, space.repair(space.plan_from_keeps(np.full(space.dim, 0.7), target_skip)))
+    toy_space = SearchSpace(toy, skip_gates=True)
+    strategy = ReinforceStrategy(episodes_per_update=2, removal_share=0.4)
+    result = strategy.search(toy, toy_space, max_evaluations=10, seed=0)
+    assert strategy.stage_switch == 4
+    stage1, stage2 = result.history[:4], result.history[4:]
+    assert len({tuple(sorted(p.skip.items())) for p, _ in stage1}) > 1  # stage 1 explores removals
+    for plan, _ in stage1:  # ... with the rest shrunk uniformly into the budget
+        assert plan == toy_space.repair(toy_space.plan_from_keeps(np.ones(toy_space.dim), plan.skip))
+    best = max(stage1, key=lambda pair: pair[1].reward)[0]
+    assert all(plan.skip == best.skip for plan, _ in stage2)  # the best removal stays
+    assert len({tuple(toy_space.keeps(plan)) for plan, _ in stage2}) > 1  # stage 2 explores shrinkage
+    joint = ReinforceStrategy(episodes_per_update=2, two_stage=False)
+    mixed = joint.search(toy, toy_space, max_evaluations=6, seed=0)
+    assert joint.stage_switch is None
+    assert len({tuple(sorted(p.skip.items())) for p, _ in mixed.history}) > 1  # removal sampled every episode
+
+
+@pytest.mark.parametrize("two_stage", [True, False], ids=["two-stage", "joint"])
+def test_reinforce_learns_toy_target(evaluator: Evaluator, space: SearchSpace, two_stage: bool) -> None:
     target_skip = {b: i % 3 == 0 for i, b in enumerate(space.blocks)}
     target = space.repair(space.plan_from_keeps(np.full(space.dim, 0.7), target_skip))
     assert space.is_feasible(target)
     toy = ToyEvaluator(evaluator, target)
     toy_space = SearchSpace(toy, skip_gates=True)
-    strategy = ReinforceStrategy()  # default hyper-parameters
+    strategy = ReinforceStrategy(two_stage=two_stage)  # otherwise default hyper-parameters
     result = strategy.search(toy, toy_space, max_evaluations=150, seed=0)
     rewards = np.array(strategy.episode_rewards)
     assert len(rewards) == result.evaluations == 150
     early, late = rewards[:25].mean(), rewards[-25:].mean()
     assert late > early + 0.1, (early, late)
-    assert result.best_evaluation.reward > rewards[:25].max()
+    if not two_stage:  # (two-stage: removal's plans shrink uniformly, already close to this target's keep ratios)
+        assert result.best_evaluation.reward > rewards[:25].max()
 
 
 def test_skipnet_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> None:

@@ -69,6 +69,33 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
         assert data.startswith(PNG) and len(data) > 10_000
 
 
+@pytest.mark.slow
+def test_compare_runs_on_an_existing_cluster_by_address(tmp_path: Path) -> None:
+    """A real two-node Ray cluster on 127.0.0.1: the comparison joins it and its trials run on its nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
+        out = tmp_path / "cmp"
+        args = ["compare", "--compare.strategies", "random", "--compare.seeds", "0,1", *DIGITS_QUICK]
+        args += ["--search.evaluations", "4", "--parallel.ray_address", cluster.address, "--out", str(out)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "automl_prune.cli", *args], capture_output=True, text=True, env=os.environ.copy()
+        )
+        assert proc.returncode == 0, proc.stderr
+        ran_on = set()
+        for seed in (0, 1):
+            lines = (out / "trials" / "compare" / f"random_seed{seed}" / "result.json").read_text().splitlines()
+            ran_on.add(json.loads(lines[-1])["node"])
+        assert ran_on <= nodes  # the cluster's own nodes, not a Ray instance the comparison started itself
+        assert int(next(csv.DictReader((out / "comparison.csv").open()))["seeds"]) == 2
+    finally:
+        cluster.shutdown()
+
+
 def test_pareto_front() -> None:
     points = [(0.5, 0.8), (0.4, 0.7), (0.45, 0.9), (0.3, 0.6), (0.3, 0.5), (0.6, 0.85)]
     assert pareto_front(points) == [(0.3, 0.6), (0.4, 0.7), (0.45, 0.9)]

@@ -6,9 +6,16 @@ block (N2N's layer-removal policy; here only identity-shortcut blocks can be rem
 breaking shapes). Stage 2 is a unidirectional LSTM walking the prunable groups in forward order
 that emits a categorical distribution over ``levels`` evenly spaced actions in ``[-1, 1]``,
 mapped to a keep ratio by :meth:`SearchSpace.action_to_keep` (N2N's layer-shrinkage policy).
-N2N trains the two stages one after the other; under one evaluation budget and a hard resource
-budget (removal alone rarely meets it) both are sampled in every episode and updated jointly
-from the same reward (REINFORCE machinery: :mod:`.policy_gradient`).
+As in N2N the two stages are trained one after the other (``two_stage``, the default): the
+first ``removal_share`` of the evaluation budget trains the removal policy alone (each plan
+removes the sampled blocks and shrinks the rest uniformly into the budget, as removal alone
+rarely meets a hard budget); the removal of the best plan found then stays fixed and the rest of
+the budget trains the shrinkage policy on that reduced architecture, with a fresh reward
+baseline. ``two_stage=False`` samples both in every episode and updates them jointly.
+N2N scores students after a short distillation from the teacher: give the evaluator
+``fitness_finetune_steps`` and ``distill_weight`` (``search.fitness_finetune_steps``,
+``finetune.distill_weight``; ``configs/n2n.yaml``) and ``reward="n2n"``.
+REINFORCE machinery: :mod:`.policy_gradient`.
 
 Budget feasibility is part of the environment, not the policy: a sampled keep ratio is
 clipped into the group's AMC feasible interval (:meth:`SearchSpace.clip`) given the keep
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from automl_prune.agents.policy_gradient import (
+    MovingAverageBaseline,
     PolicyGradientStrategy,
     Sample,
     bernoulli,
@@ -202,6 +210,10 @@ class ReinforceStrategy(PolicyGradientStrategy):
         initial_skip_prob: Probability of removing each block before any learning (stage 1;
             default 0.3, so most blocks start kept and shrinkage does most of the early work).
         remove_blocks: Run stage 1 when the space has skip gates (default True); False shrinks only.
+        two_stage: Train removal first, then shrinkage on the best reduced architecture (default
+            True, as N2N); False samples and updates both in every episode.
+        removal_share: Share of the evaluation budget spent on stage 1 when ``two_stage``
+            (default 0.3; at least one update).
         policy_threads: Intra-op torch threads for the policy's passes (default 1; None keeps
             torch's setting).
 
@@ -219,6 +231,8 @@ class ReinforceStrategy(PolicyGradientStrategy):
         entropy_coef: float = 0.0,
         initial_skip_prob: float = 0.3,
         remove_blocks: bool = True,
+        two_stage: bool = True,
+        removal_share: float = 0.3,
         policy_threads: int | None = 1,
     ):
         super().__init__(
@@ -232,8 +246,15 @@ class ReinforceStrategy(PolicyGradientStrategy):
         )
         if levels < 2:
             raise InvalidValueError(f"levels must be >= 2, got {levels}")
+        if not 0.0 < removal_share < 1.0:
+            raise InvalidValueError(f"removal_share must be in (0, 1), got {removal_share}")
         self.levels = levels
         self.remove_blocks = remove_blocks
+        self.two_stage = two_stage
+        self.removal_share = removal_share
+        self.stage_switch: int | None = None  # evaluations spent when stage 2 began (two-stage searches)
+        self._session: SearchSession | None = None
+        self._fixed_skip: dict[str, bool] | None = None
         self._actions = np.linspace(-1.0, 1.0, levels)
         self._space: SearchSpace | None = None
         self._shrink: ShrinkagePolicy | None = None
@@ -244,6 +265,9 @@ class ReinforceStrategy(PolicyGradientStrategy):
     def _build(self, session: SearchSession) -> nn.Module:
         space = session.space
         self._space = space
+        self._session = session
+        self._fixed_skip = None
+        self.stage_switch = None
         self._group_features = torch.as_tensor(group_embeddings(space), dtype=torch.float32)
         self._shrink = ShrinkagePolicy(len(GROUP_FEATURES) + len(_STEP_FEATURES), self.hidden_size, self.levels)
         policy = nn.ModuleDict({"shrink": self._shrink})
@@ -277,7 +301,9 @@ class ReinforceStrategy(PolicyGradientStrategy):
         log_prob = torch.zeros(())
         entropy = torch.zeros(())
         skip: dict[str, bool] = {}
-        if self._remove is not None:
+        if self._fixed_skip is not None:  # two-stage search, stage 2: removal fixed by stage 1
+            skip = dict(self._fixed_skip)
+        elif self._remove is not None:
             gates, lp, ent = bernoulli(self._remove(self._block_features), generator)
             log_prob, entropy = log_prob + lp, entropy + ent
             skip = {b: bool(g) for b, g in zip(space.blocks, gates.tolist(), strict=True)}
@@ -300,5 +326,40 @@ class ReinforceStrategy(PolicyGradientStrategy):
             previous = keep
         return space.plan_from_keeps(decided, skip), log_prob, entropy
 
+    def _stage(self) -> int:
+        """1 while a two-stage search trains removal, else 2 (moving to 2 fixes the best removal found)."""
+        session = self._session
+        if not self.two_stage or self._remove is None or session is None:
+            return 2
+        if self._fixed_skip is not None:
+            return 2
+        stage1 = max(self.episodes_per_update, round(self.removal_share * session.max_evaluations))
+        if session.used < stage1:
+            return 1
+        best = session.best()
+        self._fixed_skip = dict(best[0].skip) if best else {}
+        self.stage_switch = session.used
+        self._baseline = MovingAverageBaseline(self.baseline_decay)  # stage 2's rewards are on another scale
+        removed = sorted(b for b, on in self._fixed_skip.items() if on)
+        logger.info(
+            "%s: stage 2 after %d evaluations: shrinkage on the architecture without %s",
+            self._label(),
+            session.used,
+            ", ".join(removed) or "any removed block",
+        )
+        return 2
+
     def _sample(self, generator: torch.Generator) -> Sample:
+        if self._stage() == 1:
+            return self._sample_removal(generator)
         return Sample(*self.sample_plan(generator))
+
+    def _sample_removal(self, generator: torch.Generator) -> Sample:
+        """Stage 1: sampled removal, the rest shrunk uniformly into the budget; only removal learns."""
+        space, remove = self._space, self._remove
+        assert space is not None and remove is not None
+        gates, log_prob, entropy = bernoulli(remove(self._block_features), generator)
+        skip = {b: bool(g) for b, g in zip(space.blocks, gates.tolist(), strict=True)}
+        if not space.is_feasible(space.plan_from_keeps(space.min_keep, skip)):
+            skip = {}
+        return Sample(space.repair(space.plan_from_keeps(np.ones(space.dim), skip)), log_prob, entropy)

@@ -179,6 +179,7 @@ class PolicyGradientStrategy(Strategy):
         self.initial_skip_prob = initial_skip_prob
         self.episode_rewards: list[float] = []
         self.policy: nn.Module | None = None
+        self._baseline = MovingAverageBaseline(baseline_decay)  # a subclass may start a new one (a new stage)
 
     def _label(self) -> str:
         return self.name or type(self).__name__
@@ -220,7 +221,7 @@ class PolicyGradientStrategy(Strategy):
         self.policy = policy
         generator = torch_generator(derive_seed(session.seed, label, "sample"))
         optimizer = torch.optim.Adam(policy.parameters(), lr=self.learning_rate)
-        baseline = MovingAverageBaseline(self.baseline_decay)
+        self._baseline = MovingAverageBaseline(self.baseline_decay)
         update = 0
         while not session.exhausted:
             # The update's episodes are sampled first and scored together: in parallel on the search's Ray
@@ -230,7 +231,7 @@ class PolicyGradientStrategy(Strategy):
             evaluations = session.evaluate_many([s.plan for s in samples])
             batch = [Episode(self._reward(e), s.log_prob, s.entropy) for s, e in zip(samples, evaluations, strict=True)]
             self.episode_rewards.extend(e.reward for e in batch)
-            advantages = baseline.advantages([e.reward for e in batch])
+            advantages = self._baseline.advantages([e.reward for e in batch])
             with self._policy_threads():
                 loss = torch.stack(
                     [
@@ -248,7 +249,7 @@ class PolicyGradientStrategy(Strategy):
                 label,
                 update,
                 float(np.mean([e.reward for e in batch])),
-                baseline.value,
+                self._baseline.value,
                 best[1].reward if best else float("nan"),
                 session.used,
                 session.max_evaluations,
