@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from automl_prune.checkpoint import CheckpointInfo, read_checkpoint, save_checkpoint
 from automl_prune.data import DataSplits, TensorData
 from automl_prune.errors import CheckpointError, InvalidValueError
 from automl_prune.graph import LayerGraph
-from automl_prune.io import atomic_path
 from automl_prune.models import ModelSpec, build_model
 from automl_prune.progress import Progress
 from automl_prune.runtimes import Runner, onnx_session
@@ -66,8 +66,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "automl-prune-gated"
-VERSION = 1
+GATES_META = "gates"
+"""Key of a gated model's checkpoint meta that holds its gated blocks, gate width and threshold."""
 INITIAL_OPEN_LOGIT = 1.5
 """Initial gate logit: every block runs (p = 0.82 > 0.5) before any training, as the dense model."""
 GRAD_CLIP = 5.0
@@ -278,8 +278,8 @@ class GatedNetwork(nn.Module):
         return executed, None
 
     @torch.jit.unused
-    def open_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode decisions ``(N, blocks)`` (1 = the block runs) for a batch, from the real gated pass."""
+    def gated_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One eval-mode pass: (outputs, decisions ``(N, blocks)`` with 1 where the block ran)."""
         seen: list[torch.Tensor] = []
         hooks = [
             b.gate.register_forward_hook(lambda _m, _a, out, b=b: seen.append(torch.sigmoid(out) >= b.threshold))
@@ -287,11 +287,16 @@ class GatedNetwork(nn.Module):
         ]
         try:
             with torch.no_grad():
-                self.eval()(x)
+                out = self.eval()(x)
         finally:
             for h in hooks:
                 h.remove()
-        return torch.stack(seen, dim=1).float()
+        return out, torch.stack(seen, dim=1).float()
+
+    @torch.jit.unused
+    def open_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode decisions ``(N, blocks)`` (1 = the block runs) for a batch, from the real gated pass."""
+        return self.gated_pass(x)[1]
 
 
 # --------------------------------------------------------------------------- training
@@ -432,15 +437,18 @@ def calibrate_threshold(net: GatedNetwork, data: TensorData, target: float, iter
     net.set_threshold(1e-6)
     if _mean_share(net, data) <= target:
         return 1e-6
+    share: float | None = None  # the share at ``high`` once measured
     for _ in range(iterations):
         middle = (low + high) / 2
         net.set_threshold(middle)
-        if _mean_share(net, data) <= target:
-            high = middle
+        measured = _mean_share(net, data)
+        if measured <= target:
+            high, share = middle, measured
         else:
             low = middle
     net.set_threshold(high)
-    share = _mean_share(net, data)
+    if share is None:  # no threshold below 1 met the target
+        share = _mean_share(net, data)
     if share > target:
         logger.warning(
             "mean FLOPs %.1f%% stay above the %.1f%% target even with the gates closing at %.3f: skipping every "
@@ -483,10 +491,10 @@ def gate_statistics(net: GatedNetwork, data: TensorData, batch_size: int = 500) 
     """Accuracy, per-input FLOPs and per-block run rates of ``net`` (eval mode) on ``data``."""
     net.eval()
     correct, decisions = 0, []
-    with torch.no_grad():
-        for x, y in data.batches(batch_size):
-            correct += int((net(x).argmax(1) == y).sum())
-            decisions.append(net.open_gates(x))
+    for x, y in data.batches(batch_size):
+        out, executed = net.gated_pass(x)
+        correct += int((out.argmax(1) == y).sum())
+        decisions.append(executed)
     executed = torch.cat(decisions)
     shares = net.flops_share(executed)
     return GatingStats(
@@ -524,21 +532,10 @@ def save_gated(
     input_shape: tuple[int, ...],
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write ``net`` (architecture facts, threshold and weights) to ``path``."""
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_spec": spec.to_dict(),
-        "input_shape": list(input_shape),
-        "blocks": list(net.blocks),
-        "hidden": net.hidden,
-        "threshold": net.threshold,
-        "meta": dict(meta or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    """Atomically write ``net`` as an automl-prune checkpoint whose meta holds the gates (blocks, width, threshold)."""
+    gates = {"blocks": list(net.blocks), "hidden": net.hidden, "threshold": net.threshold}
+    info = CheckpointInfo(spec, tuple(input_shape), meta={**(meta or {}), GATES_META: gates})
+    return save_checkpoint(path, net, info)
 
 
 def load_gated(path: str | os.PathLike[str]) -> tuple[GatedNetwork, dict[str, Any]]:
@@ -547,27 +544,24 @@ def load_gated(path: str | os.PathLike[str]) -> tuple[GatedNetwork, dict[str, An
     Raises:
         CheckpointError: Missing, corrupt or not a gated-network file, or weights that do not fit.
     """
-    from automl_prune.weights import safe_load
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"gated model '{path}' does not exist; train one with `automl-prune skipnet`")
-    payload = safe_load(path, "gated model")
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a gated model written by `automl-prune skipnet` (no '{FORMAT}' header)")
-    if payload.get("version") != VERSION:
+    info, state = read_checkpoint(path)
+    gates = info.meta.get(GATES_META)
+    if not isinstance(gates, dict):
         raise CheckpointError(
-            f"gated model '{path}' has version {payload.get('version')}, this package reads {VERSION}"
+            f"'{path}' is not a gated model written by `automl-prune skipnet` (a plain checkpoint: load it with "
+            "automl_prune.checkpoint.load_checkpoint)"
         )
-    spec = ModelSpec.from_dict(payload["model_spec"])
-    example = torch.zeros(tuple(int(d) for d in payload["input_shape"]))
-    net = GatedNetwork(build_model(spec), example, hidden=int(payload["hidden"]), blocks=list(payload["blocks"]))
+    net = GatedNetwork(
+        build_model(info.spec), info.example_inputs(), hidden=int(gates["hidden"]), blocks=list(gates["blocks"])
+    )
     try:
-        net.load_state_dict(payload["state_dict"], strict=True)
+        net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"weights in '{path}' do not fit gated {spec.name}: {str(exc).splitlines()[0]}") from None
-    net.set_threshold(float(payload["threshold"]))
-    return net.eval(), dict(payload.get("meta") or {})
+        raise CheckpointError(
+            f"weights in '{path}' do not fit gated {info.spec.name}: {str(exc).splitlines()[0]}"
+        ) from None
+    net.set_threshold(float(gates["threshold"]))
+    return net.eval(), {k: v for k, v in info.meta.items() if k != GATES_META}
 
 
 # --------------------------------------------------------------------------- latency at batch 1
@@ -612,7 +606,7 @@ def image_runner(runtime: str, artifact: Any, images: torch.Tensor, threads: int
             session.run(None, feeds[position[0] % len(feeds)])
             position[0] += 1
 
-        return Runner(runtime, device, threads, shape, run_session, lambda: feeds.clear())
+        return Runner(runtime, device, threads, shape, run_session)  # closing it drops the call, and the session
     raise InvalidValueError(f"runtime {runtime!r} cannot time a gated model; use torchscript or onnxruntime")
 
 

@@ -986,7 +986,7 @@ def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> S
     from automl_prune.io import atomic_path
     from automl_prune.measure.accuracy import evaluate_accuracy
     from automl_prune.measure.latency import measure_interleaved, round_ratio
-    from automl_prune.runtimes import get_runtime, onnx_session
+    from automl_prune.runtimes import get_runtime
     from automl_prune.strategy import make_strategy
     from automl_prune.training import train
 
@@ -1050,13 +1050,11 @@ def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> S
         expected = net.eval()(check)
         if not torch.allclose(scripted(check), expected, atol=1e-4):
             raise InvalidValueError("the scripted gated model disagrees with the eager one; nothing was exported")
+    ts, ort = get_runtime("torchscript"), get_runtime("onnxruntime")
     onnx_bytes, onnx_note = None, ""
     try:
-        onnx_bytes = get_runtime("onnxruntime").convert(scripted, example)
-        session = onnx_session(onnx_bytes, "cpu", 1)
-        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
-        del session
-        onnx_diff = float((torch.from_numpy(got) - expected).abs().max())
+        onnx_bytes = ort.convert(scripted, example)
+        onnx_diff = float((torch.from_numpy(ort.run(onnx_bytes, check)) - expected).abs().max())  # type: ignore[attr-defined]
         if onnx_diff > 1e-3:
             onnx_bytes, onnx_note = None, f"not shipped: onnxruntime differs from torch by {onnx_diff:.2e}"
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; the report says why
@@ -1072,8 +1070,6 @@ def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> S
     threads = b.threads or torch.get_num_threads()
     images = test.images[: g.latency_images]
     stage(f"[5/5] latency at batch 1 on {len(images)} test images, {threads} thread(s); report")
-    ts = get_runtime("torchscript")
-    ort = get_runtime("onnxruntime")
     artifacts = {
         "torchscript": {
             "dense": ts.convert(model, example),

@@ -56,27 +56,17 @@ def test_parallel_search_equals_serial(digits_problem, pool) -> None:
     assert pool.peak_running == 2  # both workers scored at once, not in turn
 
 
-def test_reinforce_scores_each_update_on_the_workers(digits_problem, pool) -> None:
-    """The episodes of one update are scored together on the Ray workers, with the same plans as alone."""
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("reinforce", {"episodes_per_update": 4}), ("ppo", {"episodes_per_rollout": 4})],
+    ids=["reinforce-update", "ppo-rollout"],
+)
+def test_an_agents_batch_of_episodes_is_scored_on_the_workers(digits_problem, pool, name, options) -> None:
+    """REINFORCE's update and PPO's rollout are scored together on the Ray workers, with the same plans as alone."""
     _, evaluator, space = digits_problem
     before = len(pool.placements)
-    serial = get_strategy("reinforce", episodes_per_update=4).search(evaluator, space, 8, seed=1)
-    parallel = get_strategy("reinforce", episodes_per_update=4).search(
-        evaluator, space, 8, seed=1, evaluate_many=pool.evaluate_many
-    )
-    assert [p for p, _ in parallel.history] == [p for p, _ in serial.history]
-    assert [e.accuracy for _, e in parallel.history] == [e.accuracy for _, e in serial.history]
-    assert {p.worker for p in pool.placements[before:]} == {0, 1}
-
-
-def test_ppo_scores_each_rollout_on_the_workers(digits_problem, pool) -> None:
-    """PPO's rollout episodes run side by side; their plans are scored on the workers, as alone."""
-    _, evaluator, space = digits_problem
-    before = len(pool.placements)
-    serial = get_strategy("ppo", episodes_per_rollout=4).search(evaluator, space, 8, seed=1)
-    parallel = get_strategy("ppo", episodes_per_rollout=4).search(
-        evaluator, space, 8, seed=1, evaluate_many=pool.evaluate_many
-    )
+    serial = get_strategy(name, **options).search(evaluator, space, 8, seed=1)
+    parallel = get_strategy(name, **options).search(evaluator, space, 8, seed=1, evaluate_many=pool.evaluate_many)
     assert [p for p, _ in parallel.history] == [p for p, _ in serial.history]
     assert [e.accuracy for _, e in parallel.history] == [e.accuracy for _, e in serial.history]
     assert {p.worker for p in pool.placements[before:]} == {0, 1}

@@ -304,12 +304,8 @@ class ReinforceStrategy(PolicyGradientStrategy):
         if self._fixed_skip is not None:  # two-stage search, stage 2: removal fixed by stage 1
             skip = dict(self._fixed_skip)
         elif self._remove is not None:
-            gates, lp, ent = bernoulli(self._remove(self._block_features), generator)
+            skip, lp, ent = self._sample_skip(generator)
             log_prob, entropy = log_prob + lp, entropy + ent
-            skip = {b: bool(g) for b, g in zip(space.blocks, gates.tolist(), strict=True)}
-            if not space.is_feasible(space.plan_from_keeps(space.min_keep, skip)):
-                logger.debug("sampled skip gates leave no feasible keep ratios; keeping every block")
-                skip = {}
         in_skipped = _skipped_member_fraction(space, skip)
         decided: list[float] = []
         previous = 1.0
@@ -354,12 +350,24 @@ class ReinforceStrategy(PolicyGradientStrategy):
             return self._sample_removal(generator)
         return Sample(*self.sample_plan(generator))
 
-    def _sample_removal(self, generator: torch.Generator) -> Sample:
-        """Stage 1: sampled removal, the rest shrunk uniformly into the budget; only removal learns."""
+    def _sample_skip(self, generator: torch.Generator) -> tuple[dict[str, bool], torch.Tensor, torch.Tensor]:
+        """Removal decisions from the removal policy: (skip gates, log-prob, entropy).
+
+        Gates that leave no feasible keep ratios are replaced by keeping every block (the
+        log-probability is still the sampled gates').
+        """
         space, remove = self._space, self._remove
         assert space is not None and remove is not None
         gates, log_prob, entropy = bernoulli(remove(self._block_features), generator)
         skip = {b: bool(g) for b, g in zip(space.blocks, gates.tolist(), strict=True)}
         if not space.is_feasible(space.plan_from_keeps(space.min_keep, skip)):
+            logger.debug("sampled skip gates leave no feasible keep ratios; keeping every block")
             skip = {}
+        return skip, log_prob, entropy
+
+    def _sample_removal(self, generator: torch.Generator) -> Sample:
+        """Stage 1: sampled removal, the rest shrunk uniformly into the budget; only removal learns."""
+        space = self._space
+        assert space is not None
+        skip, log_prob, entropy = self._sample_skip(generator)
         return Sample(space.repair(space.plan_from_keeps(np.ones(space.dim), skip)), log_prob, entropy)
