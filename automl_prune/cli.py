@@ -247,7 +247,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     """Print the prunable groups of a model."""
-    from automl_prune.graph import LayerGraph, group_table, structure_notes
+    from automl_prune.graph import LayerGraph, group_table, removal_note, structure_notes
 
     model, x, info = _model_and_input(args)
     graph = LayerGraph(model, x)
@@ -258,7 +258,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
         cols,
         [[r[c] for c in cols] for r in rows],
     )
-    for line in structure_notes(graph):
+    for line in [*structure_notes(graph), removal_note(graph)]:
         print(line)
     return 0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -47,11 +48,13 @@ from automl_prune.strategy_options import (
     OptunaOptions,
     PPOOptions,
     ReinforceOptions,
-    SkipNetOptions,
+    StaticSkipOptions,
     options_of,
     split_top_level,
     split_variant,
 )
+
+logger = logging.getLogger(__name__)
 
 BUDGET_TERMS = ("flops", "params", "latency_ms", "speedup")
 RUNTIME_NAMES = ("onnxruntime", "torchscript", "torch")
@@ -115,12 +118,16 @@ class SearchSection:
 
     strategy: str = _opt("ddpg", "search strategy (see `list strategies`)")
     evaluations: int = _opt(100, "evaluation budget of the search", ge=1)
-    reward: str = _opt("acc", "reward (see `list rewards`)")
+    reward: str | None = _opt(
+        None, "reward (see `list rewards`); default: the strategy's own (n2n for reinforce, acc for the others)"
+    )
     eval_size: int = _opt(2000, "search-val images scored per plan", ge=1)
     bn_recalibration: bool = _opt(True, "re-estimate BN statistics before scoring (adaptive BN)")
     recalibration_batches: int = _opt(8, "training batches for the BN re-estimation", ge=1)
     min_keep: float = _opt(0.2, "smallest keep ratio of any group", gt=0, le=1)
-    skip_gates: bool = _opt(False, "also search skip gates of residual blocks")
+    skip_gates: bool = _opt(
+        False, "also search which blocks to remove (identity-shortcut residual blocks, shape-preserving plain layers)"
+    )
     fitness_finetune_steps: int = _opt(0, "SGD steps on each pruned model before scoring it (0 = off)", ge=0)
     criterion: str | None = _opt(None, "criterion used when scoring plans (default: prune.criterion)")
     latency_plans: int = _opt(24, "plans measured on the runtime to fit the latency model (latency budgets)", ge=3)
@@ -138,12 +145,12 @@ class SearchSection:
     init_policy: str | None = _opt(
         None,
         "a run directory (or its policy.pt) whose learned policy this search starts from (ddpg, ppo, reinforce, "
-        "skipnet: the same strategy and model family, e.g. another budget)",
+        "static_skip: the same strategy and model family, e.g. another budget)",
     )
     ddpg: DDPGOptions = field(default_factory=DDPGOptions)
     ppo: PPOOptions = field(default_factory=PPOOptions)
     reinforce: ReinforceOptions = field(default_factory=ReinforceOptions)
-    skipnet: SkipNetOptions = field(default_factory=SkipNetOptions)
+    static_skip: StaticSkipOptions = field(default_factory=StaticSkipOptions)
     abc: ABCOptions = field(default_factory=ABCOptions)
     optuna: OptunaOptions = field(default_factory=OptunaOptions)
     global_: GlobalOptions = field(default_factory=GlobalOptions, metadata={"key": "global"})
@@ -270,6 +277,20 @@ class Config:
     def scoring_criterion(self) -> str:
         """The criterion used to score plans during the search."""
         return self.search.criterion or self.prune.criterion
+
+    def reward_of(self, strategy: str | None = None) -> str:
+        """The reward plans are scored with: ``search.reward``, else ``strategy``'s own.
+
+        Args:
+            strategy: The strategy whose own reward applies when ``search.reward`` is unset
+                (default ``search.strategy``); ``compare`` passes ``"uniform"`` so that every
+                strategy it compares is scored with one reward.
+        """
+        if self.search.reward is not None:
+            return self.search.reward
+        from automl_prune.strategy import STRATEGIES
+
+        return str(STRATEGIES.get(strategy or self.search.strategy).default_reward)
 
 
 def _key(f: dataclasses.Field[Any]) -> str:
@@ -497,11 +518,18 @@ MIN_COUNT = 1000
 
 
 # --------------------------------------------------------------------------- building
+RENAMED_GROUPS = {"search.skipnet": "search.static_skip"}
+"""Config groups under a former name (run directories written before the rename still load)."""
+
+
 def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
     """A nested config mapping as {dotted key: value}, rejecting unknown keys."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if path in RENAMED_GROUPS:
+            logger.info("%s: '%s' is now '%s'", source, path, RENAMED_GROUPS[path])
+            path = RENAMED_GROUPS[path]
         if path in GROUPS:
             if value is None:
                 continue
@@ -690,7 +718,7 @@ def check_names(config: Config) -> None:
     STRATEGIES.get(config.search.strategy)
     for text in config.compare.strategies:
         STRATEGIES.get(split_variant(text)[0])
-    REWARDS.get(config.search.reward)
+    REWARDS.get(config.reward_of())
     CRITERIA.get(config.prune.criterion)
     CRITERIA.get(config.scoring_criterion)
     DATASETS.get(config.data.dataset)

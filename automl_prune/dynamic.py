@@ -180,11 +180,11 @@ class GatedNetwork(nn.Module):
         super().__init__()
         model = copy.deepcopy(model).eval()
         graph = LayerGraph(model, example_inputs)
-        names = list(graph.blocks) if blocks is None else list(blocks)
-        unknown = sorted(set(names) - set(graph.blocks))
+        names = list(graph.residual_blocks) if blocks is None else list(blocks)
+        unknown = sorted(set(names) - set(graph.residual_blocks))
         if unknown:
             raise InvalidValueError(
-                f"{', '.join(unknown)} is not a skippable residual block; skippable: {', '.join(graph.blocks) or 'none'}"
+                f"{', '.join(unknown)} is not a skippable residual block; skippable: {', '.join(graph.residual_blocks) or 'none'}"
             )
         if not names:
             raise InvalidValueError(

@@ -10,6 +10,12 @@ conv and linear layers for one input sample: ``k_h * k_w * C_in / groups * C_out
 for a convolution and ``in * out`` for a linear layer. BatchNorm, activations, pooling and
 additions are not counted. Parameters are all learnable parameters (BatchNorm included).
 
+Removable blocks (``Plan.skip``, N2N's layer removal) are the residual blocks with an identity
+shortcut (:func:`is_skippable`) and, outside them, the shape-preserving layers the dependency
+graph finds: a convolution with as many output as input channels, stride 1 and the same spatial
+size in and out, the only layer producing its group's channels; removing it (with the BatchNorm
+right after it) feeds its input straight to its consumers, which then see the input's channels.
+
 Given a :class:`~automl_prune.types.Plan`, :meth:`LayerGraph.cost` predicts the FLOPs and
 parameters of the pruned model exactly (the channel counts are integers computed the same
 way :func:`automl_prune.pruning.apply` computes them), without building the model.
@@ -28,12 +34,10 @@ import torch_pruning as tp
 from torch import nn
 
 from automl_prune.errors import InvalidValueError
-from automl_prune.pruning import channels_to_keep
+from automl_prune.pruning import PRUNABLE, channels_to_keep
 from automl_prune.types import GroupInfo, LayerInfo, Plan
 
 logger = logging.getLogger(__name__)
-
-PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
 class UnmappableReshapeError(ValueError):
@@ -127,7 +131,7 @@ class _Dims:
 
 def _run_with_hooks(model: nn.Module, example_inputs: torch.Tensor, hook: Callable[..., None]) -> None:
     """Run ``model`` once in eval mode without grad, with ``hook`` on every conv/linear layer."""
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE)]
     was_training = model.training
     model.eval()
     try:
@@ -239,7 +243,11 @@ class LayerGraph:
                 self._dims[module] = _Dims(module, out_total, self._channels(module, out=False))
         self.groups = self._build_groups(ignored)
         self._group_index = {g.name: g.index for g in self.groups}
-        self.blocks: list[str] = [name for name, m in model.named_modules() if name and is_skippable(m)]
+        self.residual_blocks: list[str] = [name for name, m in model.named_modules() if name and is_skippable(m)]
+        self._removable_layers = self._find_removable_layers()
+        self.blocks: list[str] = sorted(
+            [*self.residual_blocks, *self._removable_layers], key=lambda n: self._rank_of_block(n)
+        )
         self._block_set = set(self.blocks)
         base = self.cost(Plan())
         self.flops = base.flops
@@ -248,6 +256,62 @@ class LayerGraph:
             logger.debug(
                 "analytic params %d differ from counted %d (unsupported layer types)", base.params, self.params
             )
+
+    def _rank_of_block(self, name: str) -> int:
+        """Forward position of a removable block: that of its first conv/linear layer."""
+        inside = [m for m, n in self._names.items() if m in self._rank and (n == name or n.startswith(f"{name}."))]
+        return min((self._rank[m] for m in inside), default=len(self._rank))
+
+    def _find_removable_layers(self) -> dict[str, tuple[str, ...]]:
+        """Shape-preserving layers outside residual blocks: name -> the modules removing it replaces.
+
+        A layer qualifies when it is a plain convolution (``groups`` 1) with as many output as input
+        channels, stride 1 and equal spatial size in and out; it is the only layer producing its
+        group's channels, and its input channels all come from one group (or the model input), so
+        that without it its consumers see exactly the channels its input had. The BatchNorm right
+        after it (its only consumer in the dependency graph) goes with it.
+        """
+        inside_blocks = tuple(f"{b}." for b in self.residual_blocks)
+        dg = self.dependency_graph
+        out: dict[str, tuple[str, ...]] = {}
+        for group in self.groups:
+            name = group.members[0] if len(group.members) == 1 else ""
+            layer = self.layers.get(name)
+            if (
+                layer is None
+                or layer.kind != "conv"
+                or layer.groups != 1
+                or name.startswith(inside_blocks)
+                or layer.in_channels != layer.out_channels
+                or layer.stride != (1, 1)
+                or layer.in_size != layer.out_size
+                or group.divisor != 1
+            ):
+                continue
+            module = self.get_module(name)
+            in_deps = self._dims[module].in_deps
+            if len(in_deps) > 1 or (
+                in_deps and (in_deps[0][1] != layer.in_channels or self.groups[in_deps[0][0]].divisor != 1)
+            ):
+                continue
+            node = dg.module2node.get(module)
+            modules = [name]
+            if node is not None and len(node.outputs) == 1 and isinstance(node.outputs[0].module, nn.BatchNorm2d):
+                bn = node.outputs[0].module
+                if bn.num_features == layer.out_channels and bn in self._names:
+                    modules.append(self._names[bn])
+            out[name] = tuple(modules)
+        return out
+
+    def block_modules(self, block: str) -> tuple[str, ...]:
+        """Names of the modules removing ``block`` replaces by the identity (the block itself, or a layer and its BN)."""
+        return self._removable_layers.get(block, (block,))
+
+    def _removed_prefixes(self, plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(exact module names, name prefixes) of everything ``plan`` removes."""
+        skipped = self.skipped_blocks(plan)
+        exact = tuple(m for b in skipped for m in self.block_modules(b))
+        return exact, tuple(f"{m}." for m in exact)
 
     @staticmethod
     def _trace(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[nn.Module], dict]:
@@ -321,7 +385,7 @@ class LayerGraph:
                 seen.add((module, handler))
                 is_out = dg.is_out_channel_pruning_fn(handler)
                 items.append((module, is_out, len(idxs)))
-                if isinstance(module, PRUNABLE_TYPES):
+                if isinstance(module, PRUNABLE):
                     (members if is_out else consumers).append(module)
                     if is_out and len(idxs) == channels:
                         whole_width.add(module)
@@ -471,8 +535,8 @@ class LayerGraph:
         unknown_blocks = sorted(set(plan.skip) - self._block_set)
         if unknown_blocks:
             raise InvalidValueError(
-                f"plan skips blocks that are not skippable residual blocks of this model: {', '.join(unknown_blocks)}. "
-                f"Skippable blocks: {', '.join(self.blocks) or 'none'}"
+                f"plan removes blocks this model cannot lose: {', '.join(unknown_blocks)}. "
+                f"Removable blocks and layers: {', '.join(self.blocks) or 'none'}"
             )
         unknown = sorted(set(plan.keep_ratios) - set(self._group_index))
         if unknown:
@@ -491,12 +555,21 @@ class LayerGraph:
         """(module, kept input channels, kept output channels) of every parametrised module ``plan`` keeps."""
         kept = self.kept_channels(plan, round_to)
         fraction = [kept[g.name] / g.channels for g in self.groups]
-        skipped = tuple(f"{b}." for b, on in plan.skip.items() if on)
+
+        def kept_in(dims: _Dims) -> int:
+            return dims.in_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.in_deps))
+
+        exact, prefixes = self._removed_prefixes(plan)
+        for block in self.skipped_blocks(plan):  # forward order: a chain of removed layers passes its input on
+            if block in self._removable_layers:
+                dims = self._dims[self.get_module(block)]
+                fraction[self._group_index[block]] = kept_in(dims) / dims.in_total
         for module, dims in self._dims.items():
-            if skipped and self._names[module].startswith(skipped):
+            name = self._names[module]
+            if exact and (name in exact or name.startswith(prefixes)):
                 continue
             c_out = dims.out_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.out_deps))
-            c_in = dims.in_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.in_deps))
+            c_in = kept_in(dims)
             if _is_depthwise(module):
                 c_in = c_out
             yield module, c_in, c_out
@@ -655,6 +728,24 @@ def structure_notes(graph: LayerGraph, shown: int = 4) -> list[str]:
         items = [(name, f"kept in multiples of {d}, as {why}") for name, d, why in divided]
         lines.append(f"{len(divided)} group(s) are pruned in multiples: {_by_reason(items, shown)}")
     return lines
+
+
+def removal_note(graph: LayerGraph, shown: int = 6) -> str:
+    """One line naming what ``search.skip_gates`` may remove: residual blocks and plain layers (``automl-prune graph``)."""
+    layers = [b for b in graph.blocks if b not in graph.residual_blocks]
+    if not graph.blocks:
+        return "removable blocks (search.skip_gates): none"
+
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:shown]) + (f", ... ({len(items)})" if len(items) > shown else "")
+
+    parts = (
+        [f"{len(graph.residual_blocks)} residual block(s) {names(graph.residual_blocks)}"]
+        if graph.residual_blocks
+        else []
+    )
+    parts += [f"{len(layers)} shape-preserving layer(s) {names(layers)}"] if layers else []
+    return "removable blocks (search.skip_gates): " + "; ".join(parts)
 
 
 def group_table(graph: LayerGraph, plan: Plan | None = None, round_to: int = 1) -> list[dict[str, object]]:

@@ -101,12 +101,12 @@ def round_to_of(config: Config) -> int:
     return get_runtime(config.budget.runtime).preferred_multiple(config.budget.device)
 
 
-def evaluator_config_of(config: Config) -> EvaluatorConfig:
-    """How the search scores plans."""
+def evaluator_config_of(config: Config, reward_of: str | None = None) -> EvaluatorConfig:
+    """How the search scores plans (with the reward of ``reward_of``'s strategy when ``search.reward`` is unset)."""
     s = config.search
     return EvaluatorConfig(
         criterion=config.scoring_criterion,
-        reward=s.reward,
+        reward=config.reward_of(reward_of),
         eval_size=s.eval_size,
         bn_recalibration=s.bn_recalibration,
         recalibration_batches=s.recalibration_batches,
@@ -337,10 +337,20 @@ def worker_spec_of(config: Config, evaluator: Evaluator, model_spec: ModelSpec) 
 
 
 def make_evaluator(
-    config: Config, model: nn.Module, data: DataSplits, latency_model: LatencyModel | None = None
+    config: Config,
+    model: nn.Module,
+    data: DataSplits,
+    latency_model: LatencyModel | None = None,
+    reward_of: str | None = None,
 ) -> Evaluator:
-    """The evaluator of the search (a latency budget fits its latency model first, unless given one)."""
-    return Evaluator(model, data, budget_of(config), evaluator_config_of(config), latency_model=latency_model)
+    """The evaluator of the search (a latency budget fits its latency model first, unless given one).
+
+    ``reward_of`` names the strategy whose own reward applies when ``search.reward`` is unset
+    (default: ``search.strategy``).
+    """
+    return Evaluator(
+        model, data, budget_of(config), evaluator_config_of(config, reward_of), latency_model=latency_model
+    )
 
 
 LATENCY_MODEL_FILE = "latency_model.json"
@@ -361,7 +371,7 @@ def run_latency_model(run: RunDirectory) -> LatencyModel | None:
 
 def make_space(config: Config, evaluator: Evaluator) -> SearchSpace:
     """The search space; fails here when no plan can meet the budget."""
-    skip = config.search.skip_gates or config.search.strategy == "skipnet"
+    skip = config.search.skip_gates or config.search.strategy == "static_skip"
     return SearchSpace(evaluator, min_keep=config.search.min_keep, skip_gates=skip)
 
 
@@ -936,7 +946,7 @@ def run_compare(config: Config, out: str | Path) -> list[Any]:
     entries = parse_entries(c.strategies, s)
     data = load_data(config)
     model, info, _ = dense_model(config, data)
-    evaluator = make_evaluator(config, model, data)
+    evaluator = make_evaluator(config, model, data, reward_of="uniform")  # one reward for every entry
     make_space(config, evaluator)  # a budget no plan can meet fails here, before any search
     results = run_comparison(
         worker_spec_of(config, evaluator, info.spec),

@@ -59,7 +59,7 @@ def load_policy(source: str | Path, strategy: str) -> tuple[dict[str, Any], dict
     if not path.is_file():
         raise InvalidValueError(
             f"search.init_policy: no learned policy at '{path}'; give a run directory of a ddpg, ppo, reinforce "
-            "or skipnet search (it holds policy.pt)"
+            "or static_skip search (it holds policy.pt)"
         )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)

@@ -103,6 +103,10 @@ def select_channels(scores: torch.Tensor, n_remove: int, divisor: int = 1) -> li
     return sorted(part * per_part + p for part in range(divisor) for p in positions)
 
 
+PRUNABLE = (nn.Conv2d, nn.Linear)
+"""Layers whose output channels a group prunes."""
+
+
 def _out_width(module: nn.Module) -> int:
     """Output channels (features) of a conv or linear layer."""
     return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
@@ -112,8 +116,9 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
     """Prune a deep copy of ``model`` group by group, removing the channels ``score`` ranks lowest."""
     graph.validate(plan)
     pruned = copy.deepcopy(model)
-    for block in graph.skipped_blocks(plan):
-        parent_name, _, child = block.rpartition(".")
+    removed = [m for block in graph.skipped_blocks(plan) for m in graph.block_modules(block)]
+    for name in removed:
+        parent_name, _, child = name.rpartition(".")
         setattr(pruned.get_submodule(parent_name) if parent_name else pruned, child, nn.Identity())
     dg = tp.DependencyGraph().build_dependency(pruned, graph.example_inputs, verbose=False)
     modules = dict(pruned.named_modules())
@@ -123,9 +128,9 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
         alive = [
             modules[n]
             for n in (group.name, *group.members)
-            if n in modules and _out_width(modules[n]) == group.channels
+            if n in modules and isinstance(modules[n], PRUNABLE) and _out_width(modules[n]) == group.channels
         ]
-        if n_remove == 0 or not alive:  # nothing to remove, or the group lived in skipped blocks only
+        if n_remove == 0 or not alive:  # nothing to remove, or the group lived in removed blocks or layers only
             continue
         root = alive[0]
         prune_fn = dg.get_pruner_of_module(root).prune_out_channels

@@ -70,6 +70,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._renamed: dict[str, str] = {}
 
     def register(self, name: str, target: T | str | None = None, description: str = "") -> Callable[[T], T]:
         """Register ``target`` under ``name``; usable as a decorator when ``target`` is None.
@@ -95,6 +96,15 @@ class Registry(Generic[T]):
             decorator(target)  # type: ignore[arg-type]
         return decorator
 
+    def rename(self, old: str, where: str) -> None:
+        """Say where a name that is no longer registered went, when someone asks for it.
+
+        Args:
+            old: The former name.
+            where: What to use instead, as the rest of a sentence ("now 'static_skip'; ...").
+        """
+        self._renamed[old] = where
+
     def get(self, name: str) -> T:
         """Return the component registered as ``name``.
 
@@ -108,6 +118,8 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str) -> str:
         """The error message for an unknown ``name``: valid names and the nearest one."""
         names = sorted(self._entries)
+        if name in self._renamed:
+            return f"{self.kind} '{name}' is {self._renamed[name]}. Valid {self.kind} names: {', '.join(names)}."
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"unknown {self.kind} '{name}'. Valid {self.kind} names: {', '.join(names)}.{hint}"

@@ -483,7 +483,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if report["skipped_blocks"]:
-        lines += [f"Residual blocks removed: {', '.join(report['skipped_blocks'])}.", ""]
+        lines += [f"Blocks and layers removed: {', '.join(report['skipped_blocks'])}.", ""]
     lines += [
         "![kept channels per group](keep_ratios.png)",
         "",

@@ -152,6 +152,8 @@ class Strategy:
     """Why the strategy scores one plan at a time ("" when it hands batches to ``evaluate_many``)."""
     learns_policy: bool = False
     """Whether the strategy learns a policy (:meth:`policy_state`, :meth:`start_from`)."""
+    default_reward: str = "acc"
+    """The reward a search with this strategy scores plans with when ``search.reward`` is unset."""
     initial_policy: dict[str, Any] | None = None
     """Tensors of a policy learned before, the next search starts from (see :meth:`start_from`)."""
 
@@ -168,7 +170,7 @@ class Strategy:
         if not self.learns_policy:
             raise InvalidValueError(
                 f"{self.name or type(self).__name__} learns no policy to start from; search.init_policy is for "
-                "ddpg, ppo, reinforce and skipnet"
+                "ddpg, ppo, reinforce and static_skip"
             )
         self.initial_policy = state
 
@@ -286,9 +288,15 @@ STRATEGIES.register(
     "reinforce", "automl_prune.agents.n2n:ReinforceStrategy", "N2N: LSTM policies trained with REINFORCE"
 )
 STRATEGIES.register(
+    "static_skip",
+    "automl_prune.agents.static_skip:StaticSkipStrategy",
+    "SkipNet's recurrent gate (REINFORCE) picks one set of blocks to remove for every input "
+    "(per-input gates: `automl-prune skipnet`)",
+)
+STRATEGIES.rename(
     "skipnet",
-    "automl_prune.agents.skipnet:SkipNetStrategy",
-    "SkipNet-style policy gradient over residual-block skip gates",
+    "now 'static_skip' (one set of blocks removed for every input); SkipNet's per-input gates are the command "
+    "`automl-prune skipnet`",
 )
 
 

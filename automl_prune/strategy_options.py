@@ -26,7 +26,7 @@ __all__ = [
     "PPOOptions",
     "ReinforceOptions",
     "STRATEGY_OPTIONS",
-    "SkipNetOptions",
+    "StaticSkipOptions",
     "options_of",
     "split_variant",
 ]
@@ -101,8 +101,8 @@ class ReinforceOptions(_PolicyGradientOptions):
 
 
 @dataclass
-class SkipNetOptions(_PolicyGradientOptions):
-    """SkipNet-style policy gradient over residual-block skip gates."""
+class StaticSkipOptions(_PolicyGradientOptions):
+    """Static skip search: SkipNet's recurrent gate picks one set of blocks to remove for every input."""
 
     compute_penalty: float = opt(0.1, "reward penalty per unit of kept FLOPs fraction", ge=0)
     hidden_size: int = opt(32, "gate LSTM hidden size", ge=1)
@@ -145,7 +145,7 @@ STRATEGY_OPTIONS: dict[str, type] = {
     "ddpg": DDPGOptions,
     "ppo": PPOOptions,
     "reinforce": ReinforceOptions,
-    "skipnet": SkipNetOptions,
+    "static_skip": StaticSkipOptions,
     "abc": ABCOptions,
     "optuna": OptunaOptions,
     "global": GlobalOptions,

@@ -4,8 +4,9 @@ For every model (zoo names and torchvision ``tv:NAME`` models, random weights: s
 the :class:`~automl_prune.graph.LayerGraph` is built at a small input size; the table lists the
 prunable groups, the groups a grouped convolution makes prunable only in multiples, the conv
 and linear layers left whole besides the classifier head (grouped by reason), the share of the
-model's FLOPs the prunable groups touch, and a consistency check: for ``--plans`` random plans
-(with random block skips) at ``round_to`` 1 and 8, the cost the graph predicts equals the pruned
+model's FLOPs the prunable groups touch, the removable blocks (identity-shortcut residual blocks +
+shape-preserving plain layers, ``search.skip_gates``), and a consistency check: for ``--plans`` random plans
+(with random block and layer removals) at ``round_to`` 1 and 8, the cost the graph predicts equals the pruned
 model's counted cost and the pruned model runs forward.
 
 Example::
@@ -100,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, load_start = time.perf_counter(), load_average()
     header = (
         "| model | conv/linear layers | groups | in multiples | left whole (besides head) | FLOPs in groups "
-        "| graph s | random plans | why left whole |"
+        "| removable blocks + layers | graph s | random plans | why left whole |"
     )
-    rows = [header, "|" + "---|" * 9]
+    rows = [header, "|" + "---|" * 10]
     for name in args.models:
         torch.manual_seed(0)
         model = build_model(ModelSpec(name, 3, 10)).eval()
@@ -117,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%s: %d groups, %s", name, len(graph.groups), status)
         rows.append(
             f"| {name} | {len(graph.layers)} | {len(graph.groups)} | {len(graph.divided_groups())} | {whole} "
-            f"| {share:.0%} | {seconds:.1f} | {status} ({args.plans} x 2) | {_reasons(graph)} |"
+            f"| {share:.0%} | {len(graph.residual_blocks)} + {len(graph.blocks) - len(graph.residual_blocks)} "
+            f"| {seconds:.1f} | {status} ({args.plans} x 2) | {_reasons(graph)} |"
         )
     sys.stdout.write("\n".join(rows) + "\n\n" + run_header("architectures.py", argv, args.threads, load_start, started))
     sys.stdout.write("\n")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from automl_prune.agents.n2n import ReinforceStrategy, block_embeddings, group_embeddings
-from automl_prune.agents.skipnet import SkipNetStrategy
+from automl_prune.agents.static_skip import StaticSkipStrategy
 from automl_prune.data import load_dataset
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
@@ -103,7 +103,7 @@ def test_embeddings_are_normalised(space: SearchSpace) -> None:
         assert np.all(features >= 0.0) and np.all(features <= 1.0)
 
 
-@pytest.mark.parametrize("factory", [ReinforceStrategy, SkipNetStrategy], ids=["reinforce", "skipnet"])
+@pytest.mark.parametrize("factory", [ReinforceStrategy, StaticSkipStrategy], ids=["reinforce", "static_skip"])
 def test_budget_feasibility_and_seeding(factory, evaluator: Evaluator, space: SearchSpace) -> None:
     strategy = factory()
     first = strategy.search(evaluator, space, max_evaluations=10, seed=0)
@@ -123,7 +123,7 @@ def test_budget_feasibility_and_seeding(factory, evaluator: Evaluator, space: Se
     assert [e.reward for _, e in again.history] == [e.reward for _, e in first.history]
 
 
-@pytest.mark.parametrize("factory", [ReinforceStrategy, SkipNetStrategy], ids=["reinforce", "skipnet"])
+@pytest.mark.parametrize("factory", [ReinforceStrategy, StaticSkipStrategy], ids=["reinforce", "static_skip"])
 def test_seeds(factory, evaluator: Evaluator, space: SearchSpace) -> None:
     toy = ToyEvaluator(evaluator, space.plan_from_keeps(np.full(space.dim, 0.5)))  # cheap scorer, real constraints
     toy_space = SearchSpace(toy, skip_gates=True)
@@ -183,10 +183,35 @@ def test_reinforce_learns_toy_target(evaluator: Evaluator, space: SearchSpace, t
         assert result.best_evaluation.reward > rewards[:25].max()
 
 
-def test_skipnet_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> None:
+def test_reinforce_removes_layers_of_a_plain_network() -> None:
+    """N2N's removal in a plain network: the dependency graph's shape-preserving layers, learned, then cut."""
+    from automl_prune.graph import count_cost
+    from automl_prune.pruning import apply
+
+    data = load_dataset("synthetic")
+    model = build_model(ModelSpec("vgg16_bn", data.in_channels, data.num_classes)).eval()
+    real = Evaluator(model, data, Budget(flops=BUDGET), EvaluatorConfig(eval_size=64, recalibration_batches=1))
+    plain = SearchSpace(real, skip_gates=True)
+    assert real.graph.residual_blocks == [] and len(plain.blocks) == 9
+    target_skip = {b: i in (0, 4, 8) for i, b in enumerate(plain.blocks)}
+    toy = ToyEvaluator(real, Plan(skip=target_skip), keep_weight=0.0)  # reward: the removal alone
+    strategy = ReinforceStrategy(episodes_per_update=4, removal_share=0.8)
+    result = strategy.search(toy, SearchSpace(toy, skip_gates=True), max_evaluations=150, seed=0)
+    stage1 = np.array(strategy.episode_rewards[: strategy.stage_switch])
+    assert stage1[-16:].mean() > stage1[:16].mean() + 0.1
+    best = result.best_plan
+    assert sum(best.skip[b] == on for b, on in target_skip.items()) >= 7  # (the first plans matched 5 on average)
+    pruned = apply(model, best, "l1", graph=real.graph)
+    x = data.test.images[:2]
+    counted, predicted = count_cost(pruned, x[:1]), real.graph.cost(best)
+    assert (counted.flops, counted.params) == (predicted.flops, predicted.params)
+    assert pruned(x).shape == (2, data.num_classes)
+
+
+def test_static_skip_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> None:
     target = Plan(skip={b: i < 3 for i, b in enumerate(space.blocks)})  # skip the first three blocks
     toy = ToyEvaluator(evaluator, target, keep_weight=0.0)  # the env repairs keep ratios itself
-    strategy = SkipNetStrategy(compute_penalty=0.0)
+    strategy = StaticSkipStrategy(compute_penalty=0.0)
     result = strategy.search(toy, SearchSpace(toy, skip_gates=True), max_evaluations=150, seed=0)
     rewards = np.array(strategy.episode_rewards)
     assert len(rewards) == result.evaluations == 150
@@ -195,9 +220,9 @@ def test_skipnet_learns_toy_target(evaluator: Evaluator, space: SearchSpace) -> 
     assert result.best_plan.skip == target.skip
 
 
-def test_skipnet_needs_skip_gates(evaluator: Evaluator) -> None:
+def test_static_skip_needs_skip_gates(evaluator: Evaluator) -> None:
     with pytest.raises(InvalidValueError, match="skip_gates=True"):
-        SkipNetStrategy().search(evaluator, SearchSpace(evaluator), max_evaluations=2, seed=0)
+        StaticSkipStrategy().search(evaluator, SearchSpace(evaluator), max_evaluations=2, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -206,9 +231,9 @@ def test_skipnet_needs_skip_gates(evaluator: Evaluator) -> None:
         (ReinforceStrategy, {"levels": 1}),
         (ReinforceStrategy, {"learning_rate": 0.0}),
         (ReinforceStrategy, {"baseline_decay": 1.0}),
-        (SkipNetStrategy, {"episodes_per_update": 0}),
-        (SkipNetStrategy, {"initial_skip_prob": 1.0}),
-        (SkipNetStrategy, {"compute_penalty": -0.1}),
+        (StaticSkipStrategy, {"episodes_per_update": 0}),
+        (StaticSkipStrategy, {"initial_skip_prob": 1.0}),
+        (StaticSkipStrategy, {"compute_penalty": -0.1}),
     ],
 )
 def test_bad_hyper_parameters(factory, kwargs: dict) -> None:

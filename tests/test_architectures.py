@@ -91,6 +91,7 @@ def test_a_channel_shuffle_leaves_its_groups_whole_and_the_rest_prunable() -> No
 ARCHITECTURES = [
     ("branchy", 1, 28),  # concat + residual add over it + squeeze-excitation + groups=2
     ("resnet20", 3, 32),
+    ("vgg16_bn", 1, 28),  # plain: shape-preserving layers removable
     ("mobilenetv2", 3, 32),
     ("tv:googlenet", 3, 32),  # concatenations
     ("tv:densenet121", 3, 32),

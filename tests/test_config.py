@@ -163,3 +163,24 @@ def test_booleans_are_not_keep_ratios() -> None:
 
     with pytest.raises(InvalidValueError, match="keep ratio of 'conv1' must be a number"):
         Plan({"conv1": True})
+
+
+def test_the_reward_is_the_strategys_own_unless_set() -> None:
+    from automl_prune.pipeline import evaluator_config_of
+
+    assert Config().search.reward is None and Config().reward_of() == "acc"  # ddpg: AMC's error reward
+    n2n = from_dict({"search": {"strategy": "reinforce"}})
+    assert n2n.reward_of() == "n2n" and evaluator_config_of(n2n).reward == "n2n"  # N2N's reward
+    assert evaluator_config_of(n2n, "uniform").reward == "acc"  # compare: one reward for every entry
+    chosen = from_dict({"search": {"strategy": "reinforce", "reward": "acc_log_flops"}})
+    assert chosen.reward_of() == "acc_log_flops" and chosen.reward_of("uniform") == "acc_log_flops"
+
+
+def test_the_static_skip_search_is_named_for_what_it_is(tmp_path: Path) -> None:
+    config = from_dict({"search": {"strategy": "static_skip", "static_skip": {"compute_penalty": 0.3}}})
+    check_names(config)
+    # a run directory written before the rename still loads its options
+    old = from_dict({"search": {"skipnet": {"compute_penalty": 0.2}}}, "runs/old/config.yaml")
+    assert old.search.static_skip.compute_penalty == 0.2
+    with pytest.raises(UnknownNameError, match="now 'static_skip'.*`automl-prune skipnet`"):
+        check_names(from_dict({"search": {"strategy": "skipnet"}}))

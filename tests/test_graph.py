@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from automl_prune.errors import InvalidValueError
-from automl_prune.graph import LayerGraph, count_cost
+from automl_prune.graph import LayerGraph, count_cost, removal_note
 from automl_prune.models import ModelSpec, build_model
 from automl_prune.pruning import apply
 from automl_prune.types import Plan
@@ -109,6 +109,40 @@ def test_uniform_plan_hits_flops_target(name: str) -> None:
     assert len(set(plan.keep_ratios.values())) == 1
     pruned = apply(model, plan, "l1", graph=graph)
     assert abs(count_cost(pruned, x).flops / graph.flops - 0.5) <= 0.03
+
+
+def test_plain_networks_can_lose_their_shape_preserving_layers() -> None:
+    """N2N's layer removal in a plain network: convs with equal input and output widths, stride 1."""
+    model, x, graph = _graph("vgg16_bn", 1, 28)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    equal = [n for n, m in convs.items() if m.in_channels == m.out_channels and m.stride == (1, 1)]
+    assert graph.residual_blocks == [] and graph.blocks == equal and len(equal) == 9
+    assert graph.block_modules("features.3") == ("features.3", "features.4")  # the conv and its BatchNorm
+    # the first 64 -> 64 conv and the three 512 -> 512 convs of the last stage, some groups pruned around them
+    removed = ["features.3", *equal[-3:]]
+    plan = Plan({"features.0": 0.5, "features.37": 0.25}, skip=dict.fromkeys(removed, True))
+    assert graph.skipped_blocks(plan) == removed
+    pruned = apply(model, plan, "l1", graph=graph)
+    convs_left = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs_left) == len(convs) - 4
+    # features.7 now reads features.0's 32 kept channels; the last stage's convs are gone, the head reads features.34
+    assert pruned.features[7].in_channels == 32 and isinstance(pruned.features[3], nn.Identity)
+    cost = count_cost(pruned, x)
+    predicted = graph.cost(plan)
+    assert (cost.flops, cost.params) == (predicted.flops, predicted.params)
+    assert cost.flops < graph.cost(Plan({"features.0": 0.5, "features.37": 0.25})).flops
+    assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    # a residual network keeps its layers inside the blocks: only the identity-shortcut blocks are removable
+    _, _, resnet = _graph("resnet20", 1, 28)
+    assert resnet.blocks == resnet.residual_blocks and len(resnet.blocks) == 7
+    # `automl-prune graph` says what may go
+    assert removal_note(graph).endswith(
+        "9 shape-preserving layer(s) features.3, features.10, features.17, "
+        "features.20, features.27, features.30, ... (9)"
+    )
+    assert "7 residual block(s) layers.0, layers.1, layers.2, layers.4" in removal_note(resnet)
+    with pytest.raises(InvalidValueError, match="cannot lose: features.0.*Removable blocks and layers: features.3"):
+        graph.cost(Plan(skip={"features.0": True}))
 
 
 def test_plan_with_unknown_group_is_rejected() -> None:

@@ -182,7 +182,7 @@ class _Stop(KeyboardInterrupt):
 
 
 @pytest.mark.parametrize(
-    "name", ["uniform", "global", "random", "abc", "optuna", "ddpg", "ppo", "reinforce", "skipnet"]
+    "name", ["uniform", "global", "random", "abc", "optuna", "ddpg", "ppo", "reinforce", "static_skip"]
 )
 def test_every_strategy_resumes_its_own_trajectory(digits_resnet, name: str) -> None:
     """Interrupted after 5 of 12 evaluations (the only one, for one-plan strategies) and resumed from the logged ones (as `--resume` does), every

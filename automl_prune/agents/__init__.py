@@ -3,7 +3,8 @@
 - ``ddpg``: AMC's DDPG recipe on ``LayerPrune-v0`` (stable-baselines3), :mod:`.sb3`.
 - ``ppo``: PPO on ``LayerPrune-v0`` (stable-baselines3), :mod:`.sb3`.
 - ``reinforce``: N2N-style LSTM policies trained with REINFORCE, :mod:`.n2n`.
-- ``skipnet``: policy gradient over residual-block skip gates on ``SkipGate-v0``, :mod:`.skipnet`.
+- ``static_skip``: SkipNet's recurrent gate over block-removal gates on ``SkipGate-v0`` (one pattern for
+  every input), :mod:`.static_skip`; the per-input SkipNet is :mod:`automl_prune.dynamic`.
 
 The REINFORCE machinery both share (baseline, sampling, the episode loop) is :mod:`.policy_gradient`.
 

@@ -1,9 +1,10 @@
 """N2N-style REINFORCE (Ashok et al., ICLR 2018): a layer-removal and a layer-shrinkage policy.
 
 Stage 1, present only when the search space has skip gates, is a bidirectional LSTM over the
-embeddings of the skippable residual blocks that emits one Bernoulli "remove" probability per
-block (N2N's layer-removal policy; here only identity-shortcut blocks can be removed without
-breaking shapes). Stage 2 is a unidirectional LSTM walking the prunable groups in forward order
+embeddings of the removable blocks that emits one Bernoulli "remove" probability per block
+(N2N's layer-removal policy). Removable are what the dependency graph shows can go without
+breaking shapes (:class:`~automl_prune.graph.LayerGraph`): residual blocks with an identity
+shortcut, and in plain networks the layers with equal input and output shapes. Stage 2 is a unidirectional LSTM walking the prunable groups in forward order
 that emits a categorical distribution over ``levels`` evenly spaced actions in ``[-1, 1]``,
 mapped to a keep ratio by :meth:`SearchSpace.action_to_keep` (N2N's layer-shrinkage policy).
 As in N2N the two stages are trained one after the other (``two_stage``, the default): the
@@ -89,7 +90,7 @@ def block_embeddings(space: SearchSpace) -> np.ndarray:
     rows = []
     for i, block in enumerate(blocks):
         skipped = graph.cost(Plan(skip={block: True}))
-        layers = [info for name, info in graph.layers.items() if name.startswith(f"{block}.")]
+        layers = [info for name, info in graph.layers.items() if name == block or name.startswith(f"{block}.")]
         rows.append(
             [
                 i / max(1, len(blocks) - 1),
@@ -106,12 +107,16 @@ def block_embeddings(space: SearchSpace) -> np.ndarray:
 
 
 def _skipped_member_fraction(space: SearchSpace, skip: Mapping[str, bool]) -> np.ndarray:
-    """For each group, the fraction of its member layers that lie inside a skipped block."""
-    prefixes = tuple(f"{b}." for b, on in skip.items() if on)
-    if not prefixes:
+    """For each group, the fraction of its member layers that a removed block or layer takes away."""
+    removed = tuple(b for b, on in skip.items() if on)
+    if not removed:
         return np.zeros(space.dim)
+    prefixes = tuple(f"{b}." for b in removed)
     return np.array(
-        [sum(m.startswith(prefixes) for m in g.members) / max(1, len(g.members)) for g in space.graph.groups]
+        [
+            sum(m in removed or m.startswith(prefixes) for m in g.members) / max(1, len(g.members))
+            for g in space.graph.groups
+        ]
     )
 
 
@@ -179,6 +184,8 @@ class ShrinkagePolicy(nn.Module):
 class ReinforceStrategy(PolicyGradientStrategy):
     """N2N-style two-stage REINFORCE: LSTM policies for block removal and per-group shrinkage.
 
+    Its own reward (``search.reward`` unset) is N2N's ``n2n`` (:mod:`automl_prune.reward`).
+
     Each episode samples, when the space has skip gates, one remove/keep decision per
     skippable block from a bidirectional LSTM over the block embeddings (stage 1), then
     walks the groups in forward order with an LSTM cell (stage 2). At group ``i`` the
@@ -195,8 +202,8 @@ class ReinforceStrategy(PolicyGradientStrategy):
     interval ends that clipping produces, and it matches discrete spaces (``levels=``)
     directly.
 
-    The reward is the evaluation's reward (configure the evaluator with ``reward="n2n"``
-    for N2N's ``C (2 - C) * acc / acc_teacher``).
+    The reward is the evaluation's reward: N2N's ``C (2 - C) * acc / acc_teacher`` (``n2n``)
+    when the search runs through the config with ``search.reward`` unset (:attr:`default_reward`).
 
     Args:
         levels: Number of discrete shrinkage actions per group, >= 2 (default 10: keep
@@ -220,6 +227,8 @@ class ReinforceStrategy(PolicyGradientStrategy):
     Raises:
         InvalidValueError: For out-of-range hyper-parameters.
     """
+
+    default_reward = "n2n"
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""REINFORCE machinery shared by the policy-gradient strategies (:mod:`.n2n`, :mod:`.skipnet`).
+"""REINFORCE machinery shared by the policy-gradient strategies (:mod:`.n2n`, :mod:`.static_skip`).
 
 Both agents sample a whole plan per episode from a small recurrent policy, score it with
 one evaluation and learn with REINFORCE (Williams, 1992): the gradient of
@@ -145,7 +145,7 @@ class PolicyGradientStrategy(Strategy):
 
     Attributes:
         episode_rewards: Reward of every completed episode of the last search, in order
-            (the learning curve; for :class:`SkipNetStrategy` it includes the compute penalty).
+            (the learning curve; for :class:`StaticSkipStrategy` it includes the compute penalty).
         policy: The policy network(s) of the last search.
     """
 

@@ -1,4 +1,7 @@
-"""``SkipGate-v0``: decide, block by block, which identity-shortcut residual blocks to remove.
+"""``SkipGate-v0``: decide, block by block, which removable blocks to remove.
+
+Removable blocks are the identity-shortcut residual blocks and, in plain networks, the
+shape-preserving layers (:attr:`automl_prune.graph.LayerGraph.blocks`).
 
 One step per skippable block in forward order; action ``Discrete(2)`` (0 = keep, 1 = skip).
 The observation is the block's embedding: index, its share of the dense FLOPs and
@@ -24,7 +27,7 @@ from automl_prune.types import Evaluation, Plan
 
 
 class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
-    """One step per skippable residual block; action keep (0) or skip (1).
+    """One step per removable block; action keep (0) or skip (1).
 
     Args:
         space: The search space (must have skip gates: ``SearchSpace(..., skip_gates=True)``).
@@ -44,7 +47,8 @@ class SkipGateEnv(gym.Env[np.ndarray, np.int64]):
     ):
         if not space.blocks:
             raise InvalidValueError(
-                "SkipGate-v0 needs a model with skippable residual blocks and SearchSpace(skip_gates=True)"
+                "SkipGate-v0 needs a model with removable blocks (identity-shortcut residual blocks or shape-preserving "
+                "layers) and SearchSpace(skip_gates=True)"
             )
         self.space = space
         self.evaluate_fn = evaluate or space.evaluator.evaluate

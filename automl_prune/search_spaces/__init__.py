@@ -2,8 +2,8 @@
 
 A :class:`SearchSpace` holds, for every prunable group, a keep-ratio interval
 ``[min_keep, 1]`` (``min_keep`` configurable per layer type), optionally discrete levels
-``k / levels`` (as ABCPruner), and optionally a skip gate per residual block whose shortcut
-is the identity. Keep ratios step in the evaluator's channel multiple (``round_to``, by
+``k / levels`` (as ABCPruner), and optionally a skip gate per removable block (residual
+blocks whose shortcut is the identity, shape-preserving layers of plain networks). Keep ratios step in the evaluator's channel multiple (``round_to``, by
 default what the deployment runtime is fast at): every keep ratio the space produces is
 exactly ``kept / channels`` of a width the pruned model will have (with discrete levels, a
 level whose width the evaluator derives the same way for scoring and for the final model),
@@ -45,7 +45,8 @@ class SearchSpace:
         evaluator: Supplies the graph, the exact cost model and the budget limits.
         min_keep: Smallest keep ratio, one value or per layer type (``conv``, ``dwconv``, ``linear``).
         levels: If set, keep ratios are restricted to ``k / levels`` (ABCPruner's discrete space).
-        skip_gates: Include a skip gate for each residual block with an identity shortcut.
+        skip_gates: Include a skip gate for each removable block (:attr:`LayerGraph.blocks`: residual
+            blocks with an identity shortcut, shape-preserving layers of plain networks).
 
     Raises:
         InvalidValueError: Bad ``min_keep``/``levels``, or a budget that cannot be met even at

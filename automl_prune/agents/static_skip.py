@@ -1,6 +1,6 @@
-"""SkipNet-style static skip search: a recurrent gate learns which residual blocks to remove.
+"""SkipNet-style static skip search: a recurrent gate learns which blocks to remove.
 
-:class:`SkipNetStrategy` learns a static skip pattern on the ``SkipGate-v0`` env
+:class:`StaticSkipStrategy` learns a static skip pattern on the ``SkipGate-v0`` env
 (:class:`~automl_prune.envs.skip_gate.SkipGateEnv`) with a recurrent gate shared across
 blocks (SkipNet's RNN gate, Wang et al., ECCV 2018), trained by REINFORCE
 (:mod:`.policy_gradient`) on the env's reward, which subtracts ``compute_penalty`` times the
@@ -24,7 +24,7 @@ from automl_prune.seeding import derive_seed
 from automl_prune.strategy import SearchSession
 from automl_prune.types import Evaluation
 
-__all__ = ["RecurrentGatePolicy", "SkipNetStrategy"]
+__all__ = ["RecurrentGatePolicy", "StaticSkipStrategy"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ class RecurrentGatePolicy(nn.Module):
 
 
 # ---------------------------------------------------------------------- SkipNet
-class SkipNetStrategy(PolicyGradientStrategy):
-    """SkipNet-style REINFORCE on ``SkipGate-v0``: learn which residual blocks to remove.
+class StaticSkipStrategy(PolicyGradientStrategy):
+    """SkipNet-style REINFORCE on ``SkipGate-v0``: learn which blocks to remove (the same for every input).
 
     A recurrent gate shared by all blocks (an LSTM cell, as SkipNet's RNN gate) reads the
     env's observation of each block in turn and emits a Bernoulli skip probability. At the
@@ -76,7 +76,7 @@ class SkipNetStrategy(PolicyGradientStrategy):
 
     Raises:
         InvalidValueError: For out-of-range hyper-parameters, and from ``search`` when the
-            space has no skippable residual blocks.
+            space has no removable blocks.
     """
 
     def __init__(
@@ -111,12 +111,12 @@ class SkipNetStrategy(PolicyGradientStrategy):
         if not space.blocks:
             if space.graph.blocks:
                 raise InvalidValueError(
-                    "SkipNetStrategy needs skip gates, but the search space was built without them; "
+                    "StaticSkipStrategy needs skip gates, but the search space was built without them; "
                     "build it with SearchSpace(evaluator, skip_gates=True)"
                 )
             raise InvalidValueError(
-                "SkipNetStrategy needs skippable residual blocks (identity shortcuts), and this model has none; "
-                "use a residual model and SearchSpace(evaluator, skip_gates=True), or another strategy"
+                "StaticSkipStrategy needs removable blocks (identity-shortcut residual blocks or shape-preserving "
+                "layers), and this model has none; use another strategy"
             )
         self._env = SkipGateEnv(space, evaluate=session.evaluate, compute_penalty=self.compute_penalty)
         self._reset_seed = derive_seed(session.seed, self._label(), "env")
