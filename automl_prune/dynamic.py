@@ -16,12 +16,12 @@ Training follows the paper in two stages (:func:`train_gated`):
    network keeps learning from the supervised loss. The gates read the features without
    reshaping them (their input is detached).
 
-After training, the eval-mode threshold on the gate probability is set on search-val to the
+After training, the eval-mode threshold on the gate logit is set on search-val to the
 lowest that meets a target mean FLOPs share (:func:`calibrate_threshold`), so the budget holds
 whatever the compute weight did; ``dual_lr > 0`` also moves the weight towards the target during
 training (dual ascent), which overshoots easily and is off by default.
 
-At inference (eval mode) a gate's probability is compared with the threshold and a skipped
+At inference (eval mode) a gate's logit is compared with the threshold and a skipped
 block is really not computed: a batch runs the block only on the inputs whose gate opens (at
 batch 1: not at all when closed). The gated model scripts to TorchScript with its control
 flow (:func:`script_gated`), and saves and reloads (:func:`save_gated`, :func:`load_gated`).
@@ -30,6 +30,7 @@ flow (:func:`script_gated`), and saves and reloads (:func:`save_gated`, :func:`l
 # No `from __future__ import annotations`: TorchScript reads the forward methods' annotations as objects.
 import copy
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -105,8 +106,9 @@ class FeedForwardGate(nn.Module):
 class GatedBlock(nn.Module):
     """A residual block with identity shortcut behind a per-input gate.
 
-    In eval mode the block runs on the inputs whose gate probability reaches ``threshold``
-    and is skipped (not computed) for the others. In training mode the block runs on the
+    In eval mode the block runs on the inputs whose gate logit reaches ``threshold_logit``
+    (the logit of the probability threshold: compared as logits, gates whose probabilities
+    round to 1 in float32 still differ) and is skipped (not computed) for the others. In training mode the block runs on the
     whole batch and is mixed with the identity by the gate: the soft probability
     (``mode="soft"``) or a Bernoulli sample of it (``mode="sample"``, whose log-probability
     and decision are kept for the REINFORCE update).
@@ -121,7 +123,7 @@ class GatedBlock(nn.Module):
         super().__init__()
         self.block = block
         self.gate = FeedForwardGate(channels, hidden)
-        self.threshold = 0.5
+        self.threshold_logit = 0.0  # probability 0.5
         self.mode = "soft"
         self._record = {}  # the last training pass: "executed" and "log_prob" per input
 
@@ -129,7 +131,7 @@ class GatedBlock(nn.Module):
         """Gate each input; eval mode computes the block only for the inputs whose gate opens."""
         if self.training:
             return self._mixed(x)
-        run = torch.sigmoid(self.gate(x)) >= self.threshold
+        run = self.gate(x) >= self.threshold_logit
         executed = int(run.sum())
         if executed == 0:
             return x
@@ -238,17 +240,31 @@ class GatedNetwork(nn.Module):
 
     @torch.jit.unused
     def set_threshold(self, threshold: float) -> None:
-        """The gate probability at which a block runs in eval mode (every gate alike)."""
+        """The gate probability at which a block runs in eval mode (every gate alike; 1 closes every gate)."""
         if not 0.0 < threshold <= 1.0:
             raise InvalidValueError(f"gate threshold must be in (0, 1], got {threshold}")
+        self.set_threshold_logit(math.inf if threshold == 1.0 else math.log(threshold) - math.log1p(-threshold))
+
+    @torch.jit.unused
+    def set_threshold_logit(self, logit: float) -> None:
+        """The gate logit at which a block runs in eval mode (finer than a probability near 0 or 1)."""
+        if math.isnan(logit):
+            raise InvalidValueError("gate threshold logit must be a number, got nan")
         for block in self.gated_blocks():
-            block.threshold = float(threshold)
+            block.threshold_logit = float(logit)
+
+    @property
+    @torch.jit.unused
+    def threshold_logit(self) -> float:
+        """The eval-mode threshold of the gates, as a logit."""
+        return float(self.gated_blocks()[0].threshold_logit)
 
     @property
     @torch.jit.unused
     def threshold(self) -> float:
-        """The eval-mode threshold of the gates."""
-        return float(self.gated_blocks()[0].threshold)
+        """The eval-mode threshold of the gates, as a probability."""
+        logit = self.threshold_logit
+        return 1.0 if logit == math.inf else 0.0 if logit == -math.inf else 1.0 / (1.0 + math.exp(-logit))
 
     @torch.jit.unused
     def flops_share(self, executed: torch.Tensor) -> torch.Tensor:
@@ -282,7 +298,7 @@ class GatedNetwork(nn.Module):
         """One eval-mode pass: (outputs, decisions ``(N, blocks)`` with 1 where the block ran)."""
         seen: list[torch.Tensor] = []
         hooks = [
-            b.gate.register_forward_hook(lambda _m, _a, out, b=b: seen.append(torch.sigmoid(out) >= b.threshold))
+            b.gate.register_forward_hook(lambda _m, _a, out, b=b: seen.append(out >= b.threshold_logit))
             for b in self.gated_blocks()
         ]
         try:
@@ -423,42 +439,55 @@ def _mean_share(net: GatedNetwork, data: TensorData, batch_size: int = 500) -> f
     return float(torch.cat(shares).mean())
 
 
-def calibrate_threshold(net: GatedNetwork, data: TensorData, target: float, iterations: int = 14) -> float:
+def calibrate_threshold(net: GatedNetwork, data: TensorData, target: float, iterations: int = 30) -> float:
     """Set the gates' threshold to the lowest (most blocks run) whose mean FLOPs share on ``data`` meets ``target``.
 
-    A bisection over ``(0, 1]``: raising the threshold closes gates, lowering it opens them, so
-    the budget is met on ``data`` and used as fully as the gates' probabilities allow. A target
-    below the cost of skipping every block ends at the threshold that skips the most, with a warning.
+    A bisection over the gate *logit* (raising it closes gates, lowering it opens them), so the
+    budget is met on ``data`` and used as fully as the gates allow, also when training saturated
+    their probabilities (a probability threshold cannot separate gates that all read 1.0). A
+    target below the cost of skipping every block ends at the threshold that skips the most,
+    with a warning.
 
     Returns:
-        The threshold set.
+        The threshold set, as a probability (:attr:`GatedNetwork.threshold_logit` holds it exactly).
     """
-    low, high = 0.0, 1.0  # share(low) > target unless every gate already meets it; share(high) is the floor
-    net.set_threshold(1e-6)
-    if _mean_share(net, data) <= target:
-        return 1e-6
+    logits: list[torch.Tensor] = []
+    hooks = [b.gate.register_forward_hook(lambda _m, _a, out: logits.append(out.detach())) for b in net.gated_blocks()]
+    try:
+        shares = []
+        for logit in (-math.inf, math.inf):  # every gate open, then every gate closed: the logits both paths see
+            net.set_threshold_logit(logit)
+            shares.append(_mean_share(net, data))
+    finally:
+        for h in hooks:
+            h.remove()
+    seen = torch.cat(logits)
+    low, high = float(seen.min()) - 1.0, float(seen.max()) + 1.0  # share(low) > target; share(high): the floor
+    if shares[0] <= target:  # every block may run
+        net.set_threshold_logit(low)
+        return net.threshold
     share: float | None = None  # the share at ``high`` once measured
     for _ in range(iterations):
         middle = (low + high) / 2
-        net.set_threshold(middle)
+        net.set_threshold_logit(middle)
         measured = _mean_share(net, data)
         if measured <= target:
             high, share = middle, measured
         else:
             low = middle
-    net.set_threshold(high)
-    if share is None:  # no threshold below 1 met the target
+    net.set_threshold_logit(high)
+    if share is None:  # no threshold in the range met the target
         share = _mean_share(net, data)
     if share > target:
         logger.warning(
-            "mean FLOPs %.1f%% stay above the %.1f%% target even with the gates closing at %.3f: skipping every "
-            "gated block leaves %.1f%%",
+            "mean FLOPs %.1f%% stay above the %.1f%% target even with the gates closing at logit %.3g: skipping "
+            "every gated block leaves %.1f%%",
             100 * share,
             100 * target,
             high,
             100 * net.floor_share(),
         )
-    return high
+    return net.threshold
 
 
 # --------------------------------------------------------------------------- measuring
@@ -471,7 +500,8 @@ class GatingStats:
         mean_flops_share: Mean share of the dense FLOPs per input (gates included).
         flops_shares: Every input's share, in data order.
         block_run_rate: Per gated block, the share of inputs that ran it.
-        threshold: The gates' threshold.
+        threshold: The gates' threshold (probability).
+        threshold_logit: The same threshold as a logit (what the gates compare with).
     """
 
     accuracy: float
@@ -479,6 +509,7 @@ class GatingStats:
     flops_shares: list[float]
     block_run_rate: list[float]
     threshold: float
+    threshold_logit: float
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (without the per-input list)."""
@@ -503,6 +534,7 @@ def gate_statistics(net: GatedNetwork, data: TensorData, batch_size: int = 500) 
         flops_shares=[float(s) for s in shares],
         block_run_rate=[float(r) for r in executed.mean(dim=0)],
         threshold=net.threshold,
+        threshold_logit=net.threshold_logit,
     )
 
 
@@ -533,7 +565,12 @@ def save_gated(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Atomically write ``net`` as an automl-prune checkpoint whose meta holds the gates (blocks, width, threshold)."""
-    gates = {"blocks": list(net.blocks), "hidden": net.hidden, "threshold": net.threshold}
+    gates = {
+        "blocks": list(net.blocks),
+        "hidden": net.hidden,
+        "threshold": net.threshold,
+        "threshold_logit": net.threshold_logit,
+    }
     info = CheckpointInfo(spec, tuple(input_shape), meta={**(meta or {}), GATES_META: gates})
     return save_checkpoint(path, net, info)
 
@@ -560,7 +597,10 @@ def load_gated(path: str | os.PathLike[str]) -> tuple[GatedNetwork, dict[str, An
         raise CheckpointError(
             f"weights in '{path}' do not fit gated {info.spec.name}: {str(exc).splitlines()[0]}"
         ) from None
-    net.set_threshold(float(gates["threshold"]))
+    if "threshold_logit" in gates:
+        net.set_threshold_logit(float(gates["threshold_logit"]))
+    else:  # written before the threshold was kept as a logit
+        net.set_threshold(float(gates["threshold"]))
     return net.eval(), {k: v for k, v in info.meta.items() if k != GATES_META}
 
 
@@ -627,7 +667,7 @@ def write_report(out: Path, report: dict[str, Any], shares: list[float]) -> None
         "",
         f"Gates on {len(gated['blocks'])} residual blocks, trained {report['gates']['pretrain_steps']} steps with soft "
         f"gates, then {report['gates']['rl_steps']} steps of hybrid RL; threshold {gated['threshold']:.3g} "
-        f"calibrated on search-val to mean FLOPs <= {report['target_flops']:.0%}. The static plan removes channels "
+        f"(gate logit {gated['threshold_logit']:.3g}) calibrated on search-val to mean FLOPs <= {report['target_flops']:.0%}. The static plan removes channels "
         f"uniformly ({static['criterion']}, widths in multiples of {static['round_to']}) to at most the gated "
         f"model's mean FLOPs and is fine-tuned for as many steps. "
         f"Test split: {report['test_images']} images.",

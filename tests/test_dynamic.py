@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_the_skip_rate_responds_to_the_compute_weight(light, heavy, fashion_smal
 
 def test_the_threshold_meets_a_mean_flops_target(light, fashion_small) -> None:
     net = light
-    previous = net.threshold
+    previous = net.threshold_logit
     try:
         threshold = calibrate_threshold(net, fashion_small.search_val, 0.6)
         stats = gate_statistics(net, fashion_small.search_val)
@@ -127,7 +128,22 @@ def test_the_threshold_meets_a_mean_flops_target(light, fashion_small) -> None:
         test = gate_statistics(net, fashion_small.test)
         assert abs(test.mean_flops_share - 0.6) < 0.1  # held-out images cost about the same
     finally:
-        net.set_threshold(previous)
+        net.set_threshold_logit(previous)
+
+
+def test_saturated_gates_still_meet_the_target(trained_resnet20, fashion_small) -> None:
+    """Gates whose probabilities all read 1.0 in float32 (as hybrid RL can leave them) are told apart by their logits."""
+    net = GatedNetwork(trained_resnet20.model, EXAMPLE)
+    for i, block in enumerate(net.gated_blocks()):
+        with torch.no_grad():
+            block.gate.fc2.weight.zero_()
+            block.gate.fc2.bias.fill_(20.0 + 5.0 * i)  # sigmoid = 1.0 in float32 for every gate
+    val = fashion_small.search_val
+    calibrate_threshold(net, val, 0.5)
+    stats = gate_statistics(net, val)
+    assert stats.threshold == 1.0 and math.isfinite(stats.threshold_logit)  # the probability cannot say which
+    assert 0.4 < stats.mean_flops_share <= 0.5  # ... the logit can: the surest gates stay open
+    assert stats.block_run_rate == [0.0] * 5 + [1.0] * 2  # five of seven blocks skipped leave 42%
 
 
 def test_torchscript_and_onnx_keep_the_per_input_control_flow(trained_resnet20, fashion_small) -> None:
