@@ -394,12 +394,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("automl_prune.baseline", "automl_prune.training", "automl_prune.data", "automl_prune.evaluator"),
     )
     torch.set_num_threads(args.threads)
+    return run_and_report("search_quality.py", argv, args, run, markdown)
+
+
+def run_and_report(
+    script: str,
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    compute: Callable[[argparse.Namespace, State], None],
+    table_of: Callable[[dict[str, Any], argparse.Namespace], str],
+) -> int:
+    """Fill ``--state`` with ``compute`` (unless ``--report-only``), print the table and write it to ``--out``."""
     state = State(args.state)
     load_start, started = load_average(), time.perf_counter()
     if not args.report_only:
-        run(args, state)
-    header = run_header("search_quality.py", argv, args.threads, load_start, started)
-    table = markdown(state.data, args)
+        compute(args, state)
+    header = run_header(script, argv, args.threads, load_start, started)
+    table = table_of(state.data, args).rstrip("\n")
     print(table + "\n\n" + header)
     if args.out is not None:
         write_text(args.out, header + "\n\n" + table + "\n")
