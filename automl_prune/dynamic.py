@@ -108,8 +108,8 @@ class GatedBlock(nn.Module):
 
     In eval mode the block runs on the inputs whose gate logit reaches ``threshold_logit``
     (the logit of the probability threshold: compared as logits, gates whose probabilities
-    round to 1 in float32 still differ) and is skipped (not computed) for the others. In training mode the block runs on the
-    whole batch and is mixed with the identity by the gate: the soft probability
+    round to 1 in float32 still differ) and is skipped (not computed) for the others. In
+    training mode the block runs on the whole batch and is mixed with the identity by the gate: the soft probability
     (``mode="soft"``) or a Bernoulli sample of it (``mode="sample"``, whose log-probability
     and decision are kept for the REINFORCE update).
 
@@ -453,17 +453,17 @@ def calibrate_threshold(net: GatedNetwork, data: TensorData, target: float, iter
     """
     logits: list[torch.Tensor] = []
     hooks = [b.gate.register_forward_hook(lambda _m, _a, out: logits.append(out.detach())) for b in net.gated_blocks()]
-    try:
-        shares = []
-        for logit in (-math.inf, math.inf):  # every gate open, then every gate closed: the logits both paths see
-            net.set_threshold_logit(logit)
-            shares.append(_mean_share(net, data))
+    try:  # every gate open, then every gate closed: the range of logits the gates see on either path
+        net.set_threshold_logit(-math.inf)
+        opened = _mean_share(net, data)
+        net.set_threshold_logit(math.inf)
+        _mean_share(net, data)
     finally:
         for h in hooks:
             h.remove()
     seen = torch.cat(logits)
     low, high = float(seen.min()) - 1.0, float(seen.max()) + 1.0  # share(low) > target; share(high): the floor
-    if shares[0] <= target:  # every block may run
+    if opened <= target:  # every block may run
         net.set_threshold_logit(low)
         return net.threshold
     share: float | None = None  # the share at ``high`` once measured

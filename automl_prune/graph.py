@@ -307,11 +307,17 @@ class LayerGraph:
         """Names of the modules removing ``block`` replaces by the identity (the block itself, or a layer and its BN)."""
         return self._removable_layers.get(block, (block,))
 
-    def _removed_prefixes(self, plan: Plan) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(exact module names, name prefixes) of everything ``plan`` removes."""
-        skipped = self.skipped_blocks(plan)
-        exact = tuple(m for b in skipped for m in self.block_modules(b))
-        return exact, tuple(f"{m}." for m in exact)
+    def removed_modules(self, plan: Plan) -> list[str]:
+        """Names of the modules ``plan`` replaces by the identity (removed blocks, removed layers and their BNs)."""
+        return [m for b in self.skipped_blocks(plan) for m in self.block_modules(b)]
+
+    def removal_filter(self, plan: Plan) -> Callable[[str], bool]:
+        """Whether the module called ``name`` is gone under ``plan``: removed, or inside a removed block."""
+        exact = tuple(self.removed_modules(plan))
+        if not exact:
+            return lambda _name: False
+        prefixes = tuple(f"{m}." for m in exact)
+        return lambda name: name in exact or name.startswith(prefixes)
 
     @staticmethod
     def _trace(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[nn.Module], dict]:
@@ -559,14 +565,13 @@ class LayerGraph:
         def kept_in(dims: _Dims) -> int:
             return dims.in_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.in_deps))
 
-        exact, prefixes = self._removed_prefixes(plan)
+        removed = self.removal_filter(plan)
         for block in self.skipped_blocks(plan):  # forward order: a chain of removed layers passes its input on
             if block in self._removable_layers:
                 dims = self._dims[self.get_module(block)]
                 fraction[self._group_index[block]] = kept_in(dims) / dims.in_total
         for module, dims in self._dims.items():
-            name = self._names[module]
-            if exact and (name in exact or name.startswith(prefixes)):
+            if removed(self._names[module]):
                 continue
             c_out = dims.out_total - round(sum(n * (1.0 - fraction[g]) for g, n in dims.out_deps))
             c_in = kept_in(dims)

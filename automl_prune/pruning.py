@@ -116,8 +116,7 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
     """Prune a deep copy of ``model`` group by group, removing the channels ``score`` ranks lowest."""
     graph.validate(plan)
     pruned = copy.deepcopy(model)
-    removed = [m for block in graph.skipped_blocks(plan) for m in graph.block_modules(block)]
-    for name in removed:
+    for name in graph.removed_modules(plan):
         parent_name, _, child = name.rpartition(".")
         setattr(pruned.get_submodule(parent_name) if parent_name else pruned, child, nn.Identity())
     dg = tp.DependencyGraph().build_dependency(pruned, graph.example_inputs, verbose=False)

@@ -4,8 +4,8 @@ Stage 1, present only when the search space has skip gates, is a bidirectional L
 embeddings of the removable blocks that emits one Bernoulli "remove" probability per block
 (N2N's layer-removal policy). Removable are what the dependency graph shows can go without
 breaking shapes (:class:`~automl_prune.graph.LayerGraph`): residual blocks with an identity
-shortcut, and in plain networks the layers with equal input and output shapes. Stage 2 is a unidirectional LSTM walking the prunable groups in forward order
-that emits a categorical distribution over ``levels`` evenly spaced actions in ``[-1, 1]``,
+shortcut, and in plain networks the layers with equal input and output shapes. Stage 2 is a
+unidirectional LSTM walking the prunable groups in forward order that emits a categorical distribution over ``levels`` evenly spaced actions in ``[-1, 1]``,
 mapped to a keep ratio by :meth:`SearchSpace.action_to_keep` (N2N's layer-shrinkage policy).
 As in N2N the two stages are trained one after the other (``two_stage``, the default): the
 first ``removal_share`` of the evaluation budget trains the removal policy alone (each plan
@@ -90,7 +90,8 @@ def block_embeddings(space: SearchSpace) -> np.ndarray:
     rows = []
     for i, block in enumerate(blocks):
         skipped = graph.cost(Plan(skip={block: True}))
-        layers = [info for name, info in graph.layers.items() if name == block or name.startswith(f"{block}.")]
+        removed = graph.removal_filter(Plan(skip={block: True}))
+        layers = [info for name, info in graph.layers.items() if removed(name)]
         rows.append(
             [
                 i / max(1, len(blocks) - 1),
@@ -108,16 +109,10 @@ def block_embeddings(space: SearchSpace) -> np.ndarray:
 
 def _skipped_member_fraction(space: SearchSpace, skip: Mapping[str, bool]) -> np.ndarray:
     """For each group, the fraction of its member layers that a removed block or layer takes away."""
-    removed = tuple(b for b, on in skip.items() if on)
-    if not removed:
+    if not any(skip.values()):
         return np.zeros(space.dim)
-    prefixes = tuple(f"{b}." for b in removed)
-    return np.array(
-        [
-            sum(m in removed or m.startswith(prefixes) for m in g.members) / max(1, len(g.members))
-            for g in space.graph.groups
-        ]
-    )
+    removed = space.graph.removal_filter(Plan(skip=dict(skip)))
+    return np.array([sum(map(removed, g.members)) / max(1, len(g.members)) for g in space.graph.groups])
 
 
 # ---------------------------------------------------------------------- policies
