@@ -234,7 +234,7 @@ def run_comparison(
                 },
                 tune_config=tune.TuneConfig(
                     trial_dirname_creator=lambda t: _dirname(t.config["entry"]["label"], t.config["seed"]),
-                    reuse_actors=False,
+                    reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT,

@@ -434,59 +434,90 @@ def train_gated(net: GatedNetwork, data: DataSplits, config: GateConfig) -> list
     return history
 
 
-def _mean_share(net: GatedNetwork, data: TensorData, batch_size: int = 500) -> float:
-    shares = [net.flops_share(net.open_gates(x)) for x, _ in data.batches(batch_size)]
-    return float(torch.cat(shares).mean())
+def _mean_share(net: GatedNetwork, data: TensorData, batch_size: int = 500) -> tuple[float, torch.Tensor]:
+    """(mean FLOPs share on ``data``, every gate logit the pass computed) at the current threshold."""
+    logits: list[torch.Tensor] = []
+    hooks = [b.gate.register_forward_hook(lambda _m, _a, out: logits.append(out.detach())) for b in net.gated_blocks()]
+    try:
+        shares = [net.flops_share(net.open_gates(x)) for x, _ in data.batches(batch_size)]
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(torch.cat(shares).mean()), torch.cat(logits).flatten()
 
 
-def calibrate_threshold(net: GatedNetwork, data: TensorData, target: float, iterations: int = 30) -> float:
+def calibrate_threshold(
+    net: GatedNetwork, data: TensorData, target: float, iterations: int = 30, tolerance: float = 1e-3
+) -> float:
     """Set the gates' threshold to the lowest (most blocks run) whose mean FLOPs share on ``data`` meets ``target``.
 
-    A bisection over the gate *logit* (raising it closes gates, lowering it opens them), so the
+    A search over the gate *logit* (raising it closes gates, lowering it opens them), so the
     budget is met on ``data`` and used as fully as the gates allow, also when training saturated
     their probabilities (a probability threshold cannot separate gates that all read 1.0). A
     target below the cost of skipping every block ends at the threshold that skips the most,
     with a warning.
 
+    Each step is a pass over ``data``, so the bracket is narrowed by safeguarded false position
+    (the share is monotone in the threshold: interpolate where it crosses the target, with a
+    bisection step whenever one end has moved twice running) and the search stops as soon as
+    more passes cannot help: when the share that fits is within ``tolerance`` of the target, or
+    when no gate logit of the fitting pass lies between the two ends (every threshold in
+    between then takes the same decisions on every input, gate after gate, so the fitting end
+    is already the lowest).
+
+    Args:
+        net: The gated network (its threshold is set).
+        data: Images the mean share is measured on (search-val).
+        target: Mean FLOPs share to meet, in (0, 1].
+        iterations: Most narrowing steps.
+        tolerance: A fitting share this close below the target ends the search.
+
     Returns:
         The threshold set, as a probability (:attr:`GatedNetwork.threshold_logit` holds it exactly).
     """
-    logits: list[torch.Tensor] = []
-    hooks = [b.gate.register_forward_hook(lambda _m, _a, out: logits.append(out.detach())) for b in net.gated_blocks()]
-    try:  # every gate open, then every gate closed: the range of logits the gates see on either path
-        net.set_threshold_logit(-math.inf)
-        opened = _mean_share(net, data)
-        net.set_threshold_logit(math.inf)
-        _mean_share(net, data)
-    finally:
-        for h in hooks:
-            h.remove()
-    seen = torch.cat(logits)
-    low, high = float(seen.min()) - 1.0, float(seen.max()) + 1.0  # share(low) > target; share(high): the floor
-    if opened <= target:  # every block may run
+    net.set_threshold_logit(-math.inf)  # every gate open, then every gate closed: the range of logits on either path
+    share_low, open_logits = _mean_share(net, data)
+    net.set_threshold_logit(math.inf)
+    share_high, fitting = _mean_share(net, data)
+    seen = torch.cat([open_logits, fitting])
+    low, high = float(seen.min()) - 1.0, float(seen.max()) + 1.0  # every gate opens at ``low``, none at ``high``
+    if share_low <= target:  # every block may run
         net.set_threshold_logit(low)
         return net.threshold
-    share: float | None = None  # the share at ``high`` once measured
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        net.set_threshold_logit(middle)
-        measured = _mean_share(net, data)
-        if measured <= target:
-            high, share = middle, measured
-        else:
-            low = middle
     net.set_threshold_logit(high)
-    if share is None:  # no threshold in the range met the target
-        share = _mean_share(net, data)
-    if share > target:
+    if share_high > target:
         logger.warning(
-            "mean FLOPs %.1f%% stay above the %.1f%% target even with the gates closing at logit %.3g: skipping "
-            "every gated block leaves %.1f%%",
-            100 * share,
+            "mean FLOPs %.1f%% stay above the %.1f%% target even with every gate closed: skipping every gated "
+            "block leaves %.1f%%",
+            100 * share_high,
             100 * target,
-            high,
             100 * net.floor_share(),
         )
+        return net.threshold
+    goal, moved, repeats = target - tolerance / 2, "", 0
+    unfit = open_logits  # the logits of the pass at ``low``
+    for _ in range(iterations):
+        between = torch.cat([fitting, unfit])
+        between = between[(between > low) & (between < high)].sort().values
+        if target - share_high <= tolerance or not bool(((fitting > low) & (fitting < high)).any()):
+            break
+        if repeats >= 2 or share_low <= share_high:
+            fraction = 0.5
+        else:
+            fraction = min(max((share_low - goal) / (share_low - share_high), 0.05), 0.95)
+        # the share moves with the number of decisions that flip: step through the logits the two
+        # ends' passes saw between them, by rank, rather than through logit values
+        middle = float(between[min(int(fraction * len(between)), len(between) - 1)])
+        net.set_threshold_logit(middle)
+        measured, logits = _mean_share(net, data)
+        side = "high" if measured <= target else "low"
+        repeats = repeats + 1 if side == moved else 1
+        moved = side
+        if side == "high":
+            high, share_high, fitting = middle, measured, logits
+        else:
+            low, share_low, unfit = middle, measured, logits
+    net.set_threshold_logit(high)
     return net.threshold
 
 
