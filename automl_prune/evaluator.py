@@ -31,7 +31,7 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.graph import Cost, LayerGraph
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.measure.latency_model import LatencyModel, LatencyTable, Measured, calibrate, measure_plans
-from automl_prune.precision import autocast, fast_layout
+from automl_prune.precision import autocast
 from automl_prune.pruning import apply
 from automl_prune.reward import REWARDS, RewardContext, budget_penalty
 from automl_prune.runtimes import resolve_device
@@ -120,7 +120,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
         bn.train()
     device = next(model.parameters()).device
     try:
-        with fast_layout(model), torch.no_grad():
+        with torch.no_grad():
             for x in batches:
                 model(x.to(device))
     finally:
@@ -292,14 +292,13 @@ class Evaluator:
         c = self.config
         model.train()
         teacher = self.dense_on_device if c.distill_weight > 0 else None
-        with fast_layout(model, teacher):
-            for x, y in self._finetune_batches:
-                x, y = x.to(self.device), y.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(self.device):
-                    loss = student_loss(model(x), y, teacher, x, c.distill_weight, c.distill_temperature)
-                loss.backward()
-                optimizer.step()
+        for x, y in self._finetune_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(self.device):
+                loss = student_loss(model(x), y, teacher, x, c.distill_weight, c.distill_temperature)
+            loss.backward()
+            optimizer.step()
         model.eval()
 
     def _score(

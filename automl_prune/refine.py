@@ -41,7 +41,7 @@ from automl_prune.data import TensorData
 from automl_prune.errors import InvalidValueError
 from automl_prune.io import atomic_path, write_json
 from automl_prune.measure.accuracy import evaluate_accuracy
-from automl_prune.precision import autocast, fast_layout
+from automl_prune.precision import autocast
 from automl_prune.seeding import derive_seed, seed_everything
 from automl_prune.training import check_distillation, student_loss
 from automl_prune.types import Evaluation, Plan
@@ -273,17 +273,16 @@ def _rung_trial(
         optimizer.load_state_dict(state["optimizer"])
     model.train()
     batches = _batches_from(train, config.batch_size, config.seed, begin)
-    with fast_layout(model, teacher):
-        for _ in range(end - begin):
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
-                loss = student_loss(model(x), y, teacher, x, config.distill_weight, config.distill_temperature)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        score = evaluate_accuracy(model, val)
+    for _ in range(end - begin):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = student_loss(model(x), y, teacher, x, config.distill_weight, config.distill_temperature)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    score = evaluate_accuracy(model, val)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / STATE_FILE)
         tune.report({"score": score, "steps": end, "key": key}, checkpoint=tune.Checkpoint.from_directory(tmp))

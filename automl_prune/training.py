@@ -23,7 +23,7 @@ from torch import nn
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
 from automl_prune.measure.accuracy import evaluate_accuracy
-from automl_prune.precision import autocast, fast_layout
+from automl_prune.precision import autocast
 from automl_prune.progress import Progress
 from automl_prune.seeding import derive_seed, seed_everything
 
@@ -195,51 +195,50 @@ def train(
     history: list[dict[str, float]] = []
     step = 0
     epoch = 0
-    with fast_layout(model, teacher):
-        bar = Progress(total_steps, description, "step", leave=False)
-        try:
-            while step < total_steps:
-                model.train()
-                running, seen = 0.0, 0
-                batches = data.train.batches(
-                    config.batch_size,
-                    shuffle=True,
-                    seed=derive_seed(config.seed, "epoch", epoch),
-                    drop_last=n_train >= config.batch_size,
-                )
-                for x, y in batches:
-                    if step >= total_steps:
-                        break
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast(device):
-                        loss = student_loss(
-                            model(x), y, teacher, x, config.distill_weight, config.distill_temperature, hard=loss_fn
-                        )
-                    if config.bn_l1 > 0:
-                        loss = loss + config.bn_l1 * bn_l1_penalty(model)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    step += 1
-                    running += loss.item() * len(y)
-                    seen += len(y)
-                    bar.update(1)
-                    if step % 20 == 0:
-                        bar.set_postfix(loss=f"{running / max(seen, 1):.3f}")
-                epoch += 1
-                record = {"epoch": epoch, "step": step, "train_loss": running / max(seen, 1)}
-                if config.eval_every_epoch or step >= total_steps:
-                    acc = evaluate_accuracy(model, data.search_val)
-                    record["val_accuracy"] = acc
-                    if acc > best_acc:
-                        best_acc, best_state = acc, copy.deepcopy(model.state_dict())
-                    if on_epoch_end is not None:
-                        on_epoch_end(epoch, model, acc)
-                    logger.info("%s epoch %d: loss %.4f, val acc %.4f", description, epoch, record["train_loss"], acc)
-                history.append(record)
-        finally:
-            bar.close()
+    bar = Progress(total_steps, description, "step", leave=False)
+    try:
+        while step < total_steps:
+            model.train()
+            running, seen = 0.0, 0
+            batches = data.train.batches(
+                config.batch_size,
+                shuffle=True,
+                seed=derive_seed(config.seed, "epoch", epoch),
+                drop_last=n_train >= config.batch_size,
+            )
+            for x, y in batches:
+                if step >= total_steps:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device):
+                    loss = student_loss(
+                        model(x), y, teacher, x, config.distill_weight, config.distill_temperature, hard=loss_fn
+                    )
+                if config.bn_l1 > 0:
+                    loss = loss + config.bn_l1 * bn_l1_penalty(model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                running += loss.item() * len(y)
+                seen += len(y)
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{running / max(seen, 1):.3f}")
+            epoch += 1
+            record = {"epoch": epoch, "step": step, "train_loss": running / max(seen, 1)}
+            if config.eval_every_epoch or step >= total_steps:
+                acc = evaluate_accuracy(model, data.search_val)
+                record["val_accuracy"] = acc
+                if acc > best_acc:
+                    best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, model, acc)
+                logger.info("%s epoch %d: loss %.4f, val acc %.4f", description, epoch, record["train_loss"], acc)
+            history.append(record)
+    finally:
+        bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

@@ -1,9 +1,8 @@
 """Benchmark: training and scoring speed on the CPU in the contiguous and the channels_last layout.
 
-``automl_prune.precision.fast_layout`` runs every training loop (baselines, fine-tunes,
-refinement rungs, fitness steps) and every scoring pass (search-val accuracy, BN
-re-estimation) in channels_last on the CPU. This script measures what that buys per zoo
-model on real Fashion-MNIST batches: training steps per second (batch 128, SGD with momentum)
+Training and scoring run in the contiguous layout; the latency runtimes already use
+channels_last for eager torch. This script measures what channels_last would buy for training
+and scoring per zoo model on real Fashion-MNIST batches: training steps per second (batch 128, SGD with momentum)
 and scored images per second (batch 500, no grad), in interleaved rounds (contiguous,
 channels_last, contiguous, ...) so a machine that slows down biases neither; the ratio is the
 median of the per-round ratios, with the rounds' spread. Example::

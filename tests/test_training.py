@@ -57,35 +57,3 @@ def test_bad_hyperparameters_are_rejected(kwargs) -> None:
 def test_integer_and_float_epochs_are_one_config() -> None:
     assert TrainConfig(epochs=3) == TrainConfig(epochs=3.0)
     assert TrainConfig(epochs=3).to_dict() == TrainConfig(epochs=3.0).to_dict()
-
-
-def test_fast_layout_trains_in_channels_last_and_hands_back_the_usual_layout(trained_cnn, fashion_small) -> None:
-    """Training and scoring run the convolutions in channels_last on the CPU; the model comes back contiguous,
-    with the same Parameter objects (an optimizer built before keeps training them) and the same scores."""
-    import copy
-
-    from automl_prune.precision import fast_layout
-
-    model = copy.deepcopy(trained_cnn.model)
-    conv = model.features[4].weight  # 32 -> 64 channels, 3x3: the layouts differ
-    params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.01)
-    before = evaluate_accuracy(model, fashion_small.search_val)
-    seen = []
-    with fast_layout(model):
-        seen.append(conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous())
-        with fast_layout(model):  # nested: left as it is, still channels_last inside
-            pass
-        seen.append(not conv.is_contiguous())
-        x, y = next(iter(fashion_small.train.batches(64)))
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    assert seen == [True, True]
-    assert conv.is_contiguous() and list(model.parameters()) == params  # the same objects, usual layout again
-    assert not torch.equal(conv, trained_cnn.model.features[4].weight)  # the optimizer trained them
-    model.load_state_dict(trained_cnn.model.state_dict())
-    assert abs(evaluate_accuracy(model, fashion_small.search_val) - before) < 1e-9
-    # evaluate_accuracy converts outside inference mode: the model stays trainable
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    assert conv.grad is not None
