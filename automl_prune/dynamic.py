@@ -109,9 +109,9 @@ class GatedBlock(nn.Module):
     In eval mode the block runs on the inputs whose gate logit reaches ``threshold_logit``
     (the logit of the probability threshold: compared as logits, gates whose probabilities
     round to 1 in float32 still differ) and is skipped (not computed) for the others. In
-    training mode the block runs on the whole batch and is mixed with the identity by the gate: the soft probability
-    (``mode="soft"``) or a Bernoulli sample of it (``mode="sample"``, whose log-probability
-    and decision are kept for the REINFORCE update).
+    training mode the block runs on the whole batch and is mixed with the identity by the
+    gate: the soft probability (``mode="soft"``) or a Bernoulli sample of it
+    (``mode="sample"``, whose log-probability and decision are kept for the REINFORCE update).
 
     Args:
         block: The residual block (its output has its input's shape).
@@ -497,10 +497,10 @@ def calibrate_threshold(
     goal, moved, repeats = target - tolerance / 2, "", 0
     unfit = open_logits  # the logits of the pass at ``low``
     for _ in range(iterations):
-        between = torch.cat([fitting, unfit])
-        between = between[(between > low) & (between < high)].sort().values
         if target - share_high <= tolerance or not bool(((fitting > low) & (fitting < high)).any()):
             break
+        between = torch.cat([fitting, unfit])
+        between = between[(between > low) & (between < high)].sort().values
         if repeats >= 2 or share_low <= share_high:
             fraction = 0.5
         else:

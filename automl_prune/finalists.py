@@ -33,7 +33,7 @@ from automl_prune.types import Evaluation, Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Finalist", "FinalistChoice", "choose_finalist", "match_measured_latency", "NOISE_BAND"]
+__all__ = ["Finalist", "FinalistChoice", "choose_finalist", "latency_margin", "match_measured_latency", "NOISE_BAND"]
 
 NOISE_BAND = 0.05
 """A measured margin to a latency limit smaller than this (relative) is measured again."""
@@ -170,15 +170,27 @@ def candidates(
     return pool[:k]
 
 
-def _margin(evaluator: Evaluator, m: Measured) -> float:
-    """Smallest relative headroom of the measurement to the budget's latency terms (the budget's, not the tightened)."""
-    b = evaluator.budget
+def latency_margin(latency_ms: float | None, speedup: float | None, measured_ms: float, ratio: float) -> float:
+    """Smallest relative headroom of a measurement to the latency terms of a budget (inf without one).
+
+    Args:
+        latency_ms: The budget's latency limit in ms (None: no such term).
+        speedup: The budget's least speed-up over the dense model (None: no such term).
+        measured_ms: The measured latency in ms.
+        ratio: The measured latency over the dense model's (from the same interleaved rounds).
+    """
     margins = []
-    if b.latency_ms is not None:
-        margins.append(b.latency_ms / m.stats.median_ms - 1.0)
-    if b.speedup is not None:
-        margins.append(1.0 / (m.ratio * b.speedup) - 1.0)
-    return min(margins) if margins else math.inf
+    if latency_ms is not None:
+        margins.append(latency_ms / measured_ms - 1.0)
+    if speedup is not None:
+        margins.append(1.0 / (ratio * speedup) - 1.0)
+    return min(margins, default=math.inf)
+
+
+def _margin(evaluator: Evaluator, m: Measured) -> float:
+    """Headroom of a finalist's measurement to the budget's latency terms (the budget's, not the tightened)."""
+    b = evaluator.budget
+    return latency_margin(b.latency_ms, b.speedup, m.stats.median_ms, m.ratio)
 
 
 def choose_finalist(

@@ -36,7 +36,7 @@ from automl_prune.checkpoint import load_checkpoint
 from automl_prune.config import Config
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
-from automl_prune.finalists import NOISE_BAND
+from automl_prune.finalists import NOISE_BAND, latency_margin
 from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.io import atomic_path, write_json, write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
@@ -182,7 +182,11 @@ def _measure_latency(
         }
         try:
             out[size] = measure_interleaved(runners, rounds=config.report.latency_rounds)
-            margin = _latency_margin(config, out[size]) if size == config.budget.batch_size else math.inf
+            b, pruned = config.budget, out[size]["pruned"]
+            ratio = round_ratio(pruned, out[size]["baseline"])
+            margin = (
+                latency_margin(b.latency_ms, b.speedup, pruned.median_ms, ratio) if size == b.batch_size else math.inf
+            )
             if abs(margin) < NOISE_BAND:  # the verdict would be the noise's: take more rounds, as the finalists do
                 rounds = REMEASURE_ROUNDS * config.report.latency_rounds
                 logger.info(
@@ -196,17 +200,6 @@ def _measure_latency(
             for runner in runners.values():
                 runner.close()
     return out
-
-
-def _latency_margin(config: Config, latency: dict[str, LatencyStats]) -> float:
-    """Smallest relative headroom of the pruned model to the budget's latency terms (inf without one)."""
-    b = config.budget
-    margins = []
-    if b.latency_ms is not None:
-        margins.append(b.latency_ms / latency["pruned"].median_ms - 1.0)
-    if b.speedup is not None:
-        margins.append(1.0 / (round_ratio(latency["pruned"], latency["baseline"]) * b.speedup) - 1.0)
-    return min(margins, default=math.inf)
 
 
 def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[str, Any]:

@@ -5,8 +5,9 @@ embeddings of the removable blocks that emits one Bernoulli "remove" probability
 (N2N's layer-removal policy). Removable are what the dependency graph shows can go without
 breaking shapes (:class:`~automl_prune.graph.LayerGraph`): residual blocks with an identity
 shortcut, and in plain networks the layers with equal input and output shapes. Stage 2 is a
-unidirectional LSTM walking the prunable groups in forward order that emits a categorical distribution over ``levels`` evenly spaced actions in ``[-1, 1]``,
-mapped to a keep ratio by :meth:`SearchSpace.action_to_keep` (N2N's layer-shrinkage policy).
+unidirectional LSTM walking the prunable groups in forward order that emits a categorical
+distribution over ``levels`` evenly spaced actions in ``[-1, 1]``, mapped to a keep ratio by
+:meth:`SearchSpace.action_to_keep` (N2N's layer-shrinkage policy).
 As in N2N the two stages are trained one after the other (``two_stage``, the default): the
 first ``removal_share`` of the evaluation budget trains the removal policy alone (each plan
 removes the sampled blocks and shrinks the rest uniformly into the budget, as removal alone
