@@ -217,7 +217,7 @@ class PruningSearch:
         """
         from automl_prune.graph import count_cost
         from automl_prune.measure.accuracy import evaluate_accuracy
-        from automl_prune.measure.latency import measure_interleaved
+        from automl_prune.measure.latency import SESSIONS, measure_interleaved
         from automl_prune.runtimes import get_runtime
 
         b = self.evaluator.budget
@@ -226,7 +226,9 @@ class PruningSearch:
         runtime = get_runtime(b.runtime)
         runners = {k: runtime.compile(m, shape, b.device, b.threads) for k, m in models.items()}
         try:
-            stats = measure_interleaved(runners, rounds=self.config.report.latency_rounds, reference="dense")
+            stats = measure_interleaved(
+                runners, rounds=self.config.report.latency_rounds, reference="dense", sessions=SESSIONS
+            )
         finally:
             for r in runners.values():
                 r.close()

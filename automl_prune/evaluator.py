@@ -30,6 +30,7 @@ from automl_prune.data import DataSplits, TensorData
 from automl_prune.errors import InvalidValueError
 from automl_prune.graph import Cost, LayerGraph
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.measure.latency import SESSIONS
 from automl_prune.measure.latency_model import LatencyModel, LatencyTable, Measured, calibrate, measure_plans
 from automl_prune.precision import autocast
 from automl_prune.pruning import apply
@@ -357,11 +358,23 @@ class Evaluator:
         """Put a known evaluation of ``plan`` in the cache (used to resume a run from its log)."""
         self._cache[self.structure_key(plan)] = evaluation
 
-    def measure(self, plans: list[Plan], progress: str | None = None) -> list[Measured]:
+    def measure(
+        self, plans: list[Plan], progress: str | None = None, rounds: int = 5, sessions: int = SESSIONS
+    ) -> list[Measured]:
         """Measure ``plans`` end to end on the budget's runtime, interleaved with the dense model.
 
         The measurements join the cached latency table (improving later fits). Works for any
         budget: without a latency term the runtime, device, threads and batch size still
-        come from the budget.
+        come from the budget. ``rounds`` interleaved rounds per plan are shared out among
+        ``sessions`` fresh pairs of sessions (see :func:`measure_plans`).
         """
-        return measure_plans(self.model, self.graph, plans, self.latency_table, self.config.round_to, progress=progress)
+        return measure_plans(
+            self.model,
+            self.graph,
+            plans,
+            self.latency_table,
+            self.config.round_to,
+            rounds=rounds,
+            progress=progress,
+            sessions=sessions,
+        )

@@ -8,7 +8,9 @@ the limit, measures each end to end on the budget's runtime interleaved with the
 model, logs every prediction error, and returns the best plan whose measurement meets every
 latency term: ``latency_ms`` against the measured milliseconds, ``speedup`` against the
 measured speed-up over the dense model (a ratio, which the machine's drift cancels out of).
-A plan whose margin lies inside the measurement noise is measured again with more rounds.
+Each measurement shares its rounds out among fresh sessions (a session keeps its speed for its
+whole life); a plan whose margin lies inside the measurement noise is measured again with
+:data:`REMEASURE_FACTOR` times the rounds and sessions.
 Finalists that meet the budget with a margin of at least :data:`NOISE_BAND` are preferred
 (a later measurement, the report's, then still meets it despite the noise); when none does,
 the best that meets it at all ships, with a warning. When no finalist meets the budget, the
@@ -28,15 +30,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automl_prune.evaluator import Evaluator
+from automl_prune.measure.latency import SESSIONS
 from automl_prune.measure.latency_model import Measured
 from automl_prune.types import Evaluation, Plan
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Finalist", "FinalistChoice", "choose_finalist", "latency_margin", "match_measured_latency", "NOISE_BAND"]
+__all__ = [
+    "Finalist",
+    "FinalistChoice",
+    "choose_finalist",
+    "latency_margin",
+    "match_measured_latency",
+    "NOISE_BAND",
+    "REMEASURE_FACTOR",
+]
 
 NOISE_BAND = 0.05
 """A measured margin to a latency limit smaller than this (relative) is measured again."""
+MEASURE_ROUNDS = 5
+"""Interleaved rounds of a finalist's measurement (shared out among fresh sessions)."""
+REMEASURE_FACTOR = 3
+"""A measurement inside the noise band is taken again with this many times the rounds and sessions."""
 SLACK = 0.10
 """Plans predicted up to this much over the latency limit may still become finalists."""
 
@@ -210,13 +225,17 @@ def choose_finalist(
     pool = candidates(evaluator, history, k)
     if not pool:
         return None
-    measured = evaluator.measure([p for p, _ in pool], progress="finalists" if progress else None)
+    measured = evaluator.measure(
+        [p for p, _ in pool], progress="finalists" if progress else None, rounds=MEASURE_ROUNDS
+    )
     finalists = []
     for (plan, e), m in zip(pool, measured):
         margin = _margin(evaluator, m)
         remeasured = False
         if abs(margin) < NOISE_BAND:
-            (m,) = evaluator.measure([plan])
+            (m,) = evaluator.measure(
+                [plan], rounds=REMEASURE_FACTOR * MEASURE_ROUNDS, sessions=REMEASURE_FACTOR * SESSIONS
+            )
             margin, remeasured = _margin(evaluator, m), True
         dense_at_fit = evaluator.latency_model.dense_ms if evaluator.latency_model is not None else None
         finalist = Finalist(plan, e, m, _objective(evaluator, e), margin, margin >= 0.0, remeasured, dense_at_fit)

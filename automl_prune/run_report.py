@@ -36,20 +36,16 @@ from automl_prune.checkpoint import load_checkpoint
 from automl_prune.config import Config
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
-from automl_prune.finalists import NOISE_BAND, latency_margin
+from automl_prune.finalists import NOISE_BAND, REMEASURE_FACTOR, latency_margin
 from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.io import atomic_path, write_json, write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
-from automl_prune.measure.latency import LatencyStats, cpu_model_name, measure_interleaved, round_ratio
+from automl_prune.measure.latency import SESSIONS, LatencyStats, cpu_model_name, measure_interleaved, round_ratio
 from automl_prune.report import best_so_far
 from automl_prune.runtimes import Runner, Runtime, get_runtime
 from automl_prune.types import Budget, Evaluation
 
 logger = logging.getLogger(__name__)
-
-REMEASURE_ROUNDS = 3
-"""A latency verdict inside the noise band (:data:`~automl_prune.finalists.NOISE_BAND`) is measured again with
-this many times the report's rounds."""
 
 REQUIRED = ("baseline.pt", "model.pt", "result.json")
 DRIFT = 0.15
@@ -169,7 +165,8 @@ def _measure_latency(
     """Latency of the baseline's and the pruned model's files per batch size, in interleaved rounds.
 
     Taking turns spreads a transient slowdown of a shared machine over both models instead of
-    charging it to whichever was being timed; a measurement that stays noisy is flagged.
+    charging it to whichever was being timed; sharing the rounds out among fresh sessions keeps
+    one session's speed from deciding the figure; a measurement that stays noisy is flagged.
     """
     runtime = get_runtime(config.budget.runtime)
     runtime.check(config.budget.device)
@@ -181,21 +178,23 @@ def _measure_latency(
             for label, model in models.items()
         }
         try:
-            out[size] = measure_interleaved(runners, rounds=config.report.latency_rounds)
+            out[size] = measure_interleaved(runners, rounds=config.report.latency_rounds, sessions=SESSIONS)
             b, pruned = config.budget, out[size]["pruned"]
             ratio = round_ratio(pruned, out[size]["baseline"])
             margin = (
                 latency_margin(b.latency_ms, b.speedup, pruned.median_ms, ratio) if size == b.batch_size else math.inf
             )
-            if abs(margin) < NOISE_BAND:  # the verdict would be the noise's: take more rounds, as the finalists do
-                rounds = REMEASURE_ROUNDS * config.report.latency_rounds
+            if (
+                abs(margin) < NOISE_BAND
+            ):  # the verdict would be the noise's: take more rounds and sessions, as the finalists do
+                rounds = REMEASURE_FACTOR * config.report.latency_rounds
                 logger.info(
                     "the measured margin to the latency budget (%+.1f%%) is inside the noise band: measuring again "
                     "with %d rounds",
                     100 * margin,
                     rounds,
                 )
-                out[size] = measure_interleaved(runners, rounds=rounds)
+                out[size] = measure_interleaved(runners, rounds=rounds, sessions=REMEASURE_FACTOR * SESSIONS)
         finally:
             for runner in runners.values():
                 runner.close()

@@ -131,6 +131,7 @@ class Runner:
     input_shape: tuple[int, ...]
     _call: Callable[[], Any] = field(repr=False)
     _close: Callable[[], None] | None = field(default=None, repr=False)
+    _reopen: Callable[[], Runner] | None = field(default=None, repr=False)
 
     def __call__(self) -> None:
         """Run one inference (timed by the caller)."""
@@ -150,6 +151,18 @@ class Runner:
         """
         with num_threads(self.threads if self.runtime != "onnxruntime" else None):
             yield self
+
+    def reopen(self) -> Runner:
+        """A fresh runner of the same artifact and input: a new session where the runtime has one.
+
+        Two onnxruntime sessions of one file can run a few per cent apart for their whole life
+        (memory placement, thread start-up), so a measurement that must hold for the file, not
+        for one session, times several. A runner built without an artifact (a bare call)
+        returns a runner of the same call, which the caller may close without closing this one.
+        """
+        if self._reopen is not None:
+            return self._reopen()
+        return Runner(self.runtime, self.device, self.threads, self.input_shape, self._call)
 
     def close(self) -> None:
         """Release the runtime's resources; the runner is unusable afterwards."""
@@ -232,7 +245,10 @@ class Runtime:
         used = threads or torch.get_num_threads()
         if used < 1:
             raise InvalidValueError(f"threads must be >= 1, got {threads}")
-        return self._runner(artifact, random_input(input_shape), dev, used)
+        x = random_input(input_shape)
+        runner = self._runner(artifact, x, dev, used)
+        runner._reopen = lambda: self._runner(artifact, x, dev, used)
+        return runner
 
     def compile(
         self,

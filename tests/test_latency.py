@@ -156,12 +156,57 @@ def test_noise_against_a_reference_is_judged_on_the_ratio() -> None:
     assert not paired["b"].noisy and 1.3 < round_ratio(paired["b"], paired["a"]) < 3.0
 
 
+def test_rounds_are_shared_out_among_fresh_sessions() -> None:
+    """sessions=3 over 5 rounds: 2 rounds on the given runner, then 2 and 1 on fresh ones, each warmed up and closed."""
+    opened: list[list[int]] = []
+    closed: list[int] = []
+
+    def session(index: int) -> Runner:
+        calls = [0]
+        opened.append(calls)
+
+        def call() -> None:
+            calls[0] += 1
+            time.sleep(0.001 if index == 0 else 0.004)  # the first session runs fast, the fresh ones slow
+
+        return Runner(
+            "fake", torch.device("cpu"), 1, (1, 1), call, lambda: closed.append(index), lambda: session(len(opened))
+        )
+
+    stats = measure_interleaved({"x": session(0)}, rounds=5, runs=2, warmup=1, retries=0, sessions=3)
+    assert [c[0] for c in opened] == [1 + 2 * 2, 1 + 2 * 2, 1 + 1 * 2]  # warm-up, then its share of rounds x runs
+    assert closed == [1, 2]  # the fresh sessions, not the caller's runner
+    s = stats["x"]
+    assert len(s.rounds) == 5 and s.runs == 10
+    assert s.rounds[0] < s.rounds[2] / 2 and s.rounds[1] < s.rounds[3] / 2  # 1 ms vs 4 ms: rounds 3-5 ran fresh
+    # more sessions than rounds: one round each
+    opened.clear()
+    measure_interleaved({"x": session(0)}, rounds=2, runs=1, warmup=0, retries=0, sessions=5)
+    assert [c[0] for c in opened] == [1, 1]
+
+
+def test_an_onnxruntime_runner_reopens_as_a_new_session_of_the_same_model() -> None:
+    runtime = get_runtime("onnxruntime")
+    with runtime.compile(_tiny(), (1, 1, 8, 8), threads=1) as runner:
+        fresh = runner.reopen()
+        try:
+            assert fresh._call is not runner._call and fresh.input_shape == runner.input_shape
+            fresh()
+        finally:
+            fresh.close()
+        runner()  # closing the fresh one left the first running
+    with pytest.raises(RuntimeError, match="closed"):
+        fresh()
+
+
 def test_interleaved_rejects_bad_arguments() -> None:
     runner, _ = _sleeper([0.1])
     with pytest.raises(InvalidValueError):
         measure_interleaved({"x": runner}, rounds=0)
     with pytest.raises(InvalidValueError, match="reference"):
         measure_interleaved({"x": runner}, reference="y")
+    with pytest.raises(InvalidValueError, match="sessions"):
+        measure_interleaved({"x": runner}, sessions=0)
 
 
 def test_an_idle_onnxruntime_session_does_not_slow_torch_down() -> None:

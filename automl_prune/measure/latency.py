@@ -46,6 +46,7 @@ __all__ = [
     "LatencyStats",
     "NOISE_ROUNDS",
     "NOISE_SPREAD",
+    "SESSIONS",
     "cpu_model_name",
     "default_cache_dir",
     "hardware_slug",
@@ -64,6 +65,10 @@ NOISE_SPREAD = 1.0
 ROUND_MS = 50.0
 """Timed milliseconds per runner and round that :func:`measure_interleaved` aims for."""
 MIN_RUNS_PER_ROUND = 5
+SESSIONS = 3
+"""Sessions a measurement that decides something is shared out among: the speed-up of one pruned
+fashion_cnn file over its dense file measured x1.52-1.66 over eight fresh pairs of onnxruntime
+sessions here, but x1.61-1.64 over three measurements of one pair (a session keeps its speed)."""
 MAX_RUNS_PER_ROUND = 500
 
 
@@ -344,12 +349,17 @@ def measure_interleaved(
     warmup: int = 5,
     retries: int = 2,
     reference: str | None = None,
+    sessions: int = 1,
 ) -> dict[str, LatencyStats]:
     """Time ``runners`` in interleaved rounds; repeat a noisy measurement, then flag it.
 
     Each round times every runner in turn (``runs`` calls each, or enough for about
-    :data:`ROUND_MS`). A runner is noisy when its round medians (or, with a ``reference``,
-    its per-round ratios to the reference) disagree by more than :data:`NOISE_ROUNDS`, or
+    :data:`ROUND_MS`). With ``sessions`` > 1 the rounds are shared out among that many sets
+    of runners: the given ones, then fresh ones (:meth:`Runner.reopen`, warmed up like the
+    first) for the later shares, so that a figure holds for the model and not for one
+    session that happened to run fast or slow (see :data:`SESSIONS`). A runner is noisy
+    when its round medians (or, with a ``reference``, its per-round ratios to the
+    reference) disagree by more than :data:`NOISE_ROUNDS`, or
     its p10-p90 range exceeds :data:`NOISE_SPREAD` of its median. While any runner is noisy
     the whole measurement is repeated (up to ``retries`` times); the least noisy attempt is
     returned, its still-noisy runners flagged (``noisy`` and ``note``) and logged as a warning.
@@ -362,28 +372,37 @@ def measure_interleaved(
         retries: Repeats of a noisy measurement.
         reference: Label of the runner the others are compared with (their ratios to it
             must hold still, not their absolute times).
+        sessions: Sets of runners the rounds are shared out among (>= 1; at most ``rounds``
+            are used).
 
     Returns:
         Label -> statistics, in the order given.
     """
     _check_count("rounds", rounds, 1)
     _check_count("retries", retries, 0)
+    _check_count("sessions", sessions, 1)
+    sessions = min(sessions, rounds)
     if runs is not None:
         _check_count("runs", runs, 1)
     if reference is not None and reference not in runners:
         raise InvalidValueError(f"reference {reference!r} is not one of the runners {sorted(runners)}")
-    for runner in runners.values():
-        with runner.pinned():
-            for _ in range(warmup):
-                runner()
+    _warm_up(runners, warmup)
     counts = {label: _runs_for(r, runs) for label, r in runners.items()}
+    shares = [rounds // sessions + (1 if i < rounds % sessions else 0) for i in range(sessions)]
     best: dict[str, LatencyStats] | None = None
     best_notes: dict[str, str] = {}
     for attempt in range(retries + 1):
         times: dict[str, list[list[float]]] = {label: [] for label in runners}
-        for _ in range(rounds):
-            for label, runner in runners.items():
-                times[label].append(time_runner(runner, 0, counts[label]))
+        for index, share in enumerate(shares):
+            current = _fresh(runners, warmup) if index else runners
+            try:
+                for _ in range(share):
+                    for label, runner in current.items():
+                        times[label].append(time_runner(runner, 0, counts[label]))
+            finally:
+                if index:
+                    for runner in current.values():
+                        runner.close()
         stats = {label: _stats(runners[label], times[label], warmup) for label in runners}
         notes = {label: _noise(stats, label, reference) for label in runners}
         if best is None or sum(map(bool, notes.values())) < sum(map(bool, best_notes.values())):
@@ -402,6 +421,21 @@ def measure_interleaved(
             logger.warning("latency of %s is noisy: %s (%s)", label, s.describe(), note)
         out[label] = dataclasses.replace(s, noisy=bool(note), note=note)
     return out
+
+
+def _warm_up(runners: Mapping[str, Runner], warmup: int) -> None:
+    """``warmup`` untimed calls of each runner."""
+    for runner in runners.values():
+        with runner.pinned():
+            for _ in range(warmup):
+                runner()
+
+
+def _fresh(runners: Mapping[str, Runner], warmup: int) -> dict[str, Runner]:
+    """A fresh, warmed-up set of ``runners`` (:meth:`Runner.reopen`), for the caller to close."""
+    fresh = {label: runner.reopen() for label, runner in runners.items()}
+    _warm_up(fresh, warmup)
+    return fresh
 
 
 def _load_note() -> str:

@@ -43,6 +43,7 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.graph import LayerGraph, LayerShape
 from automl_prune.io import write_json
 from automl_prune.measure.latency import (
+    SESSIONS,
     LatencyStats,
     default_cache_dir,
     hardware_slug,
@@ -463,8 +464,12 @@ def measure_plans(
     dense: Runner | None = None,
     rounds: int = 5,
     progress: str | None = None,
+    sessions: int = SESSIONS,
 ) -> list[Measured]:
     """Measure each plan on the table's runtime, interleaved with the dense model, and add it to the table.
+
+    Each plan's rounds are shared out among ``sessions`` fresh pairs of sessions (the dense
+    model's included), so a plan's figure does not hang on one session's speed.
 
     Args:
         model: The dense model.
@@ -475,6 +480,7 @@ def measure_plans(
         dense: A runner of the dense model on the table's runtime (built when omitted).
         rounds: Interleaved rounds per plan.
         progress: Progress bar description (None: no bar).
+        sessions: Pairs of sessions the rounds are shared out among.
 
     Returns:
         One :class:`Measured` per plan, in order.
@@ -491,7 +497,9 @@ def measure_plans(
         for plan in todo:
             structure = rebuild_structure(model, graph, plan, round_to)
             with runtime.compile(structure, table.input_shape, table.device, table.threads) as runner:
-                stats = measure_interleaved({"dense": dense, "plan": runner}, rounds=rounds, reference="dense")
+                stats = measure_interleaved(
+                    {"dense": dense, "plan": runner}, rounds=rounds, reference="dense", sessions=sessions
+                )
             ratio = round_ratio(stats["plan"], stats["dense"])
             measured = Measured(table.exact_plan(plan, round_to), ratio, stats["plan"], stats["dense"])
             table.add(measured)
@@ -722,7 +730,9 @@ def check_latency(
         if info is not None and info.plan is not None and (info.plan.keep_ratios or info.plan.skip):
             runners["dense"] = rt.compile(dense, shape, device, threads)
     try:
-        stats = measure_interleaved(runners, rounds=rounds, reference="dense" if "dense" in runners else None)
+        stats = measure_interleaved(
+            runners, rounds=rounds, reference="dense" if "dense" in runners else None, sessions=SESSIONS
+        )
     finally:
         for runner in runners.values():
             runner.close()
