@@ -101,6 +101,21 @@ def test_pareto_front() -> None:
     assert pareto_front(points) == [(0.3, 0.6), (0.4, 0.7), (0.45, 0.9)]
 
 
+def _recorded_finished(experiment: Path) -> bool:
+    """True once Tune's saved experiment state records a trial as finished (what a resume goes by).
+
+    A trial's final checkpoint is written before Tune records the trial as finished; a Ctrl-C in
+    between leaves it unfinished, and the resume runs it again.
+    """
+    for state in sorted(experiment.glob("experiment_state-*.json"))[-1:]:
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):  # being written
+            return False
+        return any(json.loads(trial)["status"] == "TERMINATED" for trial, _ in trials)
+    return False
+
+
 def _trial_workers(driver: int) -> list[int]:
     """PIDs of the Ray Tune trial processes of the Ray instance ``driver`` started (its raylet's children)."""
 
@@ -141,7 +156,7 @@ def test_a_killed_trial_is_retried_and_an_interrupted_comparison_resumes(tmp_pat
             if workers:  # the first trial is running: its worker dies, Tune retries the trial
                 os.kill(workers[0], signal.SIGKILL)
                 killed = True
-        elif list(trials.glob("*/checkpoint_000000")):  # one trial finished: Ctrl-C
+        elif _recorded_finished(trials):  # one trial finished: Ctrl-C
             proc.send_signal(signal.SIGINT)
             break
         time.sleep(0.1)
