@@ -179,14 +179,8 @@ def _measure_latency(
         }
         try:
             out[size] = measure_interleaved(runners, rounds=config.report.latency_rounds, sessions=SESSIONS)
-            b, pruned = config.budget, out[size]["pruned"]
-            ratio = round_ratio(pruned, out[size]["baseline"])
-            margin = (
-                latency_margin(b.latency_ms, b.speedup, pruned.median_ms, ratio) if size == b.batch_size else math.inf
-            )
-            if (
-                abs(margin) < NOISE_BAND
-            ):  # the verdict would be the noise's: take more rounds and sessions, as the finalists do
+            margin = _budget_margin(config, out[size]) if size == config.budget.batch_size else math.inf
+            if abs(margin) < NOISE_BAND:  # the verdict would be the noise's: more rounds and sessions, as the finalists
                 rounds = REMEASURE_FACTOR * config.report.latency_rounds
                 logger.info(
                     "the measured margin to the latency budget (%+.1f%%) is inside the noise band: measuring again "
@@ -199,6 +193,12 @@ def _measure_latency(
             for runner in runners.values():
                 runner.close()
     return out
+
+
+def _budget_margin(config: Config, latency: dict[str, LatencyStats]) -> float:
+    """Headroom of the pruned model's measurement to the budget's latency terms (inf without one)."""
+    b, pruned = config.budget, latency["pruned"]
+    return latency_margin(b.latency_ms, b.speedup, pruned.median_ms, round_ratio(pruned, latency["baseline"]))
 
 
 def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[str, Any]:

@@ -65,11 +65,11 @@ NOISE_SPREAD = 1.0
 ROUND_MS = 50.0
 """Timed milliseconds per runner and round that :func:`measure_interleaved` aims for."""
 MIN_RUNS_PER_ROUND = 5
+MAX_RUNS_PER_ROUND = 500
 SESSIONS = 3
 """Sessions a measurement that decides something is shared out among: the speed-up of one pruned
 fashion_cnn file over its dense file measured x1.52-1.66 over eight fresh pairs of onnxruntime
 sessions here, but x1.61-1.64 over three measurements of one pair (a session keeps its speed)."""
-MAX_RUNS_PER_ROUND = 500
 
 
 # --------------------------------------------------------------------------- helpers
