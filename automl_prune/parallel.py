@@ -225,6 +225,10 @@ def start_local_ray(workers: int, cpus_per_worker: int = 1) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind 127.0.0.1, not the public interface
     # a private instance on loopback, started and shut down by this process: no token to hand out
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts workers at niceness 15 by default. The workers are this search's compute (the driver
+    # mostly waits): at that niceness any other busy process on the machine starves them (measured:
+    # evaluations 60x slower than serial at a load average of 4). Workers compete as the serial search does.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     available = os.cpu_count() or 1
     if workers * cpus_per_worker > available:
         capped = max(1, available // cpus_per_worker)
@@ -325,6 +329,7 @@ class RayEvaluatorPool:
         for worker in range(workers):
             self._ping(worker)
         self._last_alive = time.monotonic()
+        self._ever_up = False  # whether any worker has answered yet
         self._next = 0  # where the search for a free worker starts (spreads single plans over the workers)
         self.placements: list[Placement] = []
         self.stats = PoolStats()
@@ -389,10 +394,19 @@ class RayEvaluatorPool:
     def _check_alive(self, now: float) -> None:
         if any(state in (_IDLE, _BUSY) for state in self._state):
             self._last_alive = now
+            self._ever_up = True
             return
         waited = now - self._last_alive
         if all(state == _DEAD for state in self._state) or waited > self.start_timeout:
             down = sum(state == _DEAD for state in self._state)
+            if not self._ever_up and not down:
+                raise NoWorkerLeftError(
+                    f"none of the {self.workers} evaluation workers started within {waited:.0f} s: Ray could not "
+                    f"place them (the cluster lacks the {self.cpus_per_worker} CPU(s) and {self.gpus_per_worker:g} "
+                    "GPU(s) each asks for) or they are still starting on a loaded machine; lower --parallel.workers, "
+                    "--parallel.cpus_per_worker or --parallel.gpus_per_worker, or raise --parallel.worker_timeout, "
+                    "then --resume"
+                )
             raise NoWorkerLeftError(
                 f"no evaluation worker is left: {down} of {self.workers} lost for good, the others waiting "
                 f"{waited:.0f} s for resources (a node was lost, or the cluster is full); the evaluations made so far "

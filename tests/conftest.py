@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# Tests interrupt the commands under test with SIGINT, as Ctrl-C does. A suite started in the
+# background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored and would pass
+# that on to every command it starts, which would then run to the end; handled here, it is back
+# to its default in each command started.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

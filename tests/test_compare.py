@@ -70,10 +70,11 @@ def test_compare_three_strategies_on_two_ray_workers(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_runs_on_an_existing_cluster_by_address(tmp_path: Path) -> None:
+def test_compare_runs_on_an_existing_cluster_by_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real two-node Ray cluster on 127.0.0.1: the comparison joins it and its trials run on its nodes."""
     from ray.cluster_utils import Cluster
 
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # nodes started as the README says
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)

@@ -15,6 +15,7 @@ from torch import nn
 
 from automl_prune.errors import InvalidValueError, UnknownNameError
 from automl_prune.measure import LatencyStats, measure_interleaved, measure_latency, num_threads
+from automl_prune.measure import latency as latency_module
 from automl_prune.measure.latency import round_ratio, time_runner
 from automl_prune.models.zoo import fashion_cnn
 from automl_prune.runtimes import RUNTIMES, Runner, get_runtime
@@ -40,6 +41,38 @@ def _sleeper(durations_ms: list[float], label: str = "sleep") -> tuple[Runner, l
         time.sleep(durations_ms[min(calls[0] - 1, len(durations_ms) - 1)] / 1000.0)
 
     return Runner(label, torch.device("cpu"), 1, (1, 1), call), calls
+
+
+class _VirtualClock:
+    """A stand-in for ``time.perf_counter`` that only moves when a runner "runs".
+
+    Runners made by :meth:`runner` advance it by exact durations instead of sleeping, so
+    what the statistics see does not depend on how loaded the machine is.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, durations_ms: list[float], label: str = "virtual") -> Runner:
+        """A runner whose ``n``-th call takes ``durations_ms[n]`` ms (the last one repeated) on this clock."""
+        calls = [0]
+
+        def call() -> None:
+            calls[0] += 1
+            self.now += durations_ms[min(calls[0] - 1, len(durations_ms) - 1)] / 1000.0
+
+        return Runner(label, torch.device("cpu"), 1, (1, 1), call)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _VirtualClock:
+    """The measurement code's clock replaced by a :class:`_VirtualClock`."""
+    virtual = _VirtualClock()
+    monkeypatch.setattr(latency_module.time, "perf_counter", virtual)
+    return virtual
 
 
 def test_measure_latency_stats_are_sane(restore_threads: int) -> None:
@@ -122,16 +155,16 @@ def test_cuda_latency_is_measured_synchronised(runtime: str) -> None:
     assert stats.device.startswith("cuda") and stats.median_ms > 0
 
 
-def test_interleaved_rounds_and_ratio() -> None:
-    fast, _ = _sleeper([1.0])
-    slow, _ = _sleeper([4.0])
+def test_interleaved_rounds_and_ratio(clock: _VirtualClock) -> None:
+    fast = clock.runner([1.0, 1.0, 1.5, 1.0])  # one slow run in round one: its median ignores it
+    slow = clock.runner([4.0])
     stats = measure_interleaved({"fast": fast, "slow": slow}, rounds=4, runs=3, warmup=1)
     assert list(stats) == ["fast", "slow"]
     for s in stats.values():
         assert len(s.rounds) == 4 and s.runs == 12
         assert s.median_ms == pytest.approx(sorted(s.rounds)[1] / 2 + sorted(s.rounds)[2] / 2)
-    # sleeping 4 ms vs 1 ms: the ratio is about 4 whatever the machine's load (sleep overshoots alike)
-    assert 1.8 < round_ratio(stats["slow"], stats["fast"]) < 6
+    assert stats["fast"].rounds[0] == pytest.approx(1.0) and stats["slow"].median_ms == pytest.approx(4.0)
+    assert round_ratio(stats["slow"], stats["fast"]) == pytest.approx(4.0)
 
 
 def test_a_measurement_that_stays_noisy_is_repeated_then_flagged() -> None:
@@ -144,16 +177,36 @@ def test_a_measurement_that_stays_noisy_is_repeated_then_flagged() -> None:
     assert calls[0] == 1 + 3 * 3 * 4  # warm-up, then three attempts (two retries) of 3 rounds x 4 runs
 
 
-def test_noise_against_a_reference_is_judged_on_the_ratio() -> None:
+def test_noise_against_a_reference_is_judged_on_the_ratio(clock: _VirtualClock) -> None:
     # both slow down together after round one: absolute rounds disagree, the ratio does not
-    a, _ = _sleeper([1.0] * 3 + [6.0] * 1000)
-    b, _ = _sleeper([2.0] * 3 + [12.0] * 1000)
-    alone = measure_interleaved({"a": a, "b": b}, rounds=3, runs=2, warmup=1, retries=0)
-    assert alone["b"].noisy
-    a, _ = _sleeper([1.0] * 3 + [6.0] * 1000)
-    b, _ = _sleeper([2.0] * 3 + [12.0] * 1000)
-    paired = measure_interleaved({"a": a, "b": b}, rounds=3, runs=2, warmup=1, retries=0, reference="a")
-    assert not paired["b"].noisy and 1.3 < round_ratio(paired["b"], paired["a"]) < 3.0
+    # (on a virtual clock: real sleeps of a few ms jitter by a third on a loaded machine)
+    alone = measure_interleaved(
+        {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [12.0])},
+        rounds=3,
+        runs=2,
+        warmup=1,
+        retries=0,
+    )
+    assert alone["b"].noisy and "rounds disagree" in alone["b"].note
+    paired = measure_interleaved(
+        {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [12.0])},
+        rounds=3,
+        runs=2,
+        warmup=1,
+        retries=0,
+        reference="a",
+    )
+    assert not paired["b"].noisy and round_ratio(paired["b"], paired["a"]) == pytest.approx(2.0)
+    # a ratio that itself moves between rounds is noisy even against the reference
+    drifting = measure_interleaved(
+        {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [18.0])},
+        rounds=3,
+        runs=2,
+        warmup=1,
+        retries=0,
+        reference="a",
+    )
+    assert drifting["b"].noisy and "ratio to a varies" in drifting["b"].note
 
 
 def test_rounds_are_shared_out_among_fresh_sessions() -> None:

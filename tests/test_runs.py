@@ -39,13 +39,15 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         command(*SEARCH, "--search.evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while len(_log(run)) < 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    seen = len(_log(run))
+    assert proc.poll() is None, f"the search ended (exit {proc.returncode}) before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     done = _log(run)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, f"interrupted after {seen} evaluations, the search went on to {len(done)}: {stderr}"
     assert 5 <= len(done) < total
     assert f"automl-prune search --resume {run}" in stderr
 
