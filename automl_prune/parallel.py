@@ -120,9 +120,9 @@ class _Worker:
         self.node = ray.get_runtime_context().get_node_id()
         self.evaluator = spec.build()
 
-    def ready(self) -> tuple[str, int]:
-        """(node id, process id): answered once the evaluator is built."""
-        return self.node, os.getpid()
+    def ready(self) -> tuple[str, int, int]:
+        """(node id, process id, niceness): answered once the evaluator is built."""
+        return self.node, os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)
 
     def evaluate(self, plan: dict[str, Any]) -> tuple[dict[str, Any], int, str]:
         evaluation = self.evaluator.evaluate(Plan.from_dict(plan))
@@ -330,6 +330,7 @@ class RayEvaluatorPool:
             self._ping(worker)
         self._last_alive = time.monotonic()
         self._ever_up = False  # whether any worker has answered yet
+        self._niced_nodes: set[str] = set()  # nodes whose workers run below this process's priority (warned)
         self._next = 0  # where the search for a free worker starts (spreads single plans over the workers)
         self.placements: list[Placement] = []
         self.stats = PoolStats()
@@ -353,7 +354,7 @@ class RayEvaluatorPool:
         if self._state[worker] != _STARTING:  # an older ping, answered after the worker was up again
             return
         try:
-            self._nodes[worker], self._pids[worker] = ray.get(ref)
+            self._nodes[worker], self._pids[worker], niceness = ray.get(ref)
         except ray.exceptions.RayError as exc:
             if any(w == worker for w in self._pings.values()):
                 return  # a newer ping is still out
@@ -363,6 +364,14 @@ class RayEvaluatorPool:
             else:  # restarting (ActorUnavailableError) or not placed yet: ask again shortly
                 self._repings[worker] = time.monotonic() + self.POLL_SECONDS
             return
+        if niceness > os.getpriority(os.PRIO_PROCESS, 0) and self._nodes[worker] not in self._niced_nodes:
+            self._niced_nodes.add(self._nodes[worker])
+            logger.warning(
+                "evaluation workers on node %s run at niceness %d (Ray's default is 15): any other busy process "
+                "there slows them down many times over; start that node as `RAY_worker_niceness=0 ray start ...`",
+                self._nodes[worker][:8],
+                niceness,
+            )
         if self._deaths[worker]:
             self.stats.restarts += 1
             logger.info("evaluation worker %d is back on node %s", worker, self._nodes[worker][:8])

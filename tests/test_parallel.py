@@ -119,23 +119,34 @@ def test_every_worker_lost_for_good_is_a_clear_error(digits_problem, pool) -> No
 
 @pytest.mark.slow
 def test_two_node_cluster_on_loopback_runs_evaluations_on_both_nodes(
-    digits_problem, pool, monkeypatch: pytest.MonkeyPatch
+    digits_problem, pool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A real two-node Ray cluster (one CPU each) on 127.0.0.1: each worker lands on its own node."""
+    """A real two-node Ray cluster (one CPU each) on 127.0.0.1: each worker lands on its own node.
+
+    The head node is started with Ray's default worker niceness (15), the second as the README
+    says (0): the pool warns about the head node's workers only.
+    """
+    import logging
+
     from ray.cluster_utils import Cluster
 
     from automl_prune.parallel import RayEvaluatorPool, spec_for
 
     pool.close()  # the local pool's Ray instance must be down before joining a cluster
     spec, evaluator, space = digits_problem
-    monkeypatch.setenv("RAY_worker_niceness", "0")  # nodes started as the README says
+    monkeypatch.setenv("RAY_worker_niceness", "15")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
+        monkeypatch.setenv("RAY_worker_niceness", "0")
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
+        caplog.set_level(logging.WARNING, logger="automl_prune.parallel")
         with RayEvaluatorPool(spec_for(evaluator, spec, "digits"), workers=2, address=cluster.address) as remote:
             assert len(remote.worker_pids()) == 2  # both up before the search, so both get plans
             assert len(set(remote.worker_nodes())) == 2  # one CPU per node: each worker on its own node
+            niced = [r.getMessage() for r in caplog.records if "niceness" in r.getMessage()]
+            assert len(niced) == 1 and "niceness 15" in niced[0]
+            assert cluster.head_node.node_id[:8] in niced[0]
             result = get_strategy("random", batch_size=2).search(
                 evaluator, space, 4, seed=4, evaluate_many=remote.evaluate_many
             )
