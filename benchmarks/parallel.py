@@ -11,15 +11,25 @@ shown for reference. Then:
   ``random`` plans asked 8 at a time, on 2 workers: the pool gives each plan to the next
   free worker, so the other worker keeps going while the slow plan runs.
 
+With ``--busy N`` it measures instead on a loaded machine: ``N`` CPU-bound processes (at the
+default niceness, as any other job on a shared machine) run beside a serial search and a search
+on 2 Ray workers started at Ray's default worker niceness (15) and at the niceness a local
+search uses (0).
+
     python benchmarks/parallel.py --evaluations 24
+    python benchmarks/parallel.py --busy 2 --evaluations 8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import numpy as np
@@ -45,6 +55,9 @@ def main() -> None:
     parser.add_argument("--workers", type=csv_ints, default=[1, 2], help="worker counts to measure (comma-separated)")
     parser.add_argument("--agents", default="reinforce,ddpg,ppo", help="agents measured with 1 and 2 workers")
     parser.add_argument("--slow-seconds", type=float, default=5.0, help="extra time of the one slow plan")
+    parser.add_argument(
+        "--busy", type=int, default=0, help="measure beside this many CPU-bound processes (niceness 15 vs 0) only"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -53,6 +66,9 @@ def main() -> None:
     model = train_baseline(spec, data, TrainConfig(epochs=3)).model
     evaluator = Evaluator(model, data, Budget(flops=0.5), EvaluatorConfig(eval_size=args.eval_size))
     space = SearchSpace(evaluator)
+    if args.busy > 0:
+        under_load(args, spec, evaluator, space)
+        return
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -134,6 +150,60 @@ def main() -> None:
             counts = [sum(1 for p in placements[2:] if p.worker == w) for w in (0, 1)]
             name = f"one plan {args.slow_seconds:g} s slower" if slow else "no slow plan"
             print(f"| {name} | {rate:.2f} | {elapsed:.1f} | {counts[0]} / {counts[1]} |")
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` CPU-bound processes at the default niceness, for as long as the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(2.0)  # let the load settle
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def under_load(args: argparse.Namespace, spec: ModelSpec, evaluator: Evaluator, space: SearchSpace) -> None:
+    """Serial vs 2 Ray workers at worker niceness 15 and 0, beside ``args.busy`` busy processes."""
+    rows = []
+    with busy_processes(args.busy):
+        torch.set_num_threads(2)
+        evaluator.clear_cache()
+        start = time.perf_counter()
+        get_strategy("random", batch_size=1).search(evaluator, space, args.evaluations, seed=0)
+        rows.append(("serial, 2 torch threads", args.evaluations / (time.perf_counter() - start)))
+        torch.set_num_threads(1)
+        for niceness in (15, 0):
+            os.environ["RAY_worker_niceness"] = str(niceness)  # read by the raylet the pool starts
+            started = time.perf_counter()
+            pool = RayEvaluatorPool(spec_for(evaluator, spec, "fashion-mnist"), workers=2, start_timeout=1800)
+            with pool:
+                pool.evaluate_many([space.plan_from_keeps([1.0] * space.dim)] * 2)  # warm the workers up
+                print(f"workers at niceness {niceness} up after {time.perf_counter() - started:.0f} s", flush=True)
+                niceness_seen = {os.getpriority(os.PRIO_PROCESS, pid) for pid in pool.worker_pids()}
+                evaluator.clear_cache()
+                start = time.perf_counter()
+                get_strategy("random", batch_size=2).search(
+                    evaluator, space, args.evaluations, seed=0, evaluate_many=pool.evaluate_many_cached(evaluator)
+                )
+                rate = args.evaluations / (time.perf_counter() - start)
+            rows.append((f"Ray, 2 workers x 1 thread, workers at niceness {sorted(niceness_seen)}", rate))
+        load = os.getloadavg()[0]
+    print(f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
+    print(
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.busy} busy processes, load average {load:.2f}"
+    )
+    print(
+        f"- {args.model} on Fashion-MNIST, FLOPs <= 50%, eval_size {args.eval_size}, {args.evaluations} fresh evaluations per row"
+    )
+    print()
+    print("| setting | evaluations/s | vs serial |")
+    print("|---|---:|---:|")
+    serial = rows[0][1]
+    for name, rate in rows:
+        print(f"| {name} | {rate:.3f} | x{rate / serial:.2f} |")
 
 
 @dataclasses.dataclass
