@@ -329,7 +329,6 @@ class RayEvaluatorPool:
         for worker in range(workers):
             self._ping(worker)
         self._last_alive = time.monotonic()
-        self._ever_up = False  # whether any worker has answered yet
         self._niced_nodes: set[str] = set()  # nodes whose workers run below this process's priority (warned)
         self._next = 0  # where the search for a free worker starts (spreads single plans over the workers)
         self.placements: list[Placement] = []
@@ -403,12 +402,11 @@ class RayEvaluatorPool:
     def _check_alive(self, now: float) -> None:
         if any(state in (_IDLE, _BUSY) for state in self._state):
             self._last_alive = now
-            self._ever_up = True
             return
         waited = now - self._last_alive
         if all(state == _DEAD for state in self._state) or waited > self.start_timeout:
             down = sum(state == _DEAD for state in self._state)
-            if not self._ever_up and not down:
+            if not any(self._pids) and not down:  # no worker has ever answered
                 raise NoWorkerLeftError(
                     f"none of the {self.workers} evaluation workers started within {waited:.0f} s: Ray could not "
                     f"place them (the cluster lacks the {self.cpus_per_worker} CPU(s) and {self.gpus_per_worker:g} "

@@ -117,11 +117,7 @@ def main() -> None:
                 )
                 elapsed = time.perf_counter() - start
                 slow_rows.append((slow, args.evaluations / elapsed, elapsed, pool.placements))
-    print(f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
-    print(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; load average {os.getloadavg()[0]:.2f}")
-    print(
-        f"- {args.model} on Fashion-MNIST, FLOPs <= 50%, eval_size {args.eval_size}, {args.evaluations} fresh evaluations per row"
-    )
+    print_header(args, f"load average {os.getloadavg()[0]:.2f}")
     print()
     print("| setting | evaluations/s |")
     print("|---|---:|")
@@ -150,6 +146,15 @@ def main() -> None:
             counts = [sum(1 for p in placements[2:] if p.worker == w) for w in (0, 1)]
             name = f"one plan {args.slow_seconds:g} s slower" if slow else "no slow plan"
             print(f"| {name} | {rate:.2f} | {elapsed:.1f} | {counts[0]} / {counts[1]} |")
+
+
+def print_header(args: argparse.Namespace, load: str) -> None:
+    """The machine, date, ``load`` and setting lines above the tables."""
+    print(f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
+    print(f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {load}")
+    print(
+        f"- {args.model} on Fashion-MNIST, FLOPs <= 50%, eval_size {args.eval_size}, {args.evaluations} fresh evaluations per row"
+    )
 
 
 @contextlib.contextmanager
@@ -191,13 +196,7 @@ def under_load(args: argparse.Namespace, spec: ModelSpec, evaluator: Evaluator, 
                 rate = args.evaluations / (time.perf_counter() - start)
             rows.append((f"Ray, 2 workers x 1 thread, workers at niceness {sorted(niceness_seen)}", rate))
         load = os.getloadavg()[0]
-    print(f"- Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
-    print(
-        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.busy} busy processes, load average {load:.2f}"
-    )
-    print(
-        f"- {args.model} on Fashion-MNIST, FLOPs <= 50%, eval_size {args.eval_size}, {args.evaluations} fresh evaluations per row"
-    )
+    print_header(args, f"{args.busy} busy processes, load average {load:.2f}")
     print()
     print("| setting | evaluations/s | vs serial |")
     print("|---|---:|---:|")

@@ -180,32 +180,16 @@ def test_a_measurement_that_stays_noisy_is_repeated_then_flagged() -> None:
 def test_noise_against_a_reference_is_judged_on_the_ratio(clock: _VirtualClock) -> None:
     # both slow down together after round one: absolute rounds disagree, the ratio does not
     # (on a virtual clock: real sleeps of a few ms jitter by a third on a loaded machine)
-    alone = measure_interleaved(
-        {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [12.0])},
-        rounds=3,
-        runs=2,
-        warmup=1,
-        retries=0,
-    )
+    def measure(b_later_ms: float, reference: str | None) -> dict[str, LatencyStats]:
+        runners = {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [b_later_ms])}
+        return measure_interleaved(runners, rounds=3, runs=2, warmup=1, retries=0, reference=reference)
+
+    alone = measure(12.0, None)
     assert alone["b"].noisy and "rounds disagree" in alone["b"].note
-    paired = measure_interleaved(
-        {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [12.0])},
-        rounds=3,
-        runs=2,
-        warmup=1,
-        retries=0,
-        reference="a",
-    )
+    paired = measure(12.0, "a")
     assert not paired["b"].noisy and round_ratio(paired["b"], paired["a"]) == pytest.approx(2.0)
     # a ratio that itself moves between rounds is noisy even against the reference
-    drifting = measure_interleaved(
-        {"a": clock.runner([1.0] * 3 + [6.0]), "b": clock.runner([2.0] * 3 + [18.0])},
-        rounds=3,
-        runs=2,
-        warmup=1,
-        retries=0,
-        reference="a",
-    )
+    drifting = measure(18.0, "a")
     assert drifting["b"].noisy and "ratio to a varies" in drifting["b"].note
 
 
