@@ -6,9 +6,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from automl_prune.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -60,9 +63,15 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     (tmp_path / "scripts").symlink_to(ROOT / "scripts")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    times = os.environ.get("AUTOML_PRUNE_README_TIMES")  # benchmarks/suite_time.py: each block's wall time
+    timed: list[dict] = []
     for number, (lang, code) in enumerate(runnable_blocks(), 1):
         command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        start = time.perf_counter()
         proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        timed.append({"number": number, "code": code, "seconds": time.perf_counter() - start})
+        if times:
+            write_json(Path(times), timed)
         assert proc.returncode == 0, (
             f"README block {number} ({lang}) failed with exit {proc.returncode}:\n{code}\n"
             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
