@@ -26,6 +26,8 @@ from pathlib import Path
 
 from _common import load_average, run_header
 
+from automl_prune.io import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 DURATION = re.compile(r"^\s*([0-9.]+)s (setup|call|teardown)\s+(\S.*?)\s*$")
 SUMMARY = re.compile(r"^=+ (.*\bin [0-9.]+s.*) =+$")
@@ -112,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{run_header('suite_time.py', argv, 2, load_start, started)}\n\n{report(proc.stdout, blocks, wall, args.top)}"
     )
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if args.out is not None:
+        write_text(args.out, text + "\n")
     if proc.returncode != 0:
         print(f"the suite failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}", file=sys.stderr)
     return proc.returncode
