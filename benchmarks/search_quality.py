@@ -13,7 +13,8 @@ printed); for every model, FLOPs budget, seed and strategy:
    labels only and with distillation from the dense model, tested on all 10,000 test images.
 
 The choice of a plan never looks at the test set. The table gives mean +- std over seeds and
-the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``. For the
+the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``; a second
+table gives every seed's accuracy and differences. For the
 ``--rank-strategy`` search of every (budget, seed), every refined candidate is also fine-tuned
 (labels only), giving the Spearman rank correlation of the cheap score and of the first-rung
 refined score with the fine-tuned test accuracy.
@@ -340,6 +341,39 @@ def _spearman_cells(triples: list[tuple[float, float | None, float]]) -> str:
     return f"{len(triples)} ({len(with_rung)} refined) | {cheap:.2f} | {rung:.2f}"
 
 
+def per_seed_table(
+    rows: list[dict[str, Any]], index: dict[tuple, dict[str, Any]], args: argparse.Namespace
+) -> list[str]:
+    """Markdown lines: each row's fine-tuned test accuracy per seed, with its paired differences.
+
+    Args:
+        rows: Rows from :func:`rows_of`.
+        index: The cheap-pick rows keyed by (model, budget, seed, strategy, arm), where uniform and global are found.
+        args: The parsed arguments (the strategy order).
+    """
+    seeds = sorted({r["seed"] for r in rows}, key=lambda s: int(s[4:]))
+    lines = [
+        "Per seed: fine-tuned test accuracy in %, then the paired difference to uniform / to global in pp:",
+        "",
+        "| model | budget | strategy | pick | fine-tune | " + " | ".join(seeds) + " |",
+        "|---|---|---|---|---|" + "---:|" * len(seeds),
+    ]
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in rows:
+        key = (r["model"], r["budget"], r["strategy"], r["choice"], r["arm"])
+        diffs = []
+        for ref in SINGLE_PLAN:
+            other = index.get((r["model"], r["budget"], r["seed"], ref, r["arm"]))
+            diffs.append("-" if other is None else f"{100.0 * (r['test'] - other['test']):+.2f}")
+        cells.setdefault(key, {})[r["seed"]] = f"{100.0 * r['test']:.2f} ({' / '.join(diffs)})"
+    order = {s: i for i, s in enumerate(args.strategies)}
+    for key in sorted(cells, key=lambda k: (k[0], -float(k[1][5:]), k[4], order.get(k[2], 99), k[3])):
+        model, budget, strategy, choice, arm = key
+        values = " | ".join(cells[key].get(seed, "") for seed in seeds)
+        lines.append(f"| {model} | {budget[5:]} | {strategy} | {choice} | {arm} | {values} |")
+    return lines
+
+
 def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
     """The summary table, paired differences, Spearman correlations and baseline curves."""
     rows = rows_of(state, args)
@@ -375,6 +409,7 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
             f"{_ms([r['cheap'] for r in items])} | {_ms([r['test'] for r in items])} | {diffs['uniform']} | "
             f"{diffs['global']} | {_ms([r['flops_ratio'] for r in items], 3)} |"
         )
+    lines += ["", *per_seed_table(rows, index, args)]
     lines += [
         "",
         "Rank correlation with the fine-tuned test accuracy (labels-only fine-tune), per model and budget; the pooled "
