@@ -341,6 +341,23 @@ def _spearman_cells(triples: list[tuple[float, float | None, float]]) -> str:
     return f"{len(triples)} ({len(with_rung)} refined) | {cheap:.2f} | {rung:.2f}"
 
 
+def _group_key(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """A table row's identity: (model, budget, strategy, pick, fine-tune arm)."""
+    return (row["model"], row["budget"], row["strategy"], row["choice"], row["arm"])
+
+
+def _table_order(args: argparse.Namespace) -> Callable[[tuple[str, str, str, str, str]], tuple]:
+    """Sort key for :func:`_group_key` tuples: model, budget descending, arm, strategy order, pick."""
+    order = {s: i for i, s in enumerate(args.strategies)}
+    return lambda k: (k[0], -float(k[1][5:]), k[4], order.get(k[2], 99), k[3])
+
+
+def _paired(row: dict[str, Any], ref: str, index: dict[tuple, dict[str, Any]]) -> float | None:
+    """``row``'s test accuracy minus that of ``ref``'s plan on the same seed and arm (None without one)."""
+    other = index.get((row["model"], row["budget"], row["seed"], ref, row["arm"]))
+    return None if other is None else row["test"] - other["test"]
+
+
 def per_seed_table(
     rows: list[dict[str, Any]], index: dict[tuple, dict[str, Any]], args: argparse.Namespace
 ) -> list[str]:
@@ -360,14 +377,10 @@ def per_seed_table(
     ]
     cells: dict[tuple, dict[str, str]] = {}
     for r in rows:
-        key = (r["model"], r["budget"], r["strategy"], r["choice"], r["arm"])
-        diffs = []
-        for ref in SINGLE_PLAN:
-            other = index.get((r["model"], r["budget"], r["seed"], ref, r["arm"]))
-            diffs.append("-" if other is None else f"{100.0 * (r['test'] - other['test']):+.2f}")
-        cells.setdefault(key, {})[r["seed"]] = f"{100.0 * r['test']:.2f} ({' / '.join(diffs)})"
-    order = {s: i for i, s in enumerate(args.strategies)}
-    for key in sorted(cells, key=lambda k: (k[0], -float(k[1][5:]), k[4], order.get(k[2], 99), k[3])):
+        diffs = [_paired(r, ref, index) for ref in SINGLE_PLAN]
+        text = " / ".join("-" if d is None else f"{100.0 * d:+.2f}" for d in diffs)
+        cells.setdefault(_group_key(r), {})[r["seed"]] = f"{100.0 * r['test']:.2f} ({text})"
+    for key in sorted(cells, key=_table_order(args)):
         model, budget, strategy, choice, arm = key
         values = " | ".join(cells[key].get(seed, "") for seed in seeds)
         lines.append(f"| {model} | {budget[5:]} | {strategy} | {choice} | {arm} | {values} |")
@@ -391,18 +404,13 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
     index = {(r["model"], r["budget"], r["seed"], r["strategy"], r["arm"]): r for r in rows if r["choice"] == "cheap"}
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["budget"], r["strategy"], r["choice"], r["arm"]), []).append(r)
-    order = {s: i for i, s in enumerate(args.strategies)}
-    for key in sorted(groups, key=lambda k: (k[0], -float(k[1][5:]), k[4], order.get(k[2], 99), k[3])):
+        groups.setdefault(_group_key(r), []).append(r)
+    for key in sorted(groups, key=_table_order(args)):
         model, budget, strategy, choice, arm = key
         items = groups[key]
         diffs = {}
         for ref in SINGLE_PLAN:
-            paired = [
-                r["test"] - index[(model, budget, r["seed"], ref, arm)]["test"]
-                for r in items
-                if (model, budget, r["seed"], ref, arm) in index
-            ]
+            paired = [d for d in (_paired(r, ref, index) for r in items) if d is not None]
             diffs[ref] = _ms(paired, 2, 100.0) if strategy != ref else "0"
         lines.append(
             f"| {model} | {budget[5:]} | {strategy} | {choice} | {arm} | {len(items)} | "
