@@ -14,7 +14,9 @@ printed); for every model, FLOPs budget, seed and strategy:
 
 The choice of a plan never looks at the test set. The table gives mean +- std over seeds and
 the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``; a second
-table gives every seed's accuracy and differences. For the
+table gives every seed's accuracy and differences, a third distilled minus labels-only accuracy of
+the same plan and seed, and a last one which seeds, strategies and fine-tune arms the state holds
+per (model, budget), marking a grid run with fewer strategies than the protocol's as reduced. For the
 ``--rank-strategy`` search of every (budget, seed), every refined candidate is also fine-tuned
 (labels only), giving the Spearman rank correlation of the cheap score and of the first-rung
 refined score with the fine-tuned test accuracy.
@@ -63,6 +65,8 @@ logger = logging.getLogger("benchmarks.search_quality")
 
 SINGLE_PLAN = ("uniform", "global")
 """Rules that give one plan: nothing to refine, and their cheap and refined choices coincide."""
+PROTOCOL_STRATEGIES = ("uniform", "global", "random", "ddpg", "ppo", "reinforce", "abc", "optuna")
+"""The issue's strategies; a (model, budget) with fewer is reported as a reduced grid."""
 ARMS = {"labels": 0.0, "distilled": 0.5}
 """Fine-tune arms: the distillation weight of each (temperature ``--distill-temperature``)."""
 
@@ -87,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--strategies",
         type=csv_list,
-        default=["uniform", "global", "random", "ddpg", "ppo", "reinforce", "abc", "optuna"],
+        default=list(PROTOCOL_STRATEGIES),
         help="strategies",
     )
     p.add_argument("--evaluations", type=int_at_least(1), default=300, help="cheap evaluations per search")
@@ -300,6 +304,7 @@ def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
                         "strategy": strategy,
                         "choice": choice,
                         "arm": arm,
+                        "plan": plan_key(plan),
                         "test": test,
                         "cheap": c["cheap"],
                         "flops_ratio": c["flops_ratio"],
@@ -387,6 +392,63 @@ def per_seed_table(
     return lines
 
 
+def coverage_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Markdown lines: which seeds, strategies and fine-tune arms each (model, budget) holds.
+
+    A (model, budget) with fewer strategies than the protocol's is marked as a reduced grid.
+    """
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["budget"]), []).append(r)
+    order = _table_order(args)
+    lines = ["| model | budget | seeds | strategies | fine-tune arms (rows) |", "|---|---|---|---|---|"]
+    for model, budget in sorted(cells, key=lambda k: order((*k, "", "", ""))):
+        items = cells[(model, budget)]
+        seeds = sorted({int(r["seed"][4:]) for r in items})
+        names = sorted({r["strategy"] for r in items}, key=lambda s: order((model, budget, s, "", "")))
+        missing = [s for s in PROTOCOL_STRATEGIES if s not in names]
+        text = ", ".join(names) + (f" (reduced grid: without {', '.join(missing)})" if missing else " (all)")
+        arms = ", ".join(
+            f"{arm} ({sum(r['arm'] == arm for r in items)})" for arm in ARMS if any(r["arm"] == arm for r in items)
+        )
+        lines.append(f"| {model} | {budget[5:]} | {', '.join(map(str, seeds))} | {text} | {arms} |")
+    return lines
+
+
+def distillation_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Markdown lines: distilled minus labels-only test accuracy of the same plan and seed (empty without pairs)."""
+    labels = {(r["model"], r["budget"], r["seed"], r["strategy"], r["choice"]): r for r in rows if r["arm"] == "labels"}
+    groups: dict[tuple, list[float]] = {}
+    pooled: dict[tuple, float] = {}  # each distinct plan once per (model, budget, seed)
+    for r in rows:
+        other = labels.get((r["model"], r["budget"], r["seed"], r["strategy"], r["choice"]))
+        if r["arm"] != "distilled" or other is None:
+            continue
+        delta = 100.0 * (r["test"] - other["test"])
+        groups.setdefault((r["model"], r["budget"], r["strategy"], r["choice"]), []).append(delta)
+        pooled[(r["model"], r["budget"], r["seed"], r["plan"])] = delta
+    for (model, budget, _seed, _plan), delta in pooled.items():
+        groups.setdefault((model, budget, "distinct plans", ""), []).append(delta)
+    if not groups:
+        return []
+    order = _table_order(args)
+    lines = [
+        "Distillation at equal steps: the same plan and seed fine-tuned with distillation minus labels only (pp); "
+        "'wins' counts the pairs where distillation is higher:",
+        "",
+        "| model | budget | strategy | pick | pairs | distilled - labels (pp) | wins |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for key in sorted(groups, key=lambda k: order((k[0], k[1], k[2], k[3], ""))):
+        deltas = groups[key]
+        model, budget, strategy, choice = key
+        lines.append(
+            f"| {model} | {budget[5:]} | {strategy} | {choice} | {len(deltas)} | {_ms(deltas, 2)} | "
+            f"{sum(d > 0 for d in deltas)} |"
+        )
+    return lines
+
+
 def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
     """The summary table, paired differences, Spearman correlations and baseline curves."""
     rows = rows_of(state, args)
@@ -418,6 +480,10 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
             f"{diffs['global']} | {_ms([r['flops_ratio'] for r in items], 3)} |"
         )
     lines += ["", *per_seed_table(rows, index, args)]
+    distilled = distillation_table(rows, args)
+    if distilled:
+        lines += ["", *distilled]
+    lines += ["", "What the state holds:", "", *coverage_table(rows, args)]
     lines += [
         "",
         "Rank correlation with the fine-tuned test accuracy (labels-only fine-tune), per model and budget; the pooled "
