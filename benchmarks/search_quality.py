@@ -352,9 +352,10 @@ def _group_key(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
 
 
 def _table_order(args: argparse.Namespace) -> Callable[[tuple[str, str, str, str, str]], tuple]:
-    """Sort key for :func:`_group_key` tuples: model, budget descending, arm, strategy order, pick."""
+    """Sort key for :func:`_group_key` tuples: model, budget descending, arm (labels first), strategy order, pick."""
     order = {s: i for i, s in enumerate(args.strategies)}
-    return lambda k: (k[0], -float(k[1][5:]), k[4], order.get(k[2], 99), k[3])
+    arms = {a: i for i, a in enumerate(ARMS)}
+    return lambda k: (k[0], -float(k[1][5:]), arms.get(k[4], -1), order.get(k[2], 99), k[3])
 
 
 def _paired(row: dict[str, Any], ref: str, index: dict[tuple, dict[str, Any]]) -> float | None:
