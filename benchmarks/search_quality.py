@@ -402,7 +402,7 @@ def coverage_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list
     for r in rows:
         cells.setdefault((r["model"], r["budget"]), []).append(r)
     order = _table_order(args)
-    lines = ["| model | budget | seeds | strategies | fine-tune arms (rows) |", "|---|---|---|---|---|"]
+    lines = ["| model | budget | seeds | strategies | fine-tune arms (rows per seed) |", "|---|---|---|---|---|"]
     for model, budget in sorted(cells, key=lambda k: order((*k, "", "", ""))):
         items = cells[(model, budget)]
         seeds = sorted({int(r["seed"][4:]) for r in items})
@@ -410,7 +410,9 @@ def coverage_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list
         missing = [s for s in PROTOCOL_STRATEGIES if s not in names]
         text = ", ".join(names) + (f" (reduced grid: without {', '.join(missing)})" if missing else " (all)")
         arms = ", ".join(
-            f"{arm} ({sum(r['arm'] == arm for r in items)})" for arm in ARMS if any(r["arm"] == arm for r in items)
+            f"{arm} ({' / '.join(str(sum(r['arm'] == arm and r['seed'] == f'seed{s}' for r in items)) for s in seeds)})"
+            for arm in ARMS
+            if any(r["arm"] == arm for r in items)
         )
         lines.append(f"| {model} | {budget[5:]} | {', '.join(map(str, seeds))} | {text} | {arms} |")
     return lines
