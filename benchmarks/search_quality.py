@@ -40,6 +40,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -405,16 +406,17 @@ def coverage_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> list
     lines = ["| model | budget | seeds | strategies | fine-tune arms (rows per seed) |", "|---|---|---|---|---|"]
     for model, budget in sorted(cells, key=lambda k: order((*k, "", "", ""))):
         items = cells[(model, budget)]
-        seeds = sorted({int(r["seed"][4:]) for r in items})
+        seeds = sorted({r["seed"] for r in items}, key=lambda s: int(s[4:]))
         names = sorted({r["strategy"] for r in items}, key=lambda s: order((model, budget, s, "", "")))
         missing = [s for s in PROTOCOL_STRATEGIES if s not in names]
         text = ", ".join(names) + (f" (reduced grid: without {', '.join(missing)})" if missing else " (all)")
+        counts = Counter((r["arm"], r["seed"]) for r in items)
         arms = ", ".join(
-            f"{arm} ({' / '.join(str(sum(r['arm'] == arm and r['seed'] == f'seed{s}' for r in items)) for s in seeds)})"
+            f"{arm} ({' / '.join(str(counts[arm, s]) for s in seeds)})"
             for arm in ARMS
-            if any(r["arm"] == arm for r in items)
+            if any(counts[arm, s] for s in seeds)
         )
-        lines.append(f"| {model} | {budget[5:]} | {', '.join(map(str, seeds))} | {text} | {arms} |")
+        lines.append(f"| {model} | {budget[5:]} | {', '.join(s[4:] for s in seeds)} | {text} | {arms} |")
     return lines
 
 
