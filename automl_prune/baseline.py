@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +74,41 @@ def train_baseline(
         device: Where to train (the cache does not depend on it; the model returned is on the CPU).
     """
     path = (cache_dir or cache_root()) / "baselines" / f"{baseline_key(spec, data, config)}.pt"
-    if path.is_file():
-        model, info = load_checkpoint(path)
-        logger.info("loaded cached baseline %s", path)
-        return Baseline(model, info, path, cached=True)
+    with _training_lock(path):
+        if path.is_file():
+            model, info = load_checkpoint(path)
+            logger.info("loaded cached baseline %s", path)
+            return Baseline(model, info, path, cached=True)
+        return _train_and_cache(spec, data, config, path, device)
+
+
+@contextlib.contextmanager
+def _training_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``PATH.lock`` while a baseline is looked up and trained.
+
+    Two processes that need the same baseline at once (two searches, or the trials of a comparison)
+    train it once: the second waits for the first and then loads its checkpoint. The kernel releases
+    the lock however its holder ends, so a crashed training never blocks the next one.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("waiting for another process that is training the baseline %s", path.name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _train_and_cache(
+    spec: ModelSpec, data: DataSplits, config: TrainConfig, path: Path, device: str | torch.device
+) -> Baseline:
+    """Train the baseline of (spec, data, config) and save it atomically at ``path``."""
     seed_everything(config.seed)
     model = build_model(spec).to(device)
     result = train(model, data, config, description=f"train {spec.name}")

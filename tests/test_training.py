@@ -57,3 +57,33 @@ def test_bad_hyperparameters_are_rejected(kwargs) -> None:
 def test_integer_and_float_epochs_are_one_config() -> None:
     assert TrainConfig(epochs=3) == TrainConfig(epochs=3.0)
     assert TrainConfig(epochs=3).to_dict() == TrainConfig(epochs=3.0).to_dict()
+
+
+@pytest.mark.slow
+def test_two_processes_needing_one_baseline_train_it_once(tmp_path) -> None:
+    """Started together on the real digits set, one trains the baseline and the other waits and loads it."""
+    import os
+    import subprocess
+
+    from cli_helpers import command
+
+    env = {**os.environ, "AUTOML_PRUNE_CACHE": str(tmp_path / "cache")}
+    args = ("train", "--data.dataset", "digits", "--train.epochs", "2", "--seed", "0")  # about 10 s of training
+    procs = [
+        subprocess.Popen(
+            command(*args, "--out", str(tmp_path / f"r{i}")),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert sorted("(cached)" in out for out, _ in outs) == [False, True]  # trained once, loaded once
+    waited = [err for _, err in outs if "waiting for another process that is training the baseline" in err]
+    assert len(waited) == 1  # the second found the first training (they start within a second of each other)
+    first, second = (torch.load(tmp_path / f"r{i}" / "model.pt", weights_only=False) for i in range(2))
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
