@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # to its default in each command started.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_by_default(request: pytest.FixtureRequest) -> None:
+    """Give each test a process whose SIGINT has its default handler, as the commands it starts need.
+
+    A child started while SIGINT is ignored ignores it too, and a test that interrupts a command
+    would then see it run to the end. Should anything in the session leave SIGINT ignored, this
+    says which test found it so and restores the default.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        warnings.warn(f"SIGINT was ignored when {request.node.nodeid} started; restored", stacklevel=1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
