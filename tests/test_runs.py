@@ -151,6 +151,7 @@ def test_one_writer_per_run_directory(tmp_path: Path) -> None:
     finally:
         holder.kill()  # a dead holder leaves a stale .lock file behind: not in the way
         holder.wait()
+        holder.stdout.close()
     time.sleep(0.1)
     assert RunDirectory(run, {"seed": 0}).config == {"seed": 0}
     assert RunDirectory(run, resume=True).config == {"seed": 0}  # re-entrant within one process
