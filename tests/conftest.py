@@ -13,12 +13,20 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+
 # Tests interrupt the commands under test with SIGINT, as Ctrl-C does. A suite started in the
 # background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored and would pass
 # that on to every command it starts, which would then run to the end; handled here, it is back
 # to its default in each command started.
-if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+def _restore_sigint() -> bool:
+    """Give SIGINT its default handler if it is ignored; whether it was."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return False
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    return True
+
+
+_restore_sigint()
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +37,8 @@ def _sigint_by_default(request: pytest.FixtureRequest) -> None:
     would then see it run to the end. Should anything in the session leave SIGINT ignored, this
     says which test found it so and restores the default.
     """
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    if _restore_sigint():
         warnings.warn(f"SIGINT was ignored when {request.node.nodeid} started; restored", stacklevel=1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

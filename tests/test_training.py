@@ -67,6 +67,8 @@ def test_two_processes_needing_one_baseline_train_it_once(tmp_path) -> None:
 
     from cli_helpers import command
 
+    from automl_prune.checkpoint import load_checkpoint
+
     env = {**os.environ, "AUTOML_PRUNE_CACHE": str(tmp_path / "cache")}
     args = ("train", "--data.dataset", "digits", "--train.epochs", "2", "--seed", "0")  # about 10 s of training
     procs = [
@@ -84,6 +86,6 @@ def test_two_processes_needing_one_baseline_train_it_once(tmp_path) -> None:
     assert sorted("(cached)" in out for out, _ in outs) == [False, True]  # trained once, loaded once
     waited = [err for _, err in outs if "waiting for another process that is training the baseline" in err]
     assert len(waited) == 1  # the second found the first training (they start within a second of each other)
-    first, second = (torch.load(tmp_path / f"r{i}" / "model.pt", weights_only=False) for i in range(2))
-    for key, value in first["state_dict"].items():
-        assert torch.equal(value, second["state_dict"][key]), key
+    first, second = (load_checkpoint(tmp_path / f"r{i}" / "model.pt")[0].state_dict() for i in range(2))
+    for key, value in first.items():
+        assert torch.equal(value, second[key]), key
