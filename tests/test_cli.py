@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from cli_helpers import cli as run
 
 
@@ -102,75 +100,6 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     config = resolve(tmp_path / "c.yaml")
     assert config == resolve("configs/smoke.yaml", {"budget.latency_ms": "2"})
     assert config.budget.latency_ms == 2.0 and config.budget.flops is None  # flags replace the budget terms
-
-
-@pytest.mark.slow
-def test_train_prune_finetune_export_latency_workflow(tmp_path: Path) -> None:
-    """Each stage alone on the real digits set: train -> prune (plan file) -> finetune -> export -> latency."""
-    common = ["--data.dataset", "digits", "--seed", "0"]
-    run("train", "--model.name", "fashion_cnn", *common, "--train.epochs", "4", "--out", str(tmp_path / "base"))
-    ckpt = tmp_path / "base" / "model.pt"
-    again = run("train", "--model.name", "fashion_cnn", *common, "--train.epochs", "4", "--out", str(tmp_path / "base"))
-    assert "(cached)" in again.stdout
-
-    plan = {"keep_ratios": {"features.0": 0.5, "features.4": 0.5, "features.8": 0.5}}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    run(
-        "prune",
-        "--checkpoint",
-        str(ckpt),
-        "--plan",
-        str(tmp_path / "plan.json"),
-        *common,
-        "--out",
-        str(tmp_path / "pruned"),
-    )
-    bad = {"keep_ratios": {"features.0": 0.5, "nope": 0.5}}
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
-    proc = run(
-        "prune",
-        "--checkpoint",
-        str(ckpt),
-        "--plan",
-        str(tmp_path / "bad.json"),
-        *common,
-        "--out",
-        str(tmp_path / "x"),
-        check=False,
-    )
-    assert proc.returncode == 2 and "nope" in proc.stderr
-
-    run(
-        "finetune",
-        "--checkpoint",
-        str(tmp_path / "pruned" / "model.pt"),
-        *common,
-        "--finetune.epochs",
-        "2",
-        "--out",
-        str(tmp_path / "ft"),
-    )
-    out = run("export", "--checkpoint", str(tmp_path / "ft" / "model.pt"), "--out", str(tmp_path / "export")).stdout
-    assert "ONNX max |diff|" in out
-    for name in ("model.pt", "model.ts", "model.onnx"):
-        assert (tmp_path / "export" / name).stat().st_size > 0
-
-    from automl_prune.checkpoint import load_checkpoint
-
-    model, info = load_checkpoint(tmp_path / "export" / "model.pt")
-    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 32, 64]
-    assert info.meta["finetune"]["test_after"] > 0.5
-
-    # measured on onnxruntime (the default runtime) against its dense architecture, then the file itself
-    pruned = str(tmp_path / "export" / "model.pt")
-    lat = run("latency", "--checkpoint", pruned, "--rounds", "3", "--threads", "1").stdout
-    assert "latency on onnxruntime" in lat and "speed-up over dense" in lat and "no latency table" in lat
-    rebuilt = run("latency", "--checkpoint", pruned, "--rounds", "3", "--threads", "1", "--rebuild", "--plans", "5")
-    assert "latency model fitted on 6 measured plans" in rebuilt.stdout and "predicted ms" in rebuilt.stdout
-    artifact = run("latency", "--artifact", str(tmp_path / "export" / "model.onnx"), "--rounds", "3").stdout
-    assert "latency on onnxruntime" in artifact and "median ms" in artifact
-    ts = run("latency", "--checkpoint", pruned, "--runtime", "torchscript", "--rounds", "3").stdout
-    assert "latency on torchscript" in ts
 
 
 def test_compare_refuses_a_directory_holding_a_different_comparison(tmp_path: Path) -> None:
