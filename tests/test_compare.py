@@ -96,8 +96,12 @@ def test_a_killed_trial_is_retried_and_an_interrupted_comparison_resumes(tmp_pat
     out = tmp_path / "cmp"
     args = ["compare", "--compare.strategies", "random", "--compare.seeds", "0,1", *DIGITS_QUICK]
     args += ["--search.evaluations", "150", "--out", str(out)]
+    # Tune saves its experiment state (what says a trial finished) at most every 10 s by default, and a
+    # trial of 150 evaluations takes about 3 s on a fast machine: the other trial would finish before the
+    # first is recorded, and the Ctrl-C would find nothing left to interrupt. Saved every half second here.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "automl_prune.cli", *args], stderr=subprocess.PIPE, text=True, env=os.environ.copy()
+        [sys.executable, "-m", "automl_prune.cli", *args], stderr=subprocess.PIPE, text=True, env=env
     )
     trials = out / "trials" / "compare"
     killed = False
