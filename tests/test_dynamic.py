@@ -202,6 +202,8 @@ def test_skipnet_command_trains_compares_and_exports(tmp_path: Path, trained_res
         str(trained_resnet20.path),
         "--budget.flops",
         "0.7",
+        "--data.val_size",
+        "1000",  # the threshold's calibration passes and the scores run on search-val: 1,000 images suffice here
         "--gates.pretrain_steps",
         "10",
         "--gates.rl_steps",
