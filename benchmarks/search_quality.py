@@ -189,6 +189,28 @@ def baseline_record(base: Any, epochs: float, data: DataSplits) -> dict[str, Any
     }
 
 
+def same_baseline(state: State, name: str, base: Any, epochs: float, data: DataSplits) -> None:
+    """Record the baseline of ``name`` the first time; afterwards refuse one that differs from the record.
+
+    A baseline trained again (another machine, a cleared cache) can differ in its last digits, and the
+    stored results were measured on the recorded one: mixing the two would pair plans of different models.
+
+    Raises:
+        SystemExit: The baseline at hand scores otherwise than the recorded one on the test set.
+    """
+    key = f"{name}/baseline"
+    had = key in state.data
+    record = state.get(key, baseline_record, base, epochs, data)
+    if had:
+        test = evaluate_accuracy(base.model, data.test)
+        if test != record["test"] or epochs != record["epochs"]:
+            raise SystemExit(
+                f"the {name} baseline at hand ({epochs:g} epochs, test {test:.4f}, {base.path}) is not the one the "
+                f"results in {state.path} were measured on ({record['epochs']:g} epochs, test {record['test']:.4f}): "
+                "put that checkpoint in the cache, or give another --state to start a new record"
+            )
+
+
 def search_cell(strategy: str, seed: int, ev: Evaluator, space: SearchSpace, args) -> dict[str, Any]:
     """One search: its best plan by the cheap score and its best distinct plans (for refinement)."""
     ev._cache.clear()  # every search pays for its own evaluations
@@ -225,7 +247,7 @@ def run(args: argparse.Namespace, state: State) -> None:
             ModelSpec(name, data.in_channels, data.num_classes), data, TrainConfig(epochs=epochs, lr=args.train_lr)
         )
         model = base.model
-        state.get(f"{name}/baseline", baseline_record, base, epochs, data)
+        same_baseline(state, name, base, epochs, data)
         for fraction in args.budgets:
             ev = Evaluator(
                 model,

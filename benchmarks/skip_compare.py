@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from _common import csv_ints, csv_list, int_at_least, setup_logging
-from search_quality import State, finetune_test, run_and_report
+from search_quality import State, finetune_test, run_and_report, same_baseline
 
 from automl_prune import dynamic
 from automl_prune.baseline import train_baseline
@@ -155,6 +155,7 @@ def run(args: argparse.Namespace, state: State) -> None:
             data,
             TrainConfig(epochs=args.default_epochs, lr=args.train_lr),
         )
+        same_baseline(state, name, base, args.default_epochs, data)
         model = base.model.eval()
         for fraction in args.budgets:
             for seed in args.seeds:
@@ -177,6 +178,8 @@ def report(state: dict[str, Any], args: argparse.Namespace) -> str:
     """The markdown table: test accuracy, FLOPs share and the paired difference to uniform."""
     cells: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for key, value in state.items():
+        if key.endswith("/baseline"):  # the baseline's record (same_baseline), not a cell
+            continue
         name, budget, seed, method = key.split("/")
         cells.setdefault((name, budget, method), {})[seed] = value
     lines = [
