@@ -23,6 +23,7 @@ import torch
 from cli_helpers import cli
 
 from automl_prune.checkpoint import load_checkpoint
+from automl_prune.compare import _dirname
 from automl_prune.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ class ReadmeRun:
 
     def block(self, starts_with: str) -> Block:
         """The block whose code starts with ``starts_with`` (it must have run and succeeded)."""
-        (found,) = [b for b in self.blocks if b.code.startswith(starts_with)] or [None]
+        found = next((b for b in self.blocks if b.code.startswith(starts_with)), None)
         if found is None or found.returncode != 0:
             pytest.fail(f"the README block starting {starts_with!r} did not run or failed (see the test above)")
         return found
@@ -177,7 +178,8 @@ def test_the_latency_budget_is_met_by_measurement(readme: ReadmeRun) -> None:
     assert term["runtime"] == "onnxruntime" and report["machine"]["threads"] == 1
     assert term["measured"] == report["speedup"]["1"] >= 2.0
     assert term["met"] is True and report["budget_met"] is True  # the block exited 0: a miss exits 3
-    assert "budget speed-up: met" in block.stdout and "**met**" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "budget speed-up: met" in block.stdout and "**met**" in md
     # the search predicted with a latency model fitted on measured plans, and measured its finalists
     fitted = json.loads((out / "latency_model.json").read_text())
     assert fitted["runtime"] == "onnxruntime" and fitted["plans"] >= 25 and fitted["threads"] == 1
@@ -188,7 +190,6 @@ def test_the_latency_budget_is_met_by_measurement(readme: ReadmeRun) -> None:
     assert finalists["met"] and chosen["meets"] and chosen["measured_speedup"] >= 2.0
     result = json.loads((out / "result.json").read_text())
     assert result["chosen"]["measured_latency_ms"] == pytest.approx(chosen["measured_ms"])
-    md = (out / "report.md").read_text()
     assert "## Finalists" in md and "## Pareto front" in md
     front = json.loads((out / "pareto.json").read_text())
     assert [p for p in front["points"] if p["measured_ms"]]  # the front ranks the finalists by their measurements
@@ -218,7 +219,7 @@ def test_the_comparison_runs_every_strategy_on_every_seed(readme: ReadmeRun) -> 
     # Tune's own files per trial: one row per evaluation, best so far never drops, TensorBoard events
     for label, row in rows.items():
         for seed in (0, 1):
-            trial = out / "trials" / "compare" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", label).strip("_") + f"_seed{seed}")
+            trial = out / "trials" / "compare" / _dirname(label, seed)
             progress = list(csv.DictReader((trial / "progress.csv").open()))
             assert [int(r["evaluations"]) for r in progress] == list(range(1, int(row["evaluations"]) + 1))
             best = [float(r["best_accuracy"]) for r in progress]
