@@ -75,6 +75,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--threads", type=int_at_least(1), default=2, help="torch intra-op threads")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="baseline cache (default: the user cache); benchmarks/results/cache holds the recorded ones",
+    )
     p.add_argument("--state", type=Path, default=Path("skip_compare.json"), help="results so far (resumable)")
     p.add_argument("--report-only", action="store_true", help="write the report from --state without computing")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here (atomically)")
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace, state: State) -> None:
             ModelSpec(name, data.in_channels, data.num_classes),
             data,
             TrainConfig(epochs=args.default_epochs, lr=args.train_lr),
+            args.cache_dir,
         )
         same_baseline(state, name, base, args.default_epochs, data)
         model = base.model.eval()
