@@ -217,7 +217,8 @@ def same_baseline(state: State, name: str, base: Any, epochs: float, data: DataS
             raise SystemExit(
                 f"the {name} baseline at hand ({epochs:g} epochs, test {test:.4f}, {base.path}) is not the one the "
                 f"results in {state.path} were measured on ({record['epochs']:g} epochs, test {record['test']:.4f}): "
-                "put that checkpoint in the cache, or give another --state to start a new record"
+                "give --cache-dir the cache that holds that checkpoint (benchmarks/results/cache keeps the "
+                "recorded ones), or another --state to start a new record"
             )
 
 
@@ -375,11 +376,19 @@ def rank_rows(
 
 
 def _spearman_cells(triples: list[tuple[float, float | None, float]]) -> str:
-    """``plans | cheap rho | first-rung rho`` table cells of (cheap, first-rung, test) triples."""
-    cheap = spearmanr([t[0] for t in triples], [t[2] for t in triples]).statistic if len(triples) > 2 else math.nan
-    with_rung = [t for t in triples if t[1] is not None]
-    rung = spearmanr([t[1] for t in with_rung], [t[2] for t in with_rung]).statistic if len(with_rung) > 2 else math.nan
-    return f"{len(triples)} ({len(with_rung)} refined) | {cheap:.2f} | {rung:.2f}"
+    """``plans | cheap rho | first-rung rho`` table cells of (cheap, first-rung, test) triples.
+
+    A correlation of fewer than three plans reads ``-`` (too few to rank).
+    """
+
+    def rho(pairs: list[tuple[float, float]]) -> str:
+        if len(pairs) < 3:
+            return "-"
+        value = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
+        return "-" if math.isnan(value) else f"{value:.2f}"
+
+    with_rung = [(t[1], t[2]) for t in triples if t[1] is not None]
+    return f"{len(triples)} ({len(with_rung)} refined) | {rho([(t[0], t[2]) for t in triples])} | {rho(with_rung)}"
 
 
 def _group_key(row: dict[str, Any]) -> tuple[str, str, str, str, str]:

@@ -2,7 +2,8 @@
 
 The comparison of the SkipNet/N2N issue, with the fine-tune recipe of ``search_quality.py``.
 Fashion-MNIST 55,000 train / 5,000 search-val / 10,000 test, the dense baseline of
-``search_quality.py`` (trained once, cached), and for every model, FLOPs budget and seed:
+``search_quality.py`` (trained once, cached; ``--cache-dir benchmarks/results/cache`` uses the
+checkpoints kept in the repository), and for every model, FLOPs budget and seed:
 
 - ``uniform``: the uniform plan at the budget (the reference);
 - ``static_skip``: the static skip search (SkipNet's recurrent gate by REINFORCE, one set of
