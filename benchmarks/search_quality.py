@@ -117,12 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--rank-strategy", default="random", help="whose refined candidates are all fine-tuned (Spearman)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the dataset's default)")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="baseline cache (default: the user cache); benchmarks/results/cache holds the recorded ones",
-    )
+    add_cache_dir_argument(p)
     p.add_argument("--threads", type=int_at_least(1), default=2, help="torch intra-op threads")
     p.add_argument("--state", type=Path, default=Path("search_quality.json"), help="results so far (resumable)")
     p.add_argument("--work-dir", type=Path, default=None, help="refinement run directories (default: beside --state)")
@@ -199,6 +194,28 @@ def baseline_record(base: Any, epochs: float, data: DataSplits) -> dict[str, Any
     }
 
 
+def add_cache_dir_argument(p: argparse.ArgumentParser) -> None:
+    """The ``--cache-dir`` option of the benchmarks that keep a record of their baselines."""
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="baseline cache (default: the user cache); benchmarks/results/cache holds the recorded ones",
+    )
+
+
+def recorded_baseline(state: State, name: str, data: DataSplits, epochs: float, args: argparse.Namespace) -> Any:
+    """The baseline of ``name`` from ``args.cache_dir`` (trained there if missing), checked against the record."""
+    base = train_baseline(
+        ModelSpec(name, data.in_channels, data.num_classes),
+        data,
+        TrainConfig(epochs=epochs, lr=args.train_lr),
+        args.cache_dir,
+    )
+    same_baseline(state, name, base, epochs, data)
+    return base
+
+
 def same_baseline(state: State, name: str, base: Any, epochs: float, data: DataSplits) -> None:
     """Record the baseline of ``name`` the first time; afterwards refuse one that differs from the record.
 
@@ -254,14 +271,7 @@ def run(args: argparse.Namespace, state: State) -> None:
     logger.info("data: %d train / %d search-val / %d test", len(data.train), len(data.search_val), len(data.test))
     for name in args.models:
         epochs = args.epochs.get(name, args.default_epochs)
-        base = train_baseline(
-            ModelSpec(name, data.in_channels, data.num_classes),
-            data,
-            TrainConfig(epochs=epochs, lr=args.train_lr),
-            args.cache_dir,
-        )
-        model = base.model
-        same_baseline(state, name, base, epochs, data)
+        model = recorded_baseline(state, name, data, epochs, args).model
         for fraction in args.budgets:
             ev = Evaluator(
                 model,

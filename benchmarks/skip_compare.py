@@ -38,16 +38,13 @@ from typing import Any
 
 import torch
 from _common import csv_ints, csv_list, int_at_least, setup_logging
-from search_quality import State, finetune_test, run_and_report, same_baseline
+from search_quality import State, add_cache_dir_argument, finetune_test, recorded_baseline, run_and_report
 
 from automl_prune import dynamic
-from automl_prune.baseline import train_baseline
 from automl_prune.data import DataSplits, load_dataset
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
-from automl_prune.models import ModelSpec
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import get_strategy
-from automl_prune.training import TrainConfig
 from automl_prune.types import Budget
 
 logger = logging.getLogger("benchmarks.skip_compare")
@@ -76,12 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--threads", type=int_at_least(1), default=2, help="torch intra-op threads")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="baseline cache (default: the user cache); benchmarks/results/cache holds the recorded ones",
-    )
+    add_cache_dir_argument(p)
     p.add_argument("--state", type=Path, default=Path("skip_compare.json"), help="results so far (resumable)")
     p.add_argument("--report-only", action="store_true", help="write the report from --state without computing")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here (atomically)")
@@ -157,14 +149,7 @@ def run(args: argparse.Namespace, state: State) -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", args.data_dir, val_size=5000, seed=0)
     for name in args.models:
-        base = train_baseline(
-            ModelSpec(name, data.in_channels, data.num_classes),
-            data,
-            TrainConfig(epochs=args.default_epochs, lr=args.train_lr),
-            args.cache_dir,
-        )
-        same_baseline(state, name, base, args.default_epochs, data)
-        model = base.model.eval()
+        model = recorded_baseline(state, name, data, args.default_epochs, args).model.eval()
         for fraction in args.budgets:
             for seed in args.seeds:
                 for method in args.methods:
