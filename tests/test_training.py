@@ -89,3 +89,28 @@ def test_two_processes_needing_one_baseline_train_it_once(tmp_path) -> None:
     first, second = (load_checkpoint(tmp_path / f"r{i}" / "model.pt")[0].state_dict() for i in range(2))
     for key, value in first.items():
         assert torch.equal(value, second[key]), key
+
+
+def test_the_kept_baselines_are_trained_models_the_suite_would_train(trained_resnet20) -> None:
+    """Each baseline kept in tests/data/baselines is named by the key the suite computes (so it stands in only
+    for that exact baseline), loads under today's code and was really trained (see conftest.KEPT_BASELINES)."""
+    from conftest import KEPT_BASELINES
+
+    from automl_prune.baseline import baseline_key
+    from automl_prune.checkpoint import load_checkpoint
+    from automl_prune.config import resolve
+    from automl_prune.pipeline import load_data, model_spec_of, train_config_of
+
+    default = resolve(None)  # the README's first command, `bash scripts/run.sh`
+    data = load_data(default)
+    wanted = {
+        f"{baseline_key(model_spec_of(default, data), data, train_config_of(default))}.pt",
+        trained_resnet20.path.name,
+    }
+    kept = {p.name for p in KEPT_BASELINES.glob("*.pt")}
+    assert kept == wanted, "a kept baseline is stale: delete it (the suite trains it again) and keep the new one"
+    for name in kept:
+        _, info = load_checkpoint(KEPT_BASELINES / name)
+        assert info.meta["test_accuracy"] > 0.75 and info.meta["history"][-1]["val_accuracy"] > 0.75, (
+            name
+        )  # chance: 0.1
