@@ -57,6 +57,16 @@ def baseline_key(spec: ModelSpec, data: DataSplits, config: TrainConfig) -> str:
     return f"{spec.name.replace(':', '_').replace('.', '_')}-{data.name}-e{config.epochs:g}-s{config.seed}-{digest}"
 
 
+def baselines_dir(cache_dir: Path | None = None) -> Path:
+    """Where cached baselines live: ``CACHE/baselines`` (``cache_dir`` or :func:`cache_root`)."""
+    return (cache_dir or cache_root()) / "baselines"
+
+
+def baseline_path(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache_dir: Path | None = None) -> Path:
+    """The cached checkpoint of the baseline of (spec, data, config), whether or not it exists yet."""
+    return baselines_dir(cache_dir) / f"{baseline_key(spec, data, config)}.pt"
+
+
 def train_baseline(
     spec: ModelSpec,
     data: DataSplits,
@@ -73,7 +83,7 @@ def train_baseline(
         cache_dir: Cache root (default :func:`cache_root`).
         device: Where to train (the cache does not depend on it; the model returned is on the CPU).
     """
-    path = (cache_dir or cache_root()) / "baselines" / f"{baseline_key(spec, data, config)}.pt"
+    path = baseline_path(spec, data, config, cache_dir)
     with _training_lock(path):
         if path.is_file():
             model, info = load_checkpoint(path)

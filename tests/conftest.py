@@ -60,10 +60,10 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     baselines)."""
     import shutil
 
+    from automl_prune.baseline import baselines_dir
+
     cache = tmp_path_factory.mktemp("cache")
-    (cache / "baselines").mkdir()
-    for kept in KEPT_BASELINES.glob("*.pt"):
-        shutil.copyfile(kept, cache / "baselines" / kept.name)
+    shutil.copytree(KEPT_BASELINES, baselines_dir(cache))
     os.environ["AUTOML_PRUNE_CACHE"] = str(cache)
     torch.set_num_threads(2)
     return cache

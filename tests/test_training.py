@@ -96,7 +96,7 @@ def test_the_kept_baselines_are_trained_models_the_suite_would_train(trained_res
     for that exact baseline), loads under today's code and was really trained (see conftest.KEPT_BASELINES)."""
     from conftest import KEPT_BASELINES
 
-    from automl_prune.baseline import baseline_key
+    from automl_prune.baseline import baseline_path
     from automl_prune.checkpoint import load_checkpoint
     from automl_prune.config import resolve
     from automl_prune.pipeline import load_data, model_spec_of, train_config_of
@@ -104,13 +104,12 @@ def test_the_kept_baselines_are_trained_models_the_suite_would_train(trained_res
     default = resolve(None)  # the README's first command, `bash scripts/run.sh`
     data = load_data(default)
     wanted = {
-        f"{baseline_key(model_spec_of(default, data), data, train_config_of(default))}.pt",
+        baseline_path(model_spec_of(default, data), data, train_config_of(default)).name,
         trained_resnet20.path.name,
     }
     kept = {p.name for p in KEPT_BASELINES.glob("*.pt")}
     assert kept == wanted, "a kept baseline is stale: delete it (the suite trains it again) and keep the new one"
     for name in kept:
         _, info = load_checkpoint(KEPT_BASELINES / name)
-        assert info.meta["test_accuracy"] > 0.75 and info.meta["history"][-1]["val_accuracy"] > 0.75, (
-            name
-        )  # chance: 0.1
+        trained = info.meta["test_accuracy"], info.meta["history"][-1]["val_accuracy"]
+        assert min(trained) > 0.75, name  # chance: 0.1
