@@ -12,6 +12,8 @@ printed); for every model, FLOPs budget, seed and strategy:
    recipe (``--finetune-epochs`` on all 55,000 images from the model the search scored), with
    labels only and with distillation from the dense model, tested on all 10,000 test images.
 
+A strategy named ``NAME+depth`` (``optuna+depth``) searches which residual blocks to remove
+(skip gates) as well as keep ratios, as ``static_skip`` always does; its rows carry that name.
 The choice of a plan never looks at the test set. The table gives mean +- std over seeds and
 the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``; a second
 table gives every seed's accuracy and differences, a third distilled minus labels-only accuracy of
@@ -72,6 +74,10 @@ SINGLE_PLAN = ("uniform", "global")
 """Rules that give one plan: nothing to refine, and their cheap and refined choices coincide."""
 PROTOCOL_STRATEGIES = ("uniform", "global", "random", "ddpg", "ppo", "reinforce", "abc", "optuna")
 """The issue's strategies; a (model, budget) with fewer is reported as a reduced grid."""
+DEPTH = "+depth"
+"""Suffix of a strategy that also searches which blocks to remove (skip gates), e.g. ``optuna+depth``."""
+DEPTH_ALWAYS = ("static_skip",)
+"""Strategies that search block removal by nature: their search space always has skip gates."""
 ARMS = {"labels": 0.0, "distilled": 0.5}
 """Fine-tune arms: the distillation weight of each (temperature ``--distill-temperature``)."""
 
@@ -97,7 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--strategies",
         type=csv_list,
         default=list(PROTOCOL_STRATEGIES),
-        help="strategies",
+        help=f"strategies; NAME{DEPTH} also searches which residual blocks to remove",
     )
     p.add_argument("--evaluations", type=int_at_least(1), default=300, help="cheap evaluations per search")
     p.add_argument("--seeds", type=csv_ints, default=[0, 1, 2], help="search, refinement and fine-tune seeds")
@@ -125,7 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here (atomically)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
-    unknown = [s for s in [*args.strategies, args.rank_strategy] if s not in STRATEGIES]
+    unknown = [s for s in [*args.strategies, args.rank_strategy] if base_strategy(s) not in STRATEGIES]
     if unknown:
         p.error(STRATEGIES.unknown_message(unknown[0]))
     bad_arms = [a for a in args.arms if a not in ARMS]
@@ -138,6 +144,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.work_dir is None:
         args.work_dir = args.state.with_suffix(".runs")
     return args
+
+
+def base_strategy(name: str) -> str:
+    """The registered strategy behind a grid entry (``optuna+depth`` -> ``optuna``)."""
+    return name.removesuffix(DEPTH)
+
+
+def searches_depth(name: str) -> bool:
+    """Whether a grid entry's search space has skip gates (blocks to remove) besides keep ratios."""
+    return name.endswith(DEPTH) or name in DEPTH_ALWAYS
 
 
 # --------------------------------------------------------------------------- state
@@ -242,7 +258,7 @@ def same_baseline(state: State, name: str, base: Any, epochs: float, data: DataS
 def search_cell(strategy: str, seed: int, ev: Evaluator, space: SearchSpace, args) -> dict[str, Any]:
     """One search: its best plan by the cheap score and its best distinct plans (for refinement)."""
     ev._cache.clear()  # every search pays for its own evaluations
-    result = get_strategy(strategy).search(ev, space, max_evaluations=args.evaluations, seed=seed)
+    result = get_strategy(base_strategy(strategy)).search(ev, space, max_evaluations=args.evaluations, seed=seed)
     pool = best_distinct(ev, result.history, max(args.refine_top, 1))
     if not pool:  # no clean plan within the budget: the search's own best (reported as such)
         pool = [(result.best_plan, result.best_evaluation)]
@@ -284,10 +300,11 @@ def run(args: argparse.Namespace, state: State) -> None:
                     round_to=args.round_to,
                 ),
             )
-            space = SearchSpace(ev, min_keep=args.min_keep)
+            spaces = {depth: SearchSpace(ev, min_keep=args.min_keep, skip_gates=depth) for depth in (False, True)}
             for seed in args.seeds:
                 for strategy in args.strategies:
                     cell = f"{name}/flops{fraction:g}/seed{seed}/{strategy}"
+                    space = spaces[searches_depth(strategy)]
                     search = state.get(f"{cell}/search", search_cell, strategy, seed, ev, space, args)
                     chosen = {"cheap": 0}
                     if args.refine_top and strategy not in SINGLE_PLAN and len(search["pool"]) > 1:
@@ -517,7 +534,12 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         f"round_to {args.round_to}; refinement of the best {args.refine_top} distinct plans in rungs of "
         f"{', '.join(map(str, args.refine_steps))} cumulative steps; fine-tune recipe {args.finetune_epochs:g} epoch "
         f"at lr {args.finetune_lr:g} ({_arms_text(args)}); test on all 10000 images. 'pick' is how the plan was chosen (cheap score or "
-        "refined score, both on search-val). Differences are paired by seed and fine-tune arm, in percentage points.",
+        "refined score, both on search-val). Differences are paired by seed and fine-tune arm, in percentage points."
+        + (
+            f" Strategies named NAME{DEPTH} (and static_skip) also chose residual blocks to remove."
+            if any(searches_depth(r["strategy"]) for r in rows)
+            else ""
+        ),
         "",
         "| model | budget | strategy | pick | fine-tune | seeds | search-val cheap | FT test | - uniform (pp) | - global (pp) | FLOPs ratio |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
