@@ -370,8 +370,10 @@ def run_latency_model(run: RunDirectory) -> LatencyModel | None:
 
 
 def make_space(config: Config, evaluator: Evaluator) -> SearchSpace:
-    """The search space; fails here when no plan can meet the budget."""
-    skip = config.search.skip_gates or config.search.strategy == "static_skip"
+    """The search space (skip gates when asked for or the strategy needs them); fails here when no plan can meet the budget."""
+    from automl_prune.strategy import STRATEGIES
+
+    skip = config.search.skip_gates or STRATEGIES.get(config.search.strategy).needs_skip_gates
     return SearchSpace(evaluator, min_keep=config.search.min_keep, skip_gates=skip)
 
 

@@ -154,6 +154,8 @@ class Strategy:
     """Whether the strategy learns a policy (:meth:`policy_state`, :meth:`start_from`)."""
     default_reward: str = "acc"
     """The reward a search with this strategy scores plans with when ``search.reward`` is unset."""
+    needs_skip_gates: bool = False
+    """Whether the strategy searches which blocks to remove, so its search space always has skip gates."""
     initial_policy: dict[str, Any] | None = None
     """Tensors of a policy learned before, the next search starts from (see :meth:`start_from`)."""
 

@@ -13,7 +13,8 @@ printed); for every model, FLOPs budget, seed and strategy:
    labels only and with distillation from the dense model, tested on all 10,000 test images.
 
 A strategy named ``NAME+depth`` (``optuna+depth``) searches which residual blocks to remove
-(skip gates) as well as keep ratios, as ``static_skip`` always does; its rows carry that name.
+(skip gates) as well as keep ratios, as a strategy that needs skip gates (``static_skip``) always
+does; its rows carry that name.
 The choice of a plan never looks at the test set. The table gives mean +- std over seeds and
 the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``; a second
 table gives every seed's accuracy and differences, a third distilled minus labels-only accuracy of
@@ -76,8 +77,6 @@ PROTOCOL_STRATEGIES = ("uniform", "global", "random", "ddpg", "ppo", "reinforce"
 """The issue's strategies; a (model, budget) with fewer is reported as a reduced grid."""
 DEPTH = "+depth"
 """Suffix of a strategy that also searches which blocks to remove (skip gates), e.g. ``optuna+depth``."""
-DEPTH_ALWAYS = ("static_skip",)
-"""Strategies that search block removal by nature: their search space always has skip gates."""
 ARMS = {"labels": 0.0, "distilled": 0.5}
 """Fine-tune arms: the distillation weight of each (temperature ``--distill-temperature``)."""
 
@@ -153,7 +152,7 @@ def base_strategy(name: str) -> str:
 
 def searches_depth(name: str) -> bool:
     """Whether a grid entry's search space has skip gates (blocks to remove) besides keep ratios."""
-    return name.endswith(DEPTH) or name in DEPTH_ALWAYS
+    return name.endswith(DEPTH) or STRATEGIES.get(base_strategy(name)).needs_skip_gates
 
 
 # --------------------------------------------------------------------------- state
@@ -300,14 +299,17 @@ def run(args: argparse.Namespace, state: State) -> None:
                     round_to=args.round_to,
                 ),
             )
-            spaces = {depth: SearchSpace(ev, min_keep=args.min_keep, skip_gates=depth) for depth in (False, True)}
+            spaces: dict[bool, SearchSpace] = {}  # with and without skip gates, each built when first needed
             for seed in args.seeds:
                 for strategy in args.strategies:
                     cell = f"{name}/flops{fraction:g}/seed{seed}/{strategy}"
-                    space = spaces[searches_depth(strategy)]
+                    depth = searches_depth(strategy)
+                    if depth not in spaces:
+                        spaces[depth] = SearchSpace(ev, min_keep=args.min_keep, skip_gates=depth)
+                    space = spaces[depth]
                     search = state.get(f"{cell}/search", search_cell, strategy, seed, ev, space, args)
                     chosen = {"cheap": 0}
-                    if args.refine_top and strategy not in SINGLE_PLAN and len(search["pool"]) > 1:
+                    if args.refine_top and base_strategy(strategy) not in SINGLE_PLAN and len(search["pool"]) > 1:
                         run_dir = args.work_dir / cell.replace("/", "_")
                         refined = state.get(f"{cell}/refine", refine_cell, search, ev, data, seed, run_dir, args)
                         chosen["refined"] = refined["chosen"]

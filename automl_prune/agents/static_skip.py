@@ -79,6 +79,8 @@ class StaticSkipStrategy(PolicyGradientStrategy):
             space has no removable blocks.
     """
 
+    needs_skip_gates = True
+
     def __init__(
         self,
         compute_penalty: float = 0.1,
