@@ -37,8 +37,7 @@ import torch
 from automl_prune.errors import AutomlPruneError, InvalidValueError
 from automl_prune.parallel import EvaluatorSpec, connect_ray, start_local_ray
 from automl_prune.progress import Progress
-from automl_prune.search_spaces import SearchSpace
-from automl_prune.strategy import STRATEGIES, make_strategy
+from automl_prune.strategy import STRATEGIES, make_strategy, space_for
 from automl_prune.strategy_options import split_variant
 from automl_prune.types import SearchResult
 
@@ -103,8 +102,9 @@ def _trial(params: dict[str, Any], *, spec: EvaluatorSpec) -> None:
     from ray import tune
 
     torch.set_num_threads(int(params["threads"]))
+    entry = params["entry"]
     evaluator = spec.build()
-    space = SearchSpace(evaluator, **params["space"])
+    space = space_for(entry["strategy"], evaluator, **params["space"])  # static_skip gets its skip gates
     pending: list[dict[str, Any]] = []
 
     def on_evaluation(session: Any, plan: Any, evaluation: Any) -> None:
@@ -122,7 +122,6 @@ def _trial(params: dict[str, Any], *, spec: EvaluatorSpec) -> None:
             }
         )
 
-    entry = params["entry"]
     strategy = make_strategy(entry["strategy"], entry["options"])
     result = strategy.search(
         evaluator, space, int(params["evaluations"]), seed=int(params["seed"]), callbacks=[on_evaluation]

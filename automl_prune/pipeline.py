@@ -371,10 +371,10 @@ def run_latency_model(run: RunDirectory) -> LatencyModel | None:
 
 def make_space(config: Config, evaluator: Evaluator) -> SearchSpace:
     """The search space (skip gates when asked for or the strategy needs them); fails here when no plan can meet the budget."""
-    from automl_prune.strategy import STRATEGIES
+    from automl_prune.strategy import space_for
 
-    skip = config.search.skip_gates or STRATEGIES.get(config.search.strategy).needs_skip_gates
-    return SearchSpace(evaluator, min_keep=config.search.min_keep, skip_gates=skip)
+    s = config.search
+    return space_for(s.strategy, evaluator, min_keep=s.min_keep, skip_gates=s.skip_gates)
 
 
 @dataclass

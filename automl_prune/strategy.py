@@ -328,3 +328,20 @@ def make_strategy(name: str, options: Mapping[str, Any] | None = None, workers: 
     if name in BATCHED:
         kwargs["batch_size"] = workers
     return get_strategy(name, **kwargs)
+
+
+def space_for(name: str, evaluator: Evaluator, *, min_keep: float = 0.2, skip_gates: bool = False) -> SearchSpace:
+    """The search space strategy ``name`` searches: skip gates where asked for or where the strategy needs them.
+
+    Args:
+        name: A registered strategy name.
+        evaluator: The evaluator the space's plans are scored by.
+        min_keep: Smallest keep ratio of a group.
+        skip_gates: Add a skip gate per removable block even if the strategy does not need them.
+
+    Raises:
+        UnknownNameError: Listing the valid names.
+        InvalidValueError: No plan in the space can meet the evaluator's budget.
+    """
+    skip = skip_gates or STRATEGIES.get(name).needs_skip_gates
+    return SearchSpace(evaluator, min_keep=min_keep, skip_gates=skip)

@@ -22,7 +22,11 @@ from automl_prune.report import pareto_front
 
 @pytest.mark.slow
 def test_compare_runs_on_an_existing_cluster_by_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real two-node Ray cluster on 127.0.0.1: the comparison joins it and its trials run on its nodes."""
+    """A real two-node Ray cluster on 127.0.0.1: the comparison joins it and its trials run on its nodes.
+
+    The entries are a channel search and a depth search (static_skip): the latter's trial searches removable
+    blocks though search.skip_gates is off, the former's does not.
+    """
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_worker_niceness", "0")  # nodes started as the README says
@@ -32,20 +36,31 @@ def test_compare_runs_on_an_existing_cluster_by_address(tmp_path: Path, monkeypa
         cluster.wait_for_nodes()
         nodes = {node.node_id for node in cluster.list_all_nodes()}
         out = tmp_path / "cmp"
-        args = ["compare", "--compare.strategies", "random", "--compare.seeds", "0,1", *DIGITS_QUICK]
-        args += ["--search.evaluations", "4", "--parallel.ray_address", cluster.address, "--out", str(out)]
+        args = ["compare", "--compare.strategies", "random,static_skip", "--compare.seeds", "0", *DIGITS_QUICK]
+        args += ["--model.name", "resnet20", "--train.epochs", "2", "--search.evaluations", "6"]
+        args += ["--parallel.ray_address", cluster.address, "--out", str(out)]
         proc = subprocess.run(
             [sys.executable, "-m", "automl_prune.cli", *args], capture_output=True, text=True, env=os.environ.copy()
         )
         assert proc.returncode == 0, proc.stderr
-        ran_on = set()
-        for seed in (0, 1):
-            lines = (out / "trials" / "compare" / f"random_seed{seed}" / "result.json").read_text().splitlines()
-            ran_on.add(json.loads(lines[-1])["node"])
+        ran_on, plans = set(), {}
+        for label in ("random", "static_skip"):
+            trial = out / "trials" / "compare" / f"{label}_seed0"
+            ran_on.add(json.loads((trial / "result.json").read_text().splitlines()[-1])["node"])
+            (checkpoint,) = trial.glob("checkpoint_*")
+            plans[label] = _plans(json.loads((checkpoint / "search.json").read_text()))
         assert ran_on <= nodes  # the cluster's own nodes, not a Ray instance the comparison started itself
-        assert int(next(csv.DictReader((out / "comparison.csv").open()))["seeds"]) == 2
+        assert len(plans["static_skip"]) == len(plans["random"]) == 6
+        assert not any(any(plan["skip"].values()) for plan in plans["random"])
+        assert any(any(plan["skip"].values()) for plan in plans["static_skip"])  # it removed blocks
+        rows = {row["strategy"]: row for row in csv.DictReader((out / "comparison.csv").open())}
+        assert set(rows) == {"random", "static_skip"}
     finally:
         cluster.shutdown()
+
+
+def _plans(search: dict) -> list[dict]:
+    return [entry["plan"] for entry in search["history"]]
 
 
 def test_pareto_front() -> None:
