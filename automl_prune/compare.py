@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from automl_prune.errors import AutomlPruneError, InvalidValueError
-from automl_prune.parallel import EvaluatorSpec, connect_ray, start_local_ray
+from automl_prune.parallel import EvaluatorSpec, connect_ray, fit_tuner, start_local_ray
 from automl_prune.progress import Progress
 from automl_prune.strategy import STRATEGIES, make_strategy, space_for
 from automl_prune.strategy_options import split_variant
@@ -243,13 +243,10 @@ def run_comparison(
                     callbacks=[_progress(len(entries) * len(seeds) * evaluations)],
                 ),
             )
-        grid = tuner.fit()
+        grid = fit_tuner(tuner)  # a Ctrl-C leaves the experiment's state saved: resumable
     finally:
         if started:
             ray.shutdown()
-    if any(r.error is None and r.checkpoint is None for r in grid):
-        # Tune stopped on Ctrl-C (or a stop signal) and saved the experiment's state: resumable
-        raise KeyboardInterrupt
     done: dict[tuple[str, int], SearchResult] = {}
     failed = []
     for result in grid:

@@ -250,6 +250,35 @@ def start_local_ray(workers: int, cpus_per_worker: int = 1) -> int:
     return workers
 
 
+def fit_tuner(tuner: Any) -> Any:
+    """Run ``tuner.fit()`` and stop as any Ctrl-C does when Tune was stopped by a signal.
+
+    On Ctrl-C during ``fit`` Tune saves its experiment state and returns early, with the
+    unfinished trials holding neither a result checkpoint nor an error; its SIGINT handler stays
+    installed after ``fit`` returns and would swallow the next Ctrl-C. This puts back the
+    handlers that were in place and raises :class:`KeyboardInterrupt` when Tune stopped early, so
+    the caller keeps what finished and suggests a resume.
+
+    Returns:
+        Tune's ``ResultGrid``.
+
+    Raises:
+        KeyboardInterrupt: Tune stopped on a signal before every trial ended.
+    """
+    import signal
+
+    caught = [signal.SIGINT, signal.SIGUSR1] if threading.current_thread() is threading.main_thread() else []
+    saved = {number: signal.getsignal(number) for number in caught}
+    try:
+        grid = tuner.fit()
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+    if any(result.error is None and result.checkpoint is None for result in grid):
+        raise KeyboardInterrupt
+    return grid
+
+
 class NoWorkerLeftError(AutomlPruneError):
     """No evaluation worker has been alive for the pool's ``start_timeout``."""
 

@@ -321,6 +321,8 @@ def _run_rung(
     """Run one rung as a Tune experiment; return (score, checkpoint directory) by candidate index."""
     from ray import tune
 
+    from automl_prune.parallel import fit_tuner
+
     config = refinement.config
     begin = config.steps[rung - 1] if rung else 0
     end = config.steps[rung]
@@ -347,7 +349,7 @@ def _run_rung(
             callbacks=[_progress_callback(len(alive), f"refine {begin}->{end} steps")],
         ),
     )
-    grid = tuner.fit()
+    grid = fit_tuner(tuner)  # Ctrl-C stops the job; the unfinished rung runs again on resume
     out: dict[int, tuple[float, str]] = {}
     errors = []
     for result in grid:

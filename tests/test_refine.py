@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import DIGITS_QUICK, cli
+from cli_helpers import DIGITS_QUICK, cli, command
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
@@ -98,16 +102,37 @@ def test_refinement_picks_by_the_refined_score_logs_every_rung_and_resumes(
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "refine").iterdir()} == rung_dirs
 
 
+def _interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], limit: float = 300) -> str:
+    """Send SIGINT once ``ready()`` holds; return the command's stderr (it must have stopped within a minute)."""
+    deadline = time.time() + limit
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the job ended (exit {proc.returncode}) before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)[1]
+
+
+MAIN_JOB = [
+    "search", *DIGITS_QUICK, "--model.name", "fashion_cnn", "--search.strategy", "random",
+    "--search.evaluations", "10", "--search.refine_top", "3", "--report.latency_rounds", "2",
+]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cli(
-        "search", *DIGITS_QUICK, "--model.name", "fashion_cnn", "--search.strategy", "random",
-        "--search.evaluations", "10", "--search.refine_top", "3", "--search.refine_steps", "10,30",
-        "--finetune.epochs", "0.3", "--finetune.distill_weight", "0.5", "--report.latency_rounds", "2",
-        "--out", str(out),
-    )  # fmt: skip
+    flags = ["--search.refine_steps", "10,30", "--finetune.epochs", "0.3", "--finetune.distill_weight", "0.5"]
+    # Ctrl-C while a rung runs: Tune stops its trials and the job stops too (it used to go on with the
+    # trials that had ended, or fail as if every trial had); the resume runs the unfinished rung again
+    proc = subprocess.Popen(command(*MAIN_JOB, *flags, "--out", str(out)), stderr=subprocess.PIPE, text=True)
+    stderr = _interrupt_when(proc, lambda: any((out / "refine").glob("rung1_*/*/params.json")))
+    assert proc.returncode == 130, stderr
+    assert f"automl-prune search --resume {out}" in stderr
+    assert not (out / "refine.json").exists() and not (out / "model.pt").exists()
+    cli("search", "--resume", str(out))
+
     refinement = json.loads((out / "refine.json").read_text())
+    assert refinement["rungs_done"] == 2
     result = json.loads((out / "result.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
     chosen = refinement["candidates"][refinement["chosen"]]
@@ -124,6 +149,17 @@ def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path
     proc = cli("-v", "search", "--resume", str(out))
     assert "rungs already done" in proc.stderr
     assert json.loads((out / "refine.json").read_text()) == refinement
+
+
+@pytest.mark.slow
+def test_the_first_ctrl_c_after_the_refinement_stops_the_job(tmp_path: Path) -> None:
+    """Tune's SIGINT handler outlives its run; it is put back, so a Ctrl-C in the final fine-tune is not swallowed."""
+    out = tmp_path / "run"
+    flags = ["--search.refine_steps", "10", "--finetune.epochs", "200", "--out", str(out)]
+    proc = subprocess.Popen(command(*MAIN_JOB, *flags), stderr=subprocess.PIPE, text=True)
+    stderr = _interrupt_when(proc, lambda: (out / "refine.json").is_file())
+    assert proc.returncode == 130, stderr
+    assert f"automl-prune search --resume {out}" in stderr and not (out / "model.pt").exists()
 
 
 def test_refine_settings_are_validated_from_the_command_line(tmp_path: Path) -> None:
