@@ -24,6 +24,10 @@ def _log(directory: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _block_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     total = 30
@@ -36,8 +40,12 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     reference = [r["plan"] for r in _log(tmp_path / "ref")]
 
     run = tmp_path / "run"
+    # started as by a launcher that leaves SIGINT and SIGTERM blocked: the command unblocks them itself
     proc = subprocess.Popen(
-        command(*SEARCH, "--search.evaluations", str(total), "--out", str(run)), stderr=subprocess.PIPE, text=True
+        command(*SEARCH, "--search.evaluations", str(total), "--out", str(run)),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_block_stop_signals,
     )
     deadline = time.time() + 300
     while len(_log(run)) < 5 and time.time() < deadline and proc.poll() is None:
@@ -52,7 +60,9 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     assert f"automl-prune search --resume {run}" in stderr
 
     # SIGTERM (a scheduler stopping the job) behaves like Ctrl-C: the work is kept, a resume suggested, exit 143
-    proc = subprocess.Popen(command("search", "--resume", str(run)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command("search", "--resume", str(run)), stderr=subprocess.PIPE, text=True, preexec_fn=_block_stop_signals
+    )
     deadline = time.time() + 120
     while len(_log(run)) < len(done) + 5 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
