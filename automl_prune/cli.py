@@ -723,11 +723,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    # Ctrl-C and SIGTERM stop a run with its work kept and a resume suggested: a launcher that left
-    # them blocked in the signal mask (inherited across exec) would make the run ignore both
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        # Ctrl-C and SIGTERM stop a run with its work kept and a resume suggested: a launcher that left
+        # them blocked in the signal mask (inherited across exec) would make the run ignore both; one
+        # already pending is delivered here, inside the handling below
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         return func(args)
     except AutomlPruneError as exc:
         print(f"automl-prune: error: {exc}", file=sys.stderr)

@@ -14,21 +14,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-# Tests interrupt the commands under test with SIGINT, as Ctrl-C does, and stop them with SIGTERM.
-# A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
-# ignored, and a launcher may leave SIGINT or SIGTERM blocked in the signal mask; both pass on
-# to every command the suite starts, which would then run to the end (a blocked signal stays
-# pending and is never delivered). Handled here, each command starts with the defaults.
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
+# Tests interrupt the commands under test with SIGINT, as Ctrl-C does. A suite started in the
+# background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored and would pass
+# that on to every command it starts, which would then run to the end; handled here, it is back
+# to its default in each command started.
 def _restore_sigint() -> bool:
-    """Give SIGINT its default handler and unblock SIGINT and SIGTERM; whether any of it was needed."""
-    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    if ignored:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    blocked = _STOP_SIGNALS & signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    return ignored or bool(blocked)
+    """Give SIGINT its default handler if it is ignored; whether it was."""
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return False
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return True
 
 
 _restore_sigint()
@@ -36,15 +31,14 @@ _restore_sigint()
 
 @pytest.fixture(autouse=True)
 def _sigint_by_default(request: pytest.FixtureRequest) -> None:
-    """Give each test a process whose SIGINT has its default handler and whose mask blocks neither
-    SIGINT nor SIGTERM, as the commands it starts need.
+    """Give each test a process whose SIGINT has its default handler, as the commands it starts need.
 
-    A child started while SIGINT is ignored ignores it too, and one started with a signal blocked
-    keeps it blocked; a test that interrupts a command would then see it run to the end. Should
-    anything in the session leave it so, this says which test found it and restores the defaults.
+    A child started while SIGINT is ignored ignores it too, and a test that interrupts a command
+    would then see it run to the end. Should anything in the session leave SIGINT ignored, this
+    says which test found it so and restores the default.
     """
     if _restore_sigint():
-        warnings.warn(f"SIGINT was ignored or blocked when {request.node.nodeid} started; restored", stacklevel=1)
+        warnings.warn(f"SIGINT was ignored when {request.node.nodeid} started; restored", stacklevel=1)
 
 
 KEPT_BASELINES = Path(__file__).parent / "data" / "baselines"
