@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from automl_prune.errors import InvalidValueError
-from automl_prune.pruning import PRUNABLE, channels_to_keep
+from automl_prune.pruning import PRUNABLE, channels_to_keep, dependency_graph
 from automl_prune.types import GroupInfo, LayerInfo, Plan
 
 logger = logging.getLogger(__name__)
@@ -229,7 +228,7 @@ class LayerGraph:
         head_module = order[-1]
         ignored = list(ignored_layers) if ignored_layers is not None else [head_module]
         self.head = self._names[head_module]
-        self.dependency_graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        self.dependency_graph = dependency_graph(model, example_inputs)
         self.layers: dict[str, LayerInfo] = {}
         for module in order:
             self.layers[self._names[module]] = self._layer_info(module, *shapes[module])

@@ -107,6 +107,20 @@ PRUNABLE = (nn.Conv2d, nn.Linear)
 """Layers whose output channels a group prunes."""
 
 
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model``, traced by one forward pass on ``example_inputs``.
+
+    The forward is given explicitly: left to itself, Torch-Pruning first tries
+    ``model(*example_inputs)`` inside a bare ``except:`` and retries with the batch whole, so a
+    Ctrl-C (or SIGTERM) landing during that first pass was swallowed and the run ignored it.
+    """
+    return tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=_forward, verbose=False)
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return model(inputs)
+
+
 def _out_width(module: nn.Module) -> int:
     """Output channels (features) of a conv or linear layer."""
     return int(module.out_channels if isinstance(module, nn.Conv2d) else module.out_features)
@@ -119,7 +133,7 @@ def _prune_groups(model: nn.Module, graph: LayerGraph, plan: Plan, round_to: int
     for name in graph.removed_modules(plan):
         parent_name, _, child = name.rpartition(".")
         setattr(pruned.get_submodule(parent_name) if parent_name else pruned, child, nn.Identity())
-    dg = tp.DependencyGraph().build_dependency(pruned, graph.example_inputs, verbose=False)
+    dg = dependency_graph(pruned, graph.example_inputs)
     modules = dict(pruned.named_modules())
     for group in graph.groups:
         n_keep = channels_to_keep(group.channels, plan.keep_ratio(group.name), round_to, group.divisor)

@@ -9,7 +9,7 @@ from torch import nn
 from automl_prune.errors import InvalidValueError
 from automl_prune.graph import LayerGraph, count_cost, removal_note
 from automl_prune.models import ModelSpec, build_model
-from automl_prune.pruning import apply
+from automl_prune.pruning import apply, dependency_graph
 from automl_prune.types import Plan
 
 ZOO = ["fashion_cnn", "resnet20", "resnet56", "vgg16_bn", "mobilenetv2"]
@@ -179,3 +179,30 @@ def test_layers_left_whole_are_named_with_the_reason() -> None:
     assert set(whole) == {"fc", "aux"}  # both convs stay prunable
     resnet = LayerGraph(build_model(ModelSpec("resnet20", 1, 10)), torch.zeros(1, 1, 28, 28))
     assert [n for n, _ in resnet.whole_layers()] == [resnet.head]
+
+
+class _InterruptedOnce(nn.Module):
+    """A small conv net whose first forward pass is interrupted, as by a Ctrl-C landing in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyboardInterrupt
+        return self.body(x)
+
+
+def test_a_ctrl_c_during_the_dependency_trace_stops_it() -> None:
+    # Torch-Pruning's own call wraps its first forward in a bare except and retries: a Ctrl-C there was lost
+    model = _InterruptedOnce()
+    x = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(KeyboardInterrupt):
+        dependency_graph(model, x)
+    assert model.calls == 1
+    graph = dependency_graph(model, x)
+    assert model.calls == 2  # one forward pass per trace, on the whole batch
+    assert [len(g) for g in graph.get_all_groups()]
