@@ -2,7 +2,7 @@
 
 ``automl-prune search`` is the main job (search -> prune -> fine-tune -> export -> report);
 ``train``, ``compare``, ``prune``, ``finetune``, ``export``, ``latency``, ``report``, ``graph``
-and ``list`` reach each stage alone. Every config key ``a.b`` (see
+and ``list`` reach each stage alone; ``skipnet`` trains per-input skip gates (dynamic SkipNet). Every config key ``a.b`` (see
 :mod:`automl_prune.config`) is the flag ``--a.b``. Errors caused by input are printed as one
 line and exit with status 2.
 """
@@ -440,7 +440,7 @@ def _open_run(args: argparse.Namespace, what: str) -> tuple[Any, Any] | None:
     config = _resolve(args)
     if _printed(args, config):
         return None
-    preflight(config)
+    preflight(config, replacing=args.out if args.overwrite else None)
     return RunDirectory(args.out, config.to_dict(), overwrite=args.overwrite), config  # refuses a different run
 
 

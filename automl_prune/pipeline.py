@@ -16,7 +16,7 @@ Stages, each usable alone and all run by :func:`run_job` (``automl-prune search`
    criterion, rounding and BN re-estimation), fine-tuned (distilled from the dense model when
    ``finetune.distill_weight`` > 0); exported as ``model.pt``, ``model.ts`` and ``model.onnx``
    (and the baseline as ``baseline.ts`` / ``baseline.onnx``).
-4. :func:`automl_prune.report.write_run_report`: baseline vs pruned, measured again from the
+4. :func:`automl_prune.run_report.write_run_report`: baseline vs pruned, measured again from the
    files in the run directory (``report.md``, ``report.json`` and PNG plots).
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,13 +154,18 @@ def set_threads(config: Config) -> None:
         torch.set_num_threads(config.threads)
 
 
-def preflight(config: Config) -> None:
+def preflight(config: Config, replacing: str | os.PathLike[str] | None = None) -> None:
     """Checks that need no data or model: registered names, the device and the runtime. Run before writing anything.
+
+    Args:
+        config: The run's config.
+        replacing: The run directory a new run replaces (``--overwrite``), if any.
 
     Raises:
         UnknownNameError: A strategy, reward, criterion or dataset name is unknown.
-        InvalidValueError: A strategy option its strategy refuses, ``budget.device`` is cuda on a machine without CUDA, or the
-            runtime cannot run there (not installed, no CUDA provider).
+        InvalidValueError: A strategy option its strategy refuses, ``budget.device`` is cuda on a machine without CUDA, the
+            runtime cannot run there (not installed, no CUDA provider), or ``search.init_policy`` is a policy
+            in the directory being replaced.
         AutomlPruneError: Nothing listens at ``parallel.ray_address``.
     """
     from automl_prune.compare import Entry, parse_entries
@@ -175,9 +181,15 @@ def preflight(config: Config) -> None:
             where = "search" if entry.label == entry.strategy else "compare.strategies"
             raise InvalidValueError(f"{where}.{entry.label}: {exc}") from None
     if config.search.init_policy:
-        from automl_prune.policies import load_policy
+        from automl_prune.policies import load_policy, policy_file
 
         load_policy(config.search.init_policy, config.search.strategy)
+        source = policy_file(config.search.init_policy).resolve()
+        if replacing is not None and source.parent == Path(replacing).resolve():
+            raise InvalidValueError(
+                f"search.init_policy is '{source}', which --overwrite would delete with the rest of the run in "
+                f"'{replacing}'; copy it elsewhere first or choose another --out"
+            )
     if config.budget.device == "cuda" and not torch.cuda.is_available():
         raise InvalidValueError(
             "budget.device is cuda but CUDA is not available here; use --budget.device cpu or run on a GPU machine"

@@ -97,6 +97,7 @@ OUTPUTS = (
     "refine.png",
     "refine",
     "export.json",
+    "policy.pt",
     "report.json",
     "report.md",
     "keep_ratios.png",

@@ -113,3 +113,7 @@ def test_a_search_starts_from_a_run_directory_policy(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
     proc = cli("search", "--search.init_policy", str(tmp_path), "--out", str(tmp_path / "y"), check=False)
     assert proc.returncode == 2 and "no learned policy" in proc.stderr
+    # a new run replacing the directory that holds its starting policy would delete it first: refused
+    proc = cli("search", *common, "--search.init_policy", str(first), "--out", str(first), "--overwrite", check=False)
+    assert proc.returncode == 2 and "--overwrite would delete" in proc.stderr
+    assert load_policy(first, "ddpg")[1] == about  # the policy is still there

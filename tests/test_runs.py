@@ -91,7 +91,9 @@ def test_run_directory_refuses_to_mix_runs(tmp_path: Path) -> None:
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})  # same run: fine
     with pytest.raises(InvalidValueError, match="options differ: seed"):
         RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 1})
+    (tmp_path / "r" / "policy.pt").write_bytes(b"the old run's policy")
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 1}, overwrite=True)
+    assert not (tmp_path / "r" / "policy.pt").exists() and not (tmp_path / "r" / "plan.json").exists()
     with pytest.raises(InvalidValueError, match="not a run directory"):
         RunDirectory(tmp_path / "empty", resume=True)
 
