@@ -190,7 +190,9 @@ class PruningSearch:
 
     def export(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
         """Write the final model as TorchScript (``model.ts``), ONNX (``model.onnx``, checked in
-        onnxruntime), its ``state_dict`` (``model_state.pt``) and the plan (``plan.json``).
+        onnxruntime), its ``state_dict`` (``model_state.pt``), the plan (``plan.json``, as a run's:
+        ``automl-prune prune --plan`` takes it) and ``export.json`` (the channel multiple the plan
+        was pruned with, ``round_to``, and the ONNX check's largest difference from torch).
 
         Returns:
             File kind -> path.
@@ -205,9 +207,16 @@ class PruningSearch:
         state = out / "model_state.pt"
         with atomic_path(state) as tmp:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        write_json(out / "plan.json", {**self.plan.to_dict(), "round_to": self.evaluator.config.round_to})
+        write_json(out / "plan.json", self.plan.to_dict())
+        write_json(out / "export.json", {"onnx_max_abs_diff": diff, "round_to": self.evaluator.config.round_to})
         logger.info("exported to %s (ONNX max abs difference %.2e)", out, diff)
-        return {"torchscript": paths.torchscript, "onnx": paths.onnx, "state_dict": state, "plan": out / "plan.json"}
+        return {
+            "torchscript": paths.torchscript,
+            "onnx": paths.onnx,
+            "state_dict": state,
+            "plan": out / "plan.json",
+            "export": out / "export.json",
+        }
 
     def report(self, out_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Test accuracy, FLOPs, params and latency (on the budget's runtime) of the dense and final models.

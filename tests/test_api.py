@@ -14,6 +14,7 @@ import automl_prune
 from automl_prune.errors import InvalidValueError
 from automl_prune.graph import count_cost
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.types import Plan
 
 
 class TinyNet(nn.Module):
@@ -86,7 +87,8 @@ def test_search_prune_finetune_export_report(user_model, fashion_small, tmp_path
     assert torch.allclose(scripted(images), tuned(images), atol=1e-4)
     state = torch.load(files["state_dict"], weights_only=True)
     assert set(state) == set(tuned.state_dict())
-    assert json.loads(files["plan"].read_text())["keep_ratios"] == dict(result.plan.keep_ratios)
+    assert Plan.from_dict(json.loads(files["plan"].read_text())) == result.plan  # a plan file `prune` takes
+    assert json.loads(files["export"].read_text())["round_to"] == 1
     report = result.report(tmp_path / "export")
     dense, shipped = report["models"]["dense"], report["models"]["pruned"]
     assert shipped["test_accuracy"] == pytest.approx(after) and shipped["flops"] < dense["flops"]
