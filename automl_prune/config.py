@@ -2,7 +2,7 @@
 
 A config is a YAML mapping of sections (``model``, ``data``, ``train``, ``budget``,
 ``search``, ``prune``, ``finetune``, ``parallel``, ``compare``, ``gates``, ``report``) plus a few
-top-level keys (``seed``, ``threads``, ``cache_dir``). Files give only what differs from the
+top-level keys (``seed``, ``threads``, ``device``, ``amp``, ``cache_dir``). Files give only what differs from the
 defaults below (the packaged ``default`` config, ``configs/default.yaml``, spells them out; a
 config is given by path or by the name of a packaged one: ``--config smoke``). Every key ``a.b`` is also
 the command-line flag ``--a.b`` (``--budget.flops 0.4``, ``--search.strategy ppo``), and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,15 @@ def test_default_yaml_is_the_embedded_default() -> None:
         return out
 
     assert keys(data) == set(OPTIONS)
+    # and each key's comment is the key's help text (the `--help` of its flag), so the two never drift apart
+    stack: list[str] = []
+    comments: dict[str, str | None] = {}
+    for line in Path("configs/default.yaml").read_text().splitlines():
+        m = re.match(r"^( *)([\w-]+):(.*?)(?:  # (.*))?$", line)
+        if m:
+            stack = [*stack[: len(m.group(1)) // 2], m.group(2)]
+            comments[".".join(stack)] = m.group(4)
+    assert {k: comments.get(k) for k in OPTIONS} == {k: o.help for k, o in OPTIONS.items()}
 
 
 def test_configs_by_name_are_the_packaged_files() -> None:
