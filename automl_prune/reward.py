@@ -43,6 +43,12 @@ class RewardContext:
     latency_target_ms: float | None = None
 
 
+COMPRESSION_REWARDS = frozenset({"acc_log_flops", "acc_log_params", "n2n"})
+"""Rewards that value compression for its own sake (AMC's FLOPs and parameter rewards, N2N's): a
+search space under one of them lets a plan fall below the budget (see
+:meth:`automl_prune.search_spaces.SearchSpace.feasible_interval`). ``acc`` and ``acc_latency``
+(a soft term around a latency target) are used with a hard budget that a plan should fill."""
+
 RewardFn = Callable[[float, int, int, "float | None", RewardContext], float]
 """(accuracy, flops, params, latency_ms, context) -> reward."""
 

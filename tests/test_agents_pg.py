@@ -239,3 +239,35 @@ def test_static_skip_needs_skip_gates(evaluator: Evaluator) -> None:
 def test_bad_hyper_parameters(factory, kwargs: dict) -> None:
     with pytest.raises(InvalidValueError):
         factory(**kwargs)
+
+
+def test_shrinkage_explores_a_removal_that_already_fits_under_a_compression_reward(evaluator: Evaluator) -> None:
+    """N2N's stage 2 on a reduced architecture inside the budget: under ``n2n`` it may shrink further.
+
+    Under ``acc`` the space keeps plans from undershooting the budget, so on such an architecture
+    every group is held whole and stage 2 could only re-score one plan (what happened on resnet56
+    at 50% FLOPs, where the best removal alone came to about 37%).
+    """
+    n2n = Evaluator(
+        evaluator.model,
+        evaluator.data,
+        Budget(flops=BUDGET),
+        EvaluatorConfig(eval_size=64, recalibration_batches=1, batch_size=64, reward="n2n"),
+    )
+    filling, free = SearchSpace(evaluator, skip_gates=True), SearchSpace(n2n, skip_gates=True)
+    assert filling.fill_budget and not free.fill_budget
+    removal = dict.fromkeys(free.blocks, True)  # every removable block (7 of resnet20's 9)
+    assert free.is_feasible(free.plan_from_keeps(np.ones(free.dim), removal))  # fits with every group whole
+    assert filling.feasible_interval([], removal) == (1.0, 1.0)
+    assert free.feasible_interval([], removal) == (free.min_keep[0], 1.0)
+
+    toy = ToyEvaluator(n2n, free.plan_from_keeps(np.full(free.dim, 0.6), removal))
+    toy_space = SearchSpace(toy, skip_gates=True)
+    assert not toy_space.fill_budget
+    strategy = ReinforceStrategy(episodes_per_update=2, removal_share=0.3, initial_skip_prob=0.6)
+    result = strategy.search(toy, toy_space, max_evaluations=12, seed=0)
+    stage2 = result.history[strategy.stage_switch :]
+    fixed = stage2[0][0].skip
+    assert toy_space.is_feasible(toy_space.plan_from_keeps(np.ones(toy_space.dim), fixed))  # the case above
+    assert len({tuple(toy_space.keeps(plan)) for plan, _ in stage2}) > 1  # stage 2 explores shrinkage
+    assert all(toy_space.is_feasible(plan) for plan, _ in result.history)

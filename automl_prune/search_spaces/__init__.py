@@ -13,7 +13,11 @@ are rescaled), and provides AMC's budget-feasible action bounds:
 :meth:`SearchSpace.feasible_interval` gives, for the next group, the largest keep ratio
 that still lets the budget be met if every later group went to ``min_keep``, and the
 smallest keep ratio that does not over-prune needlessly (below it the budget would be
-undershot even if every later group were kept whole). The bounds assume cost grows with
+undershot even if every later group were kept whole). That lower bound is the project's, not
+AMC's (AMC bounds only from above), and holds only under rewards that value accuracy alone
+(``acc``, ``acc_latency``): under a reward that values compression for its own sake
+(:data:`~automl_prune.reward.COMPRESSION_REWARDS`: AMC's ``acc_log_flops`` and ``acc_log_params``,
+N2N's ``n2n``) a plan may go below the budget, as the reward asks, and the lower bound is ``min_keep``. The bounds assume cost grows with
 every keep ratio, which holds exactly for FLOPs and parameters; measured latencies can
 break it by noise, so finished plans pass through :meth:`SearchSpace.repair` (a no-op for a
 feasible plan).
@@ -30,6 +34,7 @@ import numpy as np
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator
 from automl_prune.pruning import channel_multiple, channels_to_keep
+from automl_prune.reward import COMPRESSION_REWARDS
 from automl_prune.types import Plan
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,10 @@ class SearchSpace:
         levels: If set, keep ratios are restricted to ``k / levels`` (ABCPruner's discrete space).
         skip_gates: Include a skip gate for each removable block (:attr:`LayerGraph.blocks`: residual
             blocks with an identity shortcut, shape-preserving layers of plain networks).
+
+    Attributes:
+        fill_budget: Whether plans are kept from undershooting the budget (the lower bound of
+            :meth:`feasible_interval`): True unless the evaluator's reward values compression.
 
     Raises:
         InvalidValueError: Bad ``min_keep``/``levels``, or a budget that cannot be met even at
@@ -90,6 +99,7 @@ class SearchSpace:
             ]
             self.min_keep = np.array(widths) / self._channels
         self.blocks = list(self.graph.blocks) if skip_gates else []
+        self.fill_budget = evaluator.config.reward not in COMPRESSION_REWARDS
         smallest = self.plan_from_keeps(self.min_keep)
         if self._excess(smallest) > 1e-9:
             cost = evaluator.cost(smallest)
@@ -187,7 +197,8 @@ class SearchSpace:
             ``(low, high)``: ``high`` is the largest keep ratio such that the budget is still
             met if every later group goes to ``min_keep``; ``low`` is the smallest keep ratio
             that is not needlessly small (below it, keeping every later group whole would
-            still leave budget unused). Both respect ``min_keep`` and the levels.
+            still leave budget unused), or ``min_keep`` when the evaluator's reward values
+            compression (:attr:`fill_budget` False). Both respect ``min_keep`` and the levels.
         """
         index = len(decided)
         if index >= self.dim:
@@ -207,7 +218,9 @@ class SearchSpace:
         else:
             high = self._bisect(upper, low_bound, 1.0, want_feasible_at_high=True)
         lower = with_rest(rest_full)
-        if self._excess(lower(low_bound)) > 1e-9:
+        if not self.fill_budget:
+            low = low_bound  # the reward itself trades compression against accuracy
+        elif self._excess(lower(low_bound)) > 1e-9:
             low = low_bound  # even the smallest keep overshoots with later groups whole: any keep is needed
         elif self._excess(lower(1.0)) <= 1e-9:
             low = 1.0  # budget is loose: keeping this group whole is free
