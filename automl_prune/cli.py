@@ -2,9 +2,9 @@
 
 ``automl-prune search`` is the main job (search -> prune -> fine-tune -> export -> report);
 ``train``, ``compare``, ``prune``, ``finetune``, ``export``, ``latency``, ``report``, ``graph``
-and ``list`` reach each stage alone; ``skipnet`` trains per-input skip gates (dynamic SkipNet). Every config key ``a.b`` (see
-:mod:`automl_prune.config`) is the flag ``--a.b``. Errors caused by input are printed as one
-line and exit with status 2.
+and ``list`` reach each stage alone; ``skipnet`` trains per-input skip gates (dynamic SkipNet).
+Every config key ``a.b`` (see :mod:`automl_prune.config`) is the flag ``--a.b``. Errors caused
+by input are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
