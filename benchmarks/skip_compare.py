@@ -11,7 +11,8 @@ checkpoints kept in the repository), and for every model, FLOPs budget and seed:
   ``--evaluations`` cheap scores;
 - ``n2n``: two-stage N2N (``reinforce``: removal first, then shrinkage) with N2N's reward,
   every student fine-tuned ``--n2n-steps`` steps with distillation from the dense model before
-  it is scored (``configs/n2n.yaml``), ``--evaluations`` scores;
+  it is scored (``configs/n2n.yaml``), ``--evaluations`` scores; its reward values compression, so
+  its plan may come in below the budget (the table gives every plan's FLOPs share);
 - ``dynamic``: dynamic SkipNet (:mod:`automl_prune.dynamic`): a gate per residual block, soft
   pre-training then hybrid RL for as many steps as the fine-tune recipe takes, the threshold
   calibrated on search-val to the budget as a *mean* FLOPs share.
