@@ -17,10 +17,10 @@ undershot even if every later group were kept whole). That lower bound is the pr
 AMC's (AMC bounds only from above), and holds only under rewards that value accuracy alone
 (``acc``, ``acc_latency``): under a reward that values compression for its own sake
 (:data:`~automl_prune.reward.COMPRESSION_REWARDS`: AMC's ``acc_log_flops`` and ``acc_log_params``,
-N2N's ``n2n``) a plan may go below the budget, as the reward asks, and the lower bound is ``min_keep``. The bounds assume cost grows with
-every keep ratio, which holds exactly for FLOPs and parameters; measured latencies can
-break it by noise, so finished plans pass through :meth:`SearchSpace.repair` (a no-op for a
-feasible plan).
+N2N's ``n2n``) a plan may go below the budget, as the reward asks, and the lower bound is
+``min_keep``. The bounds assume cost grows with every keep ratio, which holds exactly for FLOPs
+and parameters; measured latencies can break it by noise, so finished plans pass through
+:meth:`SearchSpace.repair` (a no-op for a feasible plan).
 """
 
 from __future__ import annotations
@@ -218,10 +218,10 @@ class SearchSpace:
         else:
             high = self._bisect(upper, low_bound, 1.0, want_feasible_at_high=True)
         lower = with_rest(rest_full)
-        if not self.fill_budget:
-            low = low_bound  # the reward itself trades compression against accuracy
-        elif self._excess(lower(low_bound)) > 1e-9:
-            low = low_bound  # even the smallest keep overshoots with later groups whole: any keep is needed
+        if not self.fill_budget or self._excess(lower(low_bound)) > 1e-9:
+            # the reward itself trades compression against accuracy, or even the smallest keep
+            # overshoots with later groups whole: any keep is needed
+            low = low_bound
         elif self._excess(lower(1.0)) <= 1e-9:
             low = 1.0  # budget is loose: keeping this group whole is free
         else:
