@@ -336,6 +336,21 @@ class ChannelsLastInput(nn.Module):
         return self.module(x.contiguous(memory_format=torch.channels_last))
 
 
+def script_on(module: torch.jit.ScriptModule, device: torch.device) -> torch.jit.ScriptModule:
+    """``module`` with every tensor on ``device``, the weights that freezing made constants included.
+
+    ``ScriptModule.to`` moves parameters and buffers only; a frozen module keeps its weights as
+    constants of the graph, which stay where they were traced (the CPU) unless the module is
+    loaded again with ``map_location``.
+    """
+    if device.type == "cpu":
+        return module
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location=device)
+
+
 class TorchScriptRuntime(Runtime):
     """TorchScript: traced, then frozen (BatchNorm folded into the convolutions); channels_last for 4-D inputs."""
 
@@ -363,7 +378,7 @@ class TorchScriptRuntime(Runtime):
             ) from None
 
     def _runner(self, artifact: torch.jit.ScriptModule, x: torch.Tensor, device: torch.device, threads: int) -> Runner:
-        module = artifact.to(device)
+        module = script_on(artifact, device)
         x = x.to(device)
         runner = Runner(self.name, device, threads, tuple(x.shape), _inference(lambda: module(x)))
         with runner.pinned():
