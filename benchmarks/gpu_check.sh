@@ -48,3 +48,7 @@ done
 step export_cpu "$py" -m automl_prune.cli export --checkpoint "$out/runs/resnet20/model.pt" --out "$out/runs/export"
 step latency_ts_artifact_cuda "$py" -m automl_prune.cli latency --artifact "$out/runs/export/model.ts" --device cuda \
   --batch-size 64
+step skipnet_cuda "$py" -m automl_prune.cli skipnet --config skipnet --device cuda --out "$out/runs/skipnet"
+step latency_budget_cuda "$py" -m automl_prune.cli search --model.name resnet20 --budget.flops null \
+  --budget.speedup 1.5 --budget.runtime torchscript --budget.device cuda --budget.batch_size 256 \
+  --search.refine_top 0 --out "$out/runs/latency_cuda"
