@@ -331,6 +331,8 @@ class GateConfig:
         dual_lr: Step of the compute weight's dual ascent towards ``target_flops``.
         hidden: Width of each gate's hidden layer.
         seed: Seed of the gate initialisation, batch order and gate samples.
+        device: Where the training steps run (``cpu``, ``cuda``, ``cuda:1``); the network is back on
+            the CPU before the threshold is calibrated, and everything after runs there.
     """
 
     pretrain_steps: int = 100
@@ -343,6 +345,7 @@ class GateConfig:
     dual_lr: float = 0.0
     hidden: int = 16
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.pretrain_steps < 0 or self.rl_steps < 0:
@@ -367,10 +370,14 @@ def _batches(data: TensorData, batch_size: int, seed: int) -> Iterator[tuple[tor
 def train_gated(net: GatedNetwork, data: DataSplits, config: GateConfig) -> list[dict[str, float]]:
     """Train ``net`` in place: soft pre-training, then hybrid RL; calibrate the threshold to the target.
 
+    The steps run on ``config.device``; ``net`` is on the CPU again when this returns (and before
+    the threshold is calibrated on search-val), whatever happens.
+
     Returns:
         One record per logged step (stage, step, loss, mean FLOPs share, skip rate, compute weight).
     """
     seed_everything(config.seed)
+    device = torch.device(config.device)
     gates = [p for b in net.gated_blocks() for p in b.gate.parameters()]
     gate_ids = {id(p) for p in gates}
     rest = [p for p in net.parameters() if id(p) not in gate_ids]
@@ -386,12 +393,13 @@ def train_gated(net: GatedNetwork, data: DataSplits, config: GateConfig) -> list
     history: list[dict[str, float]] = []
     total = config.pretrain_steps + config.rl_steps
     bar = Progress(total, "train gates", "step", leave=False)
+    net.to(device)
     try:
         for step in range(total):
             stage = "pretrain" if step < config.pretrain_steps else "rl"
             net.train()
             net.set_mode("soft" if stage == "pretrain" else "sample")
-            x, y = next(batches)
+            x, y = (t.to(device, non_blocking=True) for t in next(batches))
             logits = net(x)
             ce = F.cross_entropy(logits, y, reduction="none")
             executed, log_prob = net.last_decisions()
@@ -426,6 +434,7 @@ def train_gated(net: GatedNetwork, data: DataSplits, config: GateConfig) -> list
     finally:
         bar.close()
         net.clear_records()
+        net.cpu()
         for p in rest:
             p.requires_grad_(True)
     net.eval()

@@ -1047,6 +1047,7 @@ def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> S
         dual_lr=g.dual_lr,
         hidden=g.hidden,
         seed=config.seed,
+        device=compute_device(config),
     )
     history = dynamic.train_gated(net, data, gate_config)
     test = data.test if config.report.test_size is None else data.test.subset(config.report.test_size, seed=config.seed)
