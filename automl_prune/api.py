@@ -189,26 +189,34 @@ class PruningSearch:
         return self._tuned if self._tuned is not None else self.prune()
 
     def export(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write the final model as TorchScript (``model.ts``), ONNX (``model.onnx``, checked in
-        onnxruntime), its ``state_dict`` (``model_state.pt``), the plan (``plan.json``, as a run's:
-        ``automl-prune prune --plan`` takes it) and ``export.json`` (the channel multiple the plan
-        was pruned with, ``round_to``, and the ONNX check's largest difference from torch).
+        """Write the final model as TorchScript (``model.ts``), ONNX (``model.onnx``; both run on test
+        images and compared with the model before they are written), its ``state_dict``
+        (``model_state.pt``), the plan (``plan.json``, as a run's: ``automl-prune prune --plan`` takes
+        it) and ``export.json`` (the channel multiple the plan was pruned with, ``round_to``, and each
+        exported file's largest difference from torch).
 
         Returns:
             File kind -> path.
         """
-        from automl_prune.export import check_onnx, export_model
+        from automl_prune.export import export_model
         from automl_prune.io import atomic_path
 
         out = Path(out_dir)
         model = self.final_model.cpu().eval()
-        paths = export_model(model, self.info, out, checkpoint=False)
-        diff = check_onnx(model, paths.onnx, self.data.test.images[:8])
+        paths = export_model(model, self.info, out, checkpoint=False, check_inputs=self.data.test.images[:8])
+        diff = paths.onnx_max_abs_diff
         state = out / "model_state.pt"
         with atomic_path(state) as tmp:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         write_json(out / "plan.json", self.plan.to_dict())
-        write_json(out / "export.json", {"onnx_max_abs_diff": diff, "round_to": self.evaluator.config.round_to})
+        write_json(
+            out / "export.json",
+            {
+                "onnx_max_abs_diff": diff,
+                "torchscript_max_abs_diff": paths.torchscript_max_abs_diff,
+                "round_to": self.evaluator.config.round_to,
+            },
+        )
         logger.info("exported to %s (ONNX max abs difference %.2e)", out, diff)
         return {
             "torchscript": paths.torchscript,

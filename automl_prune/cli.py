@@ -324,7 +324,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint to checkpoint + TorchScript + ONNX and check ONNX against torch."""
     from automl_prune.export import export_checkpoint
 
-    paths, diff = export_checkpoint(args.checkpoint, args.out)
+    paths = export_checkpoint(args.checkpoint, args.out)
     _table(
         "export",
         ["format", "file"],
@@ -332,7 +332,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             ["checkpoint", paths.checkpoint],
             ["TorchScript", paths.torchscript],
             ["ONNX", paths.onnx],
-            ["ONNX max |diff| vs torch", f"{diff:.2e}"],
+            ["TorchScript max |diff| vs torch", f"{paths.torchscript_max_abs_diff:.2e}"],
+            ["ONNX max |diff| vs torch", f"{paths.onnx_max_abs_diff:.2e}"],
         ],
     )
     return 0

@@ -892,7 +892,7 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
         stage: Called with a one-line description as each stage starts.
         progress: Show progress bars (they switch themselves off when stderr is not a terminal).
     """
-    from automl_prune.export import check_onnx, export_model
+    from automl_prune.export import export_model
     from automl_prune.run_report import write_run_report
 
     preflight(config)
@@ -933,10 +933,12 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
     ft = f"fine-tune {config.finetune.epochs:g} epochs" if config.finetune.epochs > 0 else "no fine-tune"
     stage(f"[4/{total}] prune with {config.prune.criterion}, {ft}, export")
     pruned, pruned_info = prune_and_finetune(config, model, info, outcome.plan, data, evaluator)
-    paths = export_model(pruned, pruned_info, run.path)
-    export_model(model, info, run.path, stem="baseline", checkpoint=False)
-    onnx_diff = check_onnx(pruned, paths.onnx, data.test.images[:8])
-    write_json(run.path / "export.json", {"onnx_max_abs_diff": onnx_diff})
+    paths = export_model(pruned, pruned_info, run.path, check_inputs=data.test.images[:8])
+    export_model(model, info, run.path, stem="baseline", checkpoint=False, check_inputs=data.test.images[:8])
+    write_json(
+        run.path / "export.json",
+        {"onnx_max_abs_diff": paths.onnx_max_abs_diff, "torchscript_max_abs_diff": paths.torchscript_max_abs_diff},
+    )
     stage(
         f"[5/{total}] report: test accuracy and latency of baseline and pruned model on {budget.runtime} ({budget.device})"
     )

@@ -36,6 +36,7 @@ from automl_prune.checkpoint import load_checkpoint
 from automl_prune.config import Config
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
+from automl_prune.export import EXPORT_TOLERANCE
 from automl_prune.finalists import NOISE_BAND, REMEASURE_FACTOR, latency_margin
 from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.io import atomic_path, write_json, write_text
@@ -313,6 +314,7 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         "pareto_cost": front.get("cost_label"),
         "inputs": _inputs(base_info.input_shape, data, base_info.meta),
         "onnx_max_abs_diff": export.get("onnx_max_abs_diff"),
+        "torchscript_max_abs_diff": export.get("torchscript_max_abs_diff"),
         "files": {name: name for name in FILES if (run / name).is_file()},
         "config": config.to_dict(),
     }
@@ -548,9 +550,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += [f"- `{name}`: {FILES[name]}" for name in report["files"]]
     if report.get("onnx_max_abs_diff") is not None:
+        ts = report.get("torchscript_max_abs_diff")
+        ts_text = f" and the TorchScript file to {ts:.1e}" if ts is not None else ""
         lines += [
             "",
-            f"The ONNX export matches torch to {report['onnx_max_abs_diff']:.1e} (max abs difference, onnxruntime).",
+            f"The ONNX export matches torch to {report['onnx_max_abs_diff']:.1e} (max abs difference on test images, "
+            f"onnxruntime){ts_text}; an export that differed by more than {EXPORT_TOLERANCE:g} of the outputs' "
+            "scale would not have been written.",
         ]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -42,6 +42,7 @@ def test_pruned_checkpoint_reloads_into_pruned_architecture(tmp_path, pruned_res
 def test_export_formats_match_torch(tmp_path, pruned_resnet) -> None:
     pruned, info = pruned_resnet
     paths = export_model(pruned, info, tmp_path)
+    assert 0 <= paths.onnx_max_abs_diff < 1e-4 and 0 <= paths.torchscript_max_abs_diff < 1e-4  # checked on export
     x = torch.randn(6, 1, 28, 28)
     assert check_onnx(pruned, paths.onnx, x) < 1e-4  # dynamic batch: exported at 1, run at 6
     scripted = torch.jit.load(str(paths.torchscript))
@@ -110,3 +111,26 @@ def test_a_model_that_fails_its_forward_pass_is_not_written(tmp_path, pruned_res
     ):
         export_model(broken, info, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_that_disagrees_with_the_model_is_not_written(tmp_path, pruned_resnet, monkeypatch) -> None:
+    """A conversion that changes the outputs (here: the ONNX file of a model with another bias) is refused."""
+    import copy
+
+    from automl_prune.errors import InvalidValueError
+    from automl_prune.runtimes import get_runtime
+
+    model, info = pruned_resnet
+    ort = type(get_runtime("onnxruntime"))
+    real_export = ort.export
+
+    def export_another(self, m, example, path):
+        other = copy.deepcopy(m)
+        with torch.no_grad():
+            [m for m in other.modules() if isinstance(m, torch.nn.Linear)][-1].bias.add_(1.0)
+        return real_export(self, other, example, path)
+
+    monkeypatch.setattr(ort, "export", export_another)
+    with pytest.raises(InvalidValueError, match=r"the exported model\.onnx differs from the model by 1\.00e\+00 .*nothing was"):
+        export_model(model, info, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == []  # neither the directory nor a staging directory

@@ -10,6 +10,8 @@ import pytest
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.measure.latency import LatencyStats
+from automl_prune.measure.latency_model import Measured
 from automl_prune.finalists import NOISE_BAND, FinalistChoice, choose_finalist, match_measured_latency
 from automl_prune.pareto import front, plan_from_front, write_front
 from automl_prune.search_spaces import SearchSpace
@@ -17,6 +19,10 @@ from automl_prune.strategy import get_strategy
 from automl_prune.types import Budget, Plan
 
 CONFIG = EvaluatorConfig(eval_size=500, recalibration_batches=4, round_to=8, latency_plans=8)
+
+
+def _stats(ms: float) -> LatencyStats:
+    return LatencyStats.from_times([ms] * 3, warmup=0, batch_size=1, threads=1, device="cpu", runtime="onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +47,9 @@ def test_finalists_are_measured_and_the_best_meeting_one_ships(honest: Evaluator
     for f in choice.finalists:
         assert f.measured_ms > 0 and f.error is not None
         assert f.meets == (f.margin >= 0) == (f.measured.ratio * 1.3 <= 1.0)
-    if choice.met:
-        chosen = choice.finalists[choice.chosen]
+    chosen = choice.finalists[choice.chosen]
+    assert choice.met == any(f.meets for f in choice.finalists)
+    if choice.met:  # the rule for a budget some finalist meets
         assert chosen.meets
         earlier = choice.finalists[: choice.chosen]
         if chosen.margin >= NOISE_BAND:  # the first that meets outside the noise band, in order
@@ -51,6 +58,8 @@ def test_finalists_are_measured_and_the_best_meeting_one_ships(honest: Evaluator
             assert not any(f.margin >= NOISE_BAND for f in choice.finalists if f.meets)
             assert not any(f.meets for f in earlier)
         assert choice.shippable()[0] == choice.chosen
+    else:  # a machine too loaded for the 1.3x budget: the fastest finalist, as the rule for a miss says
+        assert choice.chosen == min(range(len(choice.finalists)), key=lambda i: choice.finalists[i].measured_ms)
     data = json.loads(json.dumps(choice.to_dict()))
     assert data["chosen"] == choice.chosen and "prediction_error" in data["finalists"][0]
 
@@ -86,6 +95,24 @@ def test_uniform_plans_are_placed_at_a_measured_latency(honest: Evaluator) -> No
     plan, measured = match_measured_latency(honest, lambda x: Plan.uniform(names, 0.25 + 0.75 * x), 0.6, steps=4)
     assert measured.ratio == pytest.approx(0.6, abs=0.25)
     assert honest.graph.cost(plan, 8).flops < honest.graph.flops
+
+
+def test_the_bisection_converges_on_a_known_latency_curve(honest: Evaluator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measurements replaced by a known curve (latency ratio = keep ** 2): the steps and the pick are exact."""
+    names = honest.graph.group_names()
+    seen: list[float] = []
+
+    def measure(plans: list[Plan]) -> list[Measured]:
+        (plan,) = plans
+        keep = plan.keep_ratio(names[0])
+        seen.append(keep)
+        return [Measured(plan, keep**2, _stats(keep**2), _stats(1.0))]
+
+    monkeypatch.setattr(honest, "measure", measure)
+    plan, measured = match_measured_latency(honest, lambda x: Plan.uniform(names, 0.25 + 0.75 * x), 0.6, steps=4)
+    # x = 0.5, 0.75, 0.625, 0.6875: ratios 0.39 (up), 0.66 (down), 0.517 (up), 0.586, the closest to 0.6
+    assert seen == pytest.approx([0.625, 0.8125, 0.71875, 0.765625])
+    assert plan.keep_ratio(names[0]) == pytest.approx(0.765625) and measured.ratio == pytest.approx(0.765625**2)
 
 
 def test_pareto_front_of_a_search(honest: Evaluator, history, tmp_path: Path) -> None:
