@@ -79,9 +79,7 @@ def verify_forward(model: nn.Module, example: torch.Tensor, what: str = "the mod
         raise InvalidValueError(f"{what} gives non-finite outputs on a forward pass; nothing was written")
 
 
-def _check_exported(
-    model: nn.Module, staged: Path, stem: str, inputs: torch.Tensor, out: Path
-) -> tuple[float, float]:
+def _check_exported(model: nn.Module, staged: Path, stem: str, inputs: torch.Tensor, out: Path) -> tuple[float, float]:
     """Run the staged ``.ts`` and ``.onnx`` files on ``inputs``; return their max abs differences from ``model``.
 
     Raises:

@@ -131,6 +131,8 @@ def test_an_export_that_disagrees_with_the_model_is_not_written(tmp_path, pruned
         return real_export(self, other, example, path)
 
     monkeypatch.setattr(ort, "export", export_another)
-    with pytest.raises(InvalidValueError, match=r"the exported model\.onnx differs from the model by 1\.00e\+00 .*nothing was"):
+    with pytest.raises(
+        InvalidValueError, match=r"the exported model\.onnx differs from the model by 1\.00e\+00 .*nothing was"
+    ):
         export_model(model, info, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == []  # neither the directory nor a staging directory

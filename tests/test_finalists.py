@@ -10,9 +10,9 @@ import pytest
 
 from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
+from automl_prune.finalists import NOISE_BAND, FinalistChoice, choose_finalist, match_measured_latency
 from automl_prune.measure.latency import LatencyStats
 from automl_prune.measure.latency_model import Measured
-from automl_prune.finalists import NOISE_BAND, FinalistChoice, choose_finalist, match_measured_latency
 from automl_prune.pareto import front, plan_from_front, write_front
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import get_strategy
