@@ -76,6 +76,9 @@ def lock_run_dir(path: Path) -> None:
     _HELD[key] = fd
 
 
+PRELUDE = ("baseline.pt", "latency_model.json")
+"""What the main job writes before its first evaluation: copies of what the cache holds, not results."""
+
 COMPLETE = ("plan.json", "result.json", "model.pt", "model.ts", "model.onnx", "report.json", "report.md")
 """The files a finished main job leaves (the report is written last)."""
 
@@ -232,8 +235,15 @@ class RunDirectory:
         return records
 
     def _holds_results(self) -> bool:
-        """Whether the directory holds any evaluation or output of a run."""
-        return bool(self._read_log()) or any((self.path / name).exists() for name in OUTPUTS if name != LOG)
+        """Whether the directory holds any evaluation or output of a run.
+
+        The files a run writes before its first evaluation (:data:`PRELUDE`: the copied baseline,
+        the latency model, both kept in the cache as well) are not results: a run that stopped
+        there (an unreachable budget, a device that is not there) is replaced by the corrected command.
+        """
+        return bool(self._read_log()) or any(
+            (self.path / name).exists() for name in OUTPUTS if name != LOG and name not in PRELUDE
+        )
 
     def complete(self) -> bool:
         """Whether every stage of the main job has finished here (the report and the exported model are written)."""

@@ -87,6 +87,12 @@ def test_run_directory_refuses_to_mix_runs(tmp_path: Path) -> None:
     # a run that ended before its first evaluation (a typo in a flag) holds nothing: replaced without --overwrite
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 7})
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})
+    # nor does one that stopped after copying the baseline and fitting the latency model (an unreachable budget)
+    (tmp_path / "r" / "baseline.pt").write_bytes(b"a copy of the cached baseline")
+    (tmp_path / "r" / "latency_model.json").write_text("{}")
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 3})
+    assert not (tmp_path / "r" / "baseline.pt").exists()  # replaced: the next run copies its own
+    RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})
     (tmp_path / "r" / "plan.json").write_text("{}")  # now it holds a result
     RunDirectory(tmp_path / "r", {"strategy": "ddpg", "seed": 0})  # same run: fine
     with pytest.raises(InvalidValueError, match="options differ: seed"):
