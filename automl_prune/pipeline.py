@@ -502,7 +502,8 @@ def run_search(
         first = failures[0].reason.removeprefix(FAILED_PREFIX).lstrip(": ")
         raise SearchFailedError(
             f"all {len(failures)} evaluations failed, nothing exported; the first: {first} "
-            f"(the evaluations are logged in {run.path / 'evaluations.jsonl'})"
+            f"(logged in {run.path / 'evaluations.jsonl'}, which --resume replays as they are: fix the cause, "
+            "then run the command again with --overwrite)"
         )
     if failures:
         logger.warning(

@@ -130,7 +130,8 @@ def test_failed_evaluations_are_counted_and_all_failed_is_an_error(user_model, f
 
     monkeypatch.setattr(Evaluator, "build", lambda self, plan: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(
-        SearchFailedError, match=r"all 4 evaluations failed, nothing exported; the first: RuntimeError: boom"
+        SearchFailedError,
+        match=r"all 4 evaluations failed, nothing exported; the first: RuntimeError: boom .*again with --overwrite\)",
     ):
         automl_prune.search(
             user_model, data, data, strategy="random", evaluations=4, options=quick, out=tmp_path / "all"
