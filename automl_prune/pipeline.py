@@ -1095,6 +1095,8 @@ def run_skipnet(config: Config, out: str | Path, stage: Stage = _log_stage) -> S
         with atomic_path(out / "gated.onnx") as tmp:
             tmp.write_bytes(onnx_bytes)
         files.insert(2, "gated.onnx")
+    else:  # an earlier run's file must not sit beside this run's model
+        (out / "gated.onnx").unlink(missing_ok=True)
     threads = b.threads or torch.get_num_threads()
     images = test.images[: g.latency_images]
     stage(f"[5/5] latency at batch 1 on {len(images)} test images, {threads} thread(s); report")

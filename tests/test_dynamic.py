@@ -244,6 +244,6 @@ def test_skipnet_command_trains_compares_and_exports(tmp_path: Path, trained_res
 
 def test_skipnet_command_refuses_an_absolute_flops_budget(tmp_path: Path) -> None:
     proc = _cli("skipnet", "--budget.flops", "1.5e6", "--out", "out", cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert "skipnet targets a mean FLOPs share: give --budget.flops F with 0 < F <= 1" in proc.stderr
     assert not (tmp_path / "out").exists()
