@@ -27,7 +27,17 @@ def test_weights_trained_elsewhere_are_the_dense_model(trained_cnn, fashion_smal
     assert expected > 0.8  # a real trained model
     assert evaluate_accuracy(model, fashion_small.test) == expected
     assert info.spec.name == "fashion_cnn" and info.meta["weights"] == str(path.resolve())
-    assert ckpt.is_file() and dense_model(config, fashion_small)[2] == ckpt  # imported once, then cached
+    assert ckpt.is_file()
+    stamp = ckpt.stat().st_mtime_ns
+
+    def no_second_import(*args, **kwargs):
+        raise AssertionError("the weights were imported again")
+
+    with pytest.MonkeyPatch.context() as patch:  # imported once, then served from the cache
+        patch.setattr("automl_prune.weights.load_weights", no_second_import)
+        again, _, cached = dense_model(config, fashion_small)
+    assert cached == ckpt and ckpt.stat().st_mtime_ns == stamp
+    assert evaluate_accuracy(again, fashion_small.test) == expected
 
 
 def test_model_kwargs_reach_the_factory(tmp_path: Path) -> None:
