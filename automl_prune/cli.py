@@ -425,18 +425,27 @@ def _open_run(args: argparse.Namespace, what: str) -> tuple[Any, Any] | None:
 
     A new run's config passes :func:`~automl_prune.pipeline.preflight` before its directory is written.
     """
-    from automl_prune.config import from_dict
+    from automl_prune.config import from_dict, resolve
     from automl_prune.pipeline import preflight
-    from automl_prune.runs import RunDirectory
+    from automl_prune.runs import RESUME_OPTIONS, RunDirectory
 
     if args.resume:
-        given = [k for k in vars(args) if k.startswith(_CFG)]
-        if given or args.config or args.overwrite:
+        given = {k[len(_CFG) :]: v for k, v in vars(args).items() if k.startswith(_CFG)}
+        others = sorted(f"--{k}" for k in given if k not in RESUME_OPTIONS)
+        if others or args.config or args.overwrite:
             raise InvalidValueError(
-                f"--resume continues a {what} with its own config.yaml; give no --config, config flags or --overwrite"
+                f"--resume continues a {what} with its own config.yaml; give no --config, --overwrite or config flags "
+                f"other than where it computes ({', '.join('--' + k for k in RESUME_OPTIONS)})"
+                + (f"; got {', '.join(others)}" if others else "")
             )
         run = RunDirectory(args.resume, resume=True)
         config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
+        if given:  # validated as flags, checked as a new run's would be, then stored for the next resume
+            config = resolve(run.path / "config.yaml", given)
+            if _printed(args, config):
+                return None
+            preflight(config)
+            run.amend(config.to_dict())
         return None if _printed(args, config) else (run, config)
     config = _resolve(args)
     if _printed(args, config):

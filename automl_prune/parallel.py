@@ -439,14 +439,15 @@ class RayEvaluatorPool:
                 raise NoWorkerLeftError(
                     f"none of the {self.workers} evaluation workers started within {waited:.0f} s: Ray could not "
                     f"place them (the cluster lacks the {self.cpus_per_worker} CPU(s) and {self.gpus_per_worker:g} "
-                    "GPU(s) each asks for) or they are still starting on a loaded machine; lower --parallel.workers, "
-                    "--parallel.cpus_per_worker or --parallel.gpus_per_worker, or raise --parallel.worker_timeout, "
-                    "then --resume"
+                    "GPU(s) each asks for) or they are still starting on a loaded machine; resume with a lower "
+                    "--parallel.cpus_per_worker or --parallel.gpus_per_worker or a larger --parallel.worker_timeout "
+                    "(e.g. `automl-prune search --resume DIR --parallel.gpus_per_worker 0`)"
                 )
             raise NoWorkerLeftError(
                 f"no evaluation worker is left: {down} of {self.workers} lost for good, the others waiting "
                 f"{waited:.0f} s for resources (a node was lost, or the cluster is full); the evaluations made so far "
-                "are in the run's log: add resources or fewer --parallel.workers, then --resume"
+                "are in the run's log: add resources, then --resume (which also takes --parallel.ray_address, "
+                "--parallel.cpus_per_worker, --parallel.gpus_per_worker and the timeouts)"
             )
 
     # ------------------------------------------------------------------ evaluation

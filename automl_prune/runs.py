@@ -76,6 +76,16 @@ def lock_run_dir(path: Path) -> None:
     _HELD[key] = fd
 
 
+RESUME_OPTIONS = (
+    "parallel.cpus_per_worker",
+    "parallel.gpus_per_worker",
+    "parallel.ray_address",
+    "parallel.task_timeout",
+    "parallel.worker_timeout",
+)
+"""Where a run's evaluations compute, which ``--resume`` may change: the results do not depend on them
+(``parallel.workers`` is not among them: batched strategies ask for that many plans at a time)."""
+
 PRELUDE = ("baseline.pt", "latency_model.json")
 """What the main job writes before its first evaluation: copies of what the cache holds, not results."""
 
@@ -209,6 +219,19 @@ class RunDirectory:
             write_text(config_path, yaml.safe_dump(config, sort_keys=False))
             self.config = config
         self.records = self._read_log(repair=True)
+
+    def amend(self, config: dict[str, Any]) -> None:
+        """Replace the stored config (atomically) with ``config``, which may differ only in :data:`RESUME_OPTIONS`.
+
+        Raises:
+            InvalidValueError: ``config`` changes anything else.
+        """
+        old, new = _flat(self.config), _flat(config)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_OPTIONS)
+        if changed:
+            raise InvalidValueError(f"a resumed run keeps its config; these options would change: {', '.join(changed)}")
+        write_text(self.path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        self.config = config
 
     def _read_log(self, repair: bool = False) -> list[dict[str, Any]]:
         """The log's records; a torn last line (a run killed mid-write) is ignored, and cut off if ``repair``."""

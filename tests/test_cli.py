@@ -38,7 +38,11 @@ def test_list_shows_registries() -> None:
         (["search", "--train.epochs", "inf"], "--train.epochs must be a number > 0"),
         (["train", "--model.checkpoint", "x.pt"], "`automl-prune train` does not use --model.checkpoint"),
         (["prune", "--checkpoint", "x.pt", "--budget.latency_ms", "1"], "`automl-prune prune` does not use"),
-        (["search", "--resume", "/nonexistent", "--search.evaluations", "3"], "give no --config, config flags"),
+        (
+            ["search", "--resume", "/nonexistent", "--search.evaluations", "3"],
+            "config flags other than where it computes (--parallel.cpus_per_worker, --parallel.gpus_per_worker, "
+            "--parallel.ray_address, --parallel.task_timeout, --parallel.worker_timeout); got --search.evaluations",
+        ),
         (["train", "--search.evaluations", "3"], "`automl-prune train` does not use --search.evaluations"),
         (["export", "--checkpoint", "/nonexistent.pt", "--out", "x"], "does not exist"),
         (["search", "--budget.runtime", "tensorrt"], "--budget.runtime must be one of onnxruntime, torchscript, torch"),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_helpers import DIGITS_QUICK, command
 
 from automl_prune.errors import InvalidValueError
@@ -72,7 +73,11 @@ def test_interrupted_search_resumes_without_repeating(tmp_path: Path) -> None:
     assert "terminated;" in stderr and f"automl-prune search --resume {run}" in stderr
     assert len(done) + 5 <= len(_log(run)) < total
 
-    subprocess.run(command("search", "--resume", str(run)), check=True, capture_output=True, env=os.environ.copy())
+    # the last resume changes where it computes (a longer worker timeout): stored, and the results the same
+    resume = command("search", "--resume", str(run), "--parallel.worker_timeout", "300")
+    subprocess.run(resume, check=True, capture_output=True, env=os.environ.copy())
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["parallel"]["worker_timeout"] == 300 and stored["search"]["evaluations"] == total
     log = _log(run)
     assert [r["index"] for r in log] == list(range(1, total + 1))  # nothing repeated, nothing missing
     assert log[: len(done)] == done  # the finished evaluations were not rewritten
