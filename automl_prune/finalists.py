@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automl_prune.evaluator import Evaluator
-from automl_prune.measure.latency import SESSIONS
+from automl_prune.measure.latency import SESSIONS, LatencyStats
 from automl_prune.measure.latency_model import Measured
 from automl_prune.types import Evaluation, Plan
 
@@ -119,9 +119,31 @@ class Finalist:
             "meets": self.meets,
             "remeasured": self.remeasured,
             "noisy": self.measured.noisy,
+            "ratio": self.measured.ratio,
+            "dense_at_fit": self.dense_at_fit,
             "latency": self.measured.stats.to_dict(),
             "dense_latency": self.measured.dense.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], plan: Plan, evaluation: Evaluation) -> Finalist:
+        """The finalist :meth:`to_dict` wrote, for ``plan`` and its ``evaluation`` in the search."""
+
+        def stats(d: dict[str, Any]) -> LatencyStats:
+            return LatencyStats(**{**d, "rounds": tuple(d.get("rounds", ()))})
+
+        ratio = float(data["ratio"]) if "ratio" in data else 1.0 / float(data["measured_speedup"])
+        measured = Measured(plan, ratio, stats(data["latency"]), stats(data["dense_latency"]))
+        return cls(
+            plan,
+            evaluation,
+            measured,
+            float(data["objective"]),
+            float(data["margin"]),
+            bool(data["meets"]),
+            bool(data.get("remeasured", False)),
+            data.get("dense_at_fit"),
+        )
 
 
 @dataclass
@@ -209,7 +231,11 @@ def _margin(evaluator: Evaluator, m: Measured) -> float:
 
 
 def choose_finalist(
-    evaluator: Evaluator, history: Sequence[tuple[Plan, Evaluation]], k: int = 8, progress: bool = True
+    evaluator: Evaluator,
+    history: Sequence[tuple[Plan, Evaluation]],
+    k: int = 8,
+    progress: bool = True,
+    stored: dict[str, Any] | None = None,
 ) -> FinalistChoice | None:
     """Measure the ``k`` best distinct plans and pick the best whose measurement meets the budget.
 
@@ -218,6 +244,10 @@ def choose_finalist(
         history: The search's (plan, evaluation) pairs.
         k: Finalists to measure (>= 1).
         progress: Show a progress bar.
+        stored: A choice :meth:`FinalistChoice.to_dict` wrote earlier in this run (``finalists.json``):
+            when it holds exactly these finalists, their measurements are taken from it rather than
+            measured again, so a resumed run ships from the measurements it refined (a second
+            measurement could move a plan across the noise band and change what is refined).
 
     Returns:
         The choice, or None when no plan of the history can be a finalist.
@@ -225,6 +255,12 @@ def choose_finalist(
     pool = candidates(evaluator, history, k)
     if not pool:
         return None
+    if stored is not None:
+        saved = stored.get("finalists", [])
+        if [f.get("plan") for f in saved] == [plan.to_dict() for plan, _ in pool]:
+            logger.info("the %d finalists were measured earlier in this run: using those measurements", len(pool))
+            return _choice([Finalist.from_dict(d, plan, e) for d, (plan, e) in zip(saved, pool)])
+        logger.warning("the stored finalists are not this search's: measuring them again")
     measured = evaluator.measure(
         [p for p, _ in pool], progress="finalists" if progress else None, rounds=MEASURE_ROUNDS
     )
@@ -250,6 +286,11 @@ def choose_finalist(
             "meets the budget" if finalist.meets else f"over the budget by {-margin:.1%}",
         )
         finalists.append(finalist)
+    return _choice(finalists)
+
+
+def _choice(finalists: list[Finalist]) -> FinalistChoice:
+    """The finalist that ships: the first that meets the budget outside the noise band, else the fastest."""
     choice = FinalistChoice(finalists, 0, False)
     shippable = choice.shippable()
     if shippable:

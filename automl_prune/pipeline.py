@@ -23,6 +23,7 @@ Stages, each usable alone and all run by :func:`run_job` (``automl-prune search`
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -286,7 +287,6 @@ def import_weights(
         CheckpointError: Unsafe, unreadable or mismatching weights.
     """
     import hashlib
-    import json
 
     from automl_prune.baseline import cache_root
     from automl_prune.checkpoint import save_checkpoint
@@ -370,7 +370,6 @@ LATENCY_MODEL_FILE = "latency_model.json"
 
 def run_latency_model(run: RunDirectory) -> LatencyModel | None:
     """The latency model a run fitted (so that a resumed run predicts exactly as before), or None."""
-    import json
 
     path = run.path / LATENCY_MODEL_FILE
     if not path.is_file():
@@ -522,8 +521,11 @@ def run_search(
     if evaluator.latency_model is not None and s.finalists > 0:
         if stage is not None:
             stage(f"      measuring up to {s.finalists} finalists on {evaluator.budget.where()}")
-        choice = choose_finalist(evaluator, result.history, s.finalists, progress=progress)
+        stored = run.path / "finalists.json"
+        earlier = json.loads(stored.read_text()) if stored.is_file() else None
+        choice = choose_finalist(evaluator, result.history, s.finalists, progress=progress, stored=earlier)
         if choice is not None:
+            write_json(stored, choice.to_dict())  # before the refinement, so that a resume refines the same plans
             chosen = choice.finalists[choice.chosen]
             evaluation = dataclasses.replace(chosen.evaluation, measured_latency_ms=chosen.measured_ms)
             outcome = SearchOutcome(result, chosen.plan, evaluation, choice)
@@ -898,8 +900,6 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
 
     preflight(config)
     if not config.search.only and run.complete():
-        import json
-
         stage(
             f"{run.path} holds a finished run: nothing to redo (`automl-prune report --run {run.path}` measures it "
             "again; `--overwrite` starts afresh)"

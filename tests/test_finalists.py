@@ -64,6 +64,31 @@ def test_finalists_are_measured_and_the_best_meeting_one_ships(honest: Evaluator
     assert data["chosen"] == choice.chosen and "prediction_error" in data["finalists"][0]
 
 
+def test_a_resumed_run_reuses_its_finalists_measurements(
+    honest: Evaluator, history, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finalists.json of the same finalists is read back, not measured again (which could change what is refined)."""
+    first = choose_finalist(honest, history, k=3, progress=False)
+    assert first is not None
+    stored = json.loads(json.dumps(first.to_dict()))
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(honest, "measure", no_measuring)
+        again = choose_finalist(honest, history, k=3, progress=False, stored=stored)
+    assert again is not None and again.to_dict() == first.to_dict()
+    assert [f.error for f in again.finalists] == [f.error for f in first.finalists]
+    # finalists of another search (here: fewer of them) are measured afresh
+    calls: list[int] = []
+    original = honest.measure
+    with monkeypatch.context() as patch:
+        patch.setattr(honest, "measure", lambda plans, **kw: calls.append(len(plans)) or original(plans, **kw))
+        fewer = choose_finalist(honest, history, k=2, progress=False, stored=stored)
+    assert fewer is not None and len(fewer.finalists) == 2 and calls and calls[0] == 2
+
+
 def test_a_finalist_meeting_the_budget_outside_the_noise_is_preferred(honest: Evaluator, history) -> None:
     """A first finalist that meets the budget by less than the noise band ships only when no other clears it."""
     choice = choose_finalist(honest, history, k=3, progress=False)
