@@ -180,9 +180,9 @@ def _objective(evaluator: Evaluator, e: Evaluation) -> float:
 
 
 def candidates(
-    evaluator: Evaluator, history: Sequence[tuple[Plan, Evaluation]], k: int
+    evaluator: Evaluator, history: Sequence[tuple[Plan, Evaluation]], k: int | None
 ) -> list[tuple[Plan, Evaluation]]:
-    """The ``k`` best distinct plans of a search that could meet the budget.
+    """The ``k`` best distinct plans of a search that could meet the budget (all of them for ``k`` None).
 
     Plans must have scored cleanly and meet the FLOPs and parameter terms (exact); their
     predicted latency may exceed the limit by up to :data:`SLACK` (the prediction can be
@@ -204,7 +204,7 @@ def candidates(
         seen.add(key)
         pool.append((plan, e))
     pool.sort(key=lambda pe: -_objective(evaluator, pe[1]))
-    return pool[:k]
+    return pool if k is None else pool[:k]
 
 
 def latency_margin(latency_ms: float | None, speedup: float | None, measured_ms: float, ratio: float) -> float:

@@ -593,7 +593,8 @@ def refine_outcome(
 
     The candidates are the finalists whose measurement meets a latency budget (outside the noise
     band when some do: :meth:`FinalistChoice.shippable`), or else the best
-    distinct plans that meet the exact FLOPs and parameter terms. Fewer than two: nothing to refine.
+    distinct plans that meet every term as scored (a predicted latency against its tightened limit,
+    when no finalist was measured). Fewer than two: nothing to refine.
     """
     from automl_prune.finalists import candidates
     from automl_prune.refine import Candidate, refine
@@ -611,8 +612,8 @@ def refine_outcome(
             for f in (choice.finalists[i] for i in choice.shippable())
         ]
         pool = measured[: rc.top]
-    else:
-        pool = candidates(evaluator, outcome.result.history, rc.top)
+    else:  # nothing measured: only plans that meet every term as scored (a predicted latency included)
+        pool = [(plan, e) for plan, e in candidates(evaluator, outcome.result.history, None) if e.feasible][: rc.top]
     if len(pool) < rc.top:
         logger.info("refining the %d distinct plan(s) that can ship (search.refine_top is %d)", len(pool), rc.top)
     if len(pool) < 2:

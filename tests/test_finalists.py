@@ -89,6 +89,42 @@ def test_a_resumed_run_reuses_its_finalists_measurements(
     assert fewer is not None and len(fewer.finalists) == 2 and calls and calls[0] == 2
 
 
+def test_without_measured_finalists_only_plans_predicted_to_meet_the_budget_are_refined(
+    honest: Evaluator, history, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """search.finalists 0: the refinement may not pick a plan the latency model predicts over the budget."""
+    from automl_prune import refine
+    from automl_prune.config import resolve
+    from automl_prune.pipeline import SearchOutcome, refine_outcome
+    from automl_prune.runs import RunDirectory
+    from automl_prune.types import SearchResult
+
+    limit = honest.limits["latency_ms"]
+    plan, e = max(((p, e) for p, e in history if e.feasible), key=lambda pe: pe[1].accuracy)
+    # the best-scoring plan of all, predicted 5% over the limit: a finalist candidate, but not feasible
+    over = Plan({k: min(1.0, v + 0.05) for k, v in plan.keep_ratios.items()})
+    tempting = dataclasses.replace(e, accuracy=1.0, latency_ms=1.05 * limit, feasible=False, reason="latency")
+    runs = [*history, (over, tempting)]
+    result = SearchResult("random", plan, e, runs, 0.0, len(runs), 0)
+    refined: list[list[Plan]] = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(candidates, *args, **kwargs):
+        refined.append([c.plan for c in candidates])
+        raise Captured
+
+    monkeypatch.setattr(refine, "refine", capture)
+    config = resolve(None, {"budget.speedup": "1.3", "search.finalists": "0", "search.refine_top": "4"})
+    with pytest.raises(Captured):
+        refine_outcome(config, RunDirectory(tmp_path / "run", config.to_dict()), honest, SearchOutcome(result, plan, e))
+    (plans,) = refined
+    feasible = {honest.structure_key(p) for p, e in history if e.feasible}
+    assert plans and all(honest.structure_key(p) in feasible for p in plans)
+    assert honest.structure_key(over) not in {honest.structure_key(p) for p in plans}
+
+
 def test_a_finalist_meeting_the_budget_outside_the_noise_is_preferred(honest: Evaluator, history) -> None:
     """A first finalist that meets the budget by less than the noise band ships only when no other clears it."""
     choice = choose_finalist(honest, history, k=3, progress=False)
