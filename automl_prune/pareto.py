@@ -181,8 +181,13 @@ def plan_from_front(data: Any, point: int | None, source: str) -> Plan:
     return Plan.from_dict(points[point]["plan"])
 
 
-def read_plan_file(path: str | Path, point: int | None = None) -> Plan:
+def read_plan_file(path: str | Path, point: int | None = None) -> tuple[Plan, int | None]:
     """A plan file: a run's ``plan.json`` (or any ``{"keep_ratios": ...}``), or one point of a ``pareto.json``.
+
+    Returns:
+        The plan, and the channel multiple (``round_to``) its run searched and scored it at, where the
+        file or its run says: ``pareto.json`` holds it, and a ``plan.json`` is read with the
+        ``result.json`` (a search) or ``export.json`` (the Python API) beside it. None otherwise.
 
     Raises:
         InvalidValueError: A missing or malformed file, or ``point`` given for a single plan.
@@ -197,7 +202,21 @@ def read_plan_file(path: str | Path, point: int | None = None) -> Plan:
     except json.JSONDecodeError as exc:
         raise InvalidValueError(f"plan file '{path}' is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "points" in data:
-        return plan_from_front(data, point, str(path))
+        return plan_from_front(data, point, str(path)), _round_to(data.get("round_to"))
     if point is not None:
         raise InvalidValueError(f"--point chooses a point of a Pareto front (pareto.json); '{path}' is a single plan")
-    return Plan.from_dict(data)
+    plan = Plan.from_dict(data)
+    for name in ("result.json", "export.json"):
+        beside = path.with_name(name)
+        if beside.is_file():
+            try:
+                run = json.loads(beside.read_text())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(run, dict) and _round_to(run.get("round_to")) is not None:
+                return plan, _round_to(run.get("round_to"))
+    return plan, None
+
+
+def _round_to(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None

@@ -537,7 +537,10 @@ def run_search(
     outcome = refine_outcome(config, run, evaluator, outcome, stage)
     if outcome.finalists is not None:
         write_json(run.path / "finalists.json", outcome.finalists.to_dict())
-    write_front(run.path, front(result.history, measured, key=evaluator.structure_key))
+    write_front(
+        run.path,
+        {**front(result.history, measured, key=evaluator.structure_key), "round_to": evaluator.config.round_to},
+    )
     write_json(run.path / "plan.json", outcome.plan.to_dict())
     write_json(
         run.path / "result.json",
@@ -649,7 +652,13 @@ def refine_outcome(
 
 
 def cut_plan(
-    config: Config, model: nn.Module, info: CheckpointInfo, plan: Plan, data: DataSplits, graph: Any = None
+    config: Config,
+    model: nn.Module,
+    info: CheckpointInfo,
+    plan: Plan,
+    data: DataSplits,
+    graph: Any = None,
+    round_to: int | None = None,
 ) -> nn.Module:
     """``plan`` cut out of the dense ``model`` with ``prune.criterion`` and rounding, checked by a forward pass.
 
@@ -668,7 +677,7 @@ def cut_plan(
             p.criterion,
             example_inputs=info.example_inputs(),
             graph=graph,
-            round_to=round_to_of(config),
+            round_to=round_to if round_to is not None else round_to_of(config),
             data=batches,
         )
     except InvalidValueError:
@@ -812,15 +821,26 @@ def prune_checkpoint(
     graph = LayerGraph(model, info.example_inputs())
     round_to = round_to_of(config)
     if plan_file is not None:
-        plan = read_plan_file(plan_file, point)
+        plan, searched_at = read_plan_file(plan_file, point)
         graph.validate(plan)
+        if searched_at is not None and searched_at != round_to:
+            if config.prune.round_to is None:  # cut as it was scored, wherever `prune` runs
+                logger.info("the plan was searched with channels in multiples of %d: pruning so", searched_at)
+                round_to = searched_at
+            else:
+                logger.warning(
+                    "the plan was searched with channels in multiples of %d; --prune.round_to %d gives other widths "
+                    "than the ones its run scored",
+                    searched_at,
+                    round_to,
+                )
     elif point is not None:
         raise InvalidValueError("--point needs --plan PARETO.json (a run's pareto.json)")
     elif config.budget.flops is not None and config.budget.flops <= 1:
         plan = graph.uniform_plan(config.budget.flops, round_to=round_to)
     else:
         raise InvalidValueError("give --plan FILE, or --budget.flops FRACTION for a uniform plan")
-    pruned = cut_plan(config, model, info, plan, data, graph)
+    pruned = cut_plan(config, model, info, plan, data, graph, round_to)
     out = output_dir(out)
     meta = {**info.meta, "criterion": config.prune.criterion}
     save_checkpoint(out / "model.pt", pruned, CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta))

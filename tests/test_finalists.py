@@ -13,7 +13,7 @@ from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.finalists import NOISE_BAND, FinalistChoice, choose_finalist, match_measured_latency
 from automl_prune.measure.latency import LatencyStats
 from automl_prune.measure.latency_model import Measured
-from automl_prune.pareto import front, plan_from_front, write_front
+from automl_prune.pareto import front, plan_from_front, read_plan_file, write_front
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import get_strategy
 from automl_prune.types import Budget, Plan
@@ -198,3 +198,10 @@ def test_pareto_front_of_a_search(honest: Evaluator, history, tmp_path: Path) ->
         plan_from_front(saved, len(points), "pareto.json")
     with pytest.raises(InvalidValueError, match="not a Pareto front"):
         plan_from_front({"keep_ratios": {}}, 0, "plan.json")
+    # a plan file says at which channel multiple its run scored it, so that `prune` cuts the same widths
+    write_front(tmp_path, {**data, "round_to": 4})
+    assert read_plan_file(tmp_path / "pareto.json", 0) == (Plan.from_dict(points[0]["plan"]), 4)
+    (tmp_path / "plan.json").write_text(json.dumps(points[0]["plan"]))
+    assert read_plan_file(tmp_path / "plan.json")[1] is None  # a plan alone does not say
+    (tmp_path / "result.json").write_text(json.dumps({"round_to": 16}))
+    assert read_plan_file(tmp_path / "plan.json") == (Plan.from_dict(points[0]["plan"]), 16)

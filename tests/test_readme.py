@@ -29,7 +29,9 @@ from cli_helpers import cli
 
 from automl_prune.checkpoint import load_checkpoint
 from automl_prune.compare import _dirname
+from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.io import write_json
+from automl_prune.types import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -263,6 +265,18 @@ def test_each_stage_alone_reuses_the_baseline_and_ships_the_plans_structure(read
     proc = cli("prune", "--checkpoint", str(cwd / "runs/base/model.pt"), "--plan", str(cwd / "bad.json"),
                "--out", str(cwd / "x"), check=False)  # fmt: skip
     assert proc.returncode == 2 and "nope" in proc.stderr and not (cwd / "x").exists()
+    # a run's plan is cut at the channel multiple its run scored it at (result.json), not this runtime's default
+    base, base_info = load_checkpoint(cwd / "runs" / "base" / "model.pt")
+    graph = LayerGraph(base, base_info.example_inputs())
+    plan = Plan.uniform(graph.group_names(), 0.4)
+    assert all(graph.kept_channels(plan, 4) != graph.kept_channels(plan, m) for m in (8, 16))  # widths that tell
+    (cwd / "run4").mkdir()
+    (cwd / "run4" / "plan.json").write_text(json.dumps(plan.to_dict()))
+    (cwd / "run4" / "result.json").write_text(json.dumps({"round_to": 4}))
+    cli("prune", "--checkpoint", str(cwd / "runs/base/model.pt"), "--plan", str(cwd / "run4" / "plan.json"),
+        "--out", str(cwd / "x4"))  # fmt: skip
+    cut, cut_info = load_checkpoint(cwd / "x4" / "model.pt")
+    assert cut_info.round_to == 4 and count_cost(cut, base_info.example_inputs()) == graph.cost(plan, 4)
     exported = str(cwd / "runs" / "export" / "model.pt")
     rebuilt = cli("latency", "--checkpoint", exported, "--rounds", "3", "--threads", "2", "--rebuild", "--plans", "5")
     assert "latency model fitted on 6 measured plans" in rebuilt.stdout and "predicted ms" in rebuilt.stdout
