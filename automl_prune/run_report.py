@@ -174,11 +174,10 @@ def _measure_latency(
     stems = {"baseline": "baseline", "pruned": "model"}
     out = {}
     for size in sizes:
-        runners = {
-            label: _artifact_runner(runtime, run, stems[label], model, (size, *shape), config)
-            for label, model in models.items()
-        }
+        runners: dict[str, Runner] = {}
         try:
+            for label, model in models.items():  # opened one by one, so that a failure closes those already open
+                runners[label] = _artifact_runner(runtime, run, stems[label], model, (size, *shape), config)
             out[size] = measure_interleaved(runners, rounds=config.report.latency_rounds, sessions=SESSIONS)
             margin = _budget_margin(config, out[size]) if size == config.budget.batch_size else math.inf
             if abs(margin) < NOISE_BAND:  # the verdict would be the noise's: more rounds and sessions, as the finalists
