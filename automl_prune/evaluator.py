@@ -104,13 +104,25 @@ class EvaluatorConfig:
             raise InvalidValueError(f"latency_margin must be in [0, 1), got {self.latency_margin}")
 
 
+def calibration_batches(data: DataSplits, config: EvaluatorConfig) -> list[torch.Tensor]:
+    """The training batches BN statistics are re-estimated on (none when ``bn_recalibration`` is off).
+
+    The same for every plan of a search, and for a plan cut again later with the same settings
+    (``automl-prune prune``), so that a cut plan is the model its search scored.
+    """
+    if not config.bn_recalibration:
+        return []
+    batches = data.train.batches(config.batch_size, shuffle=True, seed=derive_seed(config.seed, "bn-calibration"))
+    return [x for (x, _), _ in zip(batches, range(config.recalibration_batches))]
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """Re-estimate every BatchNorm's running statistics on ``batches`` (cumulative average).
 
     Only BN layers are put in training mode (dropout stays off); weights are not touched.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
+    if not bns or not batches:  # no batches: keep the statistics rather than reset them to nothing
         return
     was_training = model.training
     model.eval()
@@ -177,12 +189,7 @@ class Evaluator:
         if not self.graph.groups:
             raise InvalidValueError("the model has no prunable channel groups (only its classifier head)")
         self.val: TensorData = data.search_val.subset(self.config.eval_size, seed=0)
-        self.calibration: list[torch.Tensor] = []
-        if self.config.bn_recalibration:
-            calib = data.train.batches(
-                self.config.batch_size, shuffle=True, seed=derive_seed(self.config.seed, "bn-calibration")
-            )
-            self.calibration = [x for (x, _), _ in zip(calib, range(self.config.recalibration_batches))]
+        self.calibration = calibration_batches(data, self.config)
         self.criterion_data = list(self.val.batches(self.config.batch_size))[: self.config.criterion_batches]
         self.latency_model: LatencyModel | None = None
         self._latency_table: LatencyTable | None = None

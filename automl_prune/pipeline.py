@@ -662,9 +662,15 @@ def cut_plan(
 ) -> nn.Module:
     """``plan`` cut out of the dense ``model`` with ``prune.criterion`` and rounding, checked by a forward pass.
 
+    Its BatchNorm statistics are then re-estimated on the training batches a search re-estimates
+    them on (``search.bn_recalibration``, adaptive BN), so that a plan cut here is the model its
+    search scored (given the same criterion) rather than one whose BN statistics still describe
+    the channels that were removed.
+
     Raises:
         InvalidValueError: Pruning or the pruned model's forward pass fails (one line; nothing is written).
     """
+    from automl_prune.evaluator import calibration_batches, recalibrate_batchnorm
     from automl_prune.export import verify_forward
     from automl_prune.pruning import apply
 
@@ -688,7 +694,8 @@ def cut_plan(
             f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written"
         ) from None
     verify_forward(pruned, info.example_inputs(), f"the pruned {info.spec.name}")
-    return pruned
+    recalibrate_batchnorm(pruned, calibration_batches(data, evaluator_config_of(config)))
+    return pruned.eval()
 
 
 def prune_and_finetune(

@@ -93,6 +93,22 @@ def test_bn_recalibration_rescues_pruned_accuracy(trained_resnet20, fashion_smal
     assert resnet_evaluator.evaluate(plan).accuracy > raw.evaluate(plan).accuracy + 0.10
 
 
+def test_a_plan_cut_alone_is_the_model_its_search_scored(trained_resnet20, fashion_small) -> None:
+    """`automl-prune prune` (pipeline.cut_plan) re-estimates BN as the search's evaluator does: the same model."""
+    from automl_prune.config import resolve
+    from automl_prune.pipeline import cut_plan, evaluator_config_of
+
+    config = resolve(None, {"prune.round_to": "4", "search.eval_size": "500"})
+    evaluator = Evaluator(trained_resnet20.model, fashion_small, Budget(flops=0.5), evaluator_config_of(config))
+    plan = evaluator.graph.uniform_plan(0.5, round_to=4)
+    cut = cut_plan(config, trained_resnet20.model, trained_resnet20.info, plan, fashion_small)
+    scored = evaluator.build(plan)
+    x = fashion_small.test.images[:64]
+    with torch.no_grad():
+        assert torch.allclose(cut(x), scored(x), atol=1e-5)
+    assert evaluate_accuracy(cut, evaluator.val) == evaluator.evaluate(plan).accuracy
+
+
 def test_failed_evaluation_is_recorded_not_raised(cnn_evaluator, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
