@@ -121,7 +121,9 @@ MAIN_JOB = [
 @pytest.mark.slow
 def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    flags = ["--search.refine_steps", "10,30", "--finetune.epochs", "0.3", "--finetune.distill_weight", "0.5"]
+    # a first rung long enough (seconds) that the Ctrl-C below lands while it runs: with 10 steps the rung
+    # could end, and be recorded, between the trial's start and the signal on a fast machine
+    flags = ["--search.refine_steps", "40,50", "--finetune.epochs", "0.3", "--finetune.distill_weight", "0.5"]
     # Ctrl-C while a rung runs: Tune stops its trials and the job stops too (it used to go on with the
     # trials that had ended, or fail as if every trial had); the resume runs the unfinished rung again
     proc = subprocess.Popen(command(*MAIN_JOB, *flags, "--out", str(out)), stderr=subprocess.PIPE, text=True)
