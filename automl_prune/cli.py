@@ -321,7 +321,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a checkpoint to checkpoint + TorchScript + ONNX and check ONNX against torch."""
+    """Export a checkpoint to checkpoint + TorchScript + ONNX, each file checked against the model before it is written."""
     from automl_prune.export import export_checkpoint
 
     paths = export_checkpoint(args.checkpoint, args.out)
