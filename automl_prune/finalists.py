@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automl_prune.evaluator import Evaluator
-from automl_prune.measure.latency import SESSIONS, LatencyStats
+from automl_prune.measure.latency import SESSIONS, LatencyStats, round_ratio
 from automl_prune.measure.latency_model import Measured
 from automl_prune.types import Evaluation, Plan
 
@@ -119,31 +119,9 @@ class Finalist:
             "meets": self.meets,
             "remeasured": self.remeasured,
             "noisy": self.measured.noisy,
-            "ratio": self.measured.ratio,
-            "dense_at_fit": self.dense_at_fit,
             "latency": self.measured.stats.to_dict(),
             "dense_latency": self.measured.dense.to_dict(),
         }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], plan: Plan, evaluation: Evaluation) -> Finalist:
-        """The finalist :meth:`to_dict` wrote, for ``plan`` and its ``evaluation`` in the search."""
-
-        def stats(d: dict[str, Any]) -> LatencyStats:
-            return LatencyStats(**{**d, "rounds": tuple(d.get("rounds", ()))})
-
-        ratio = float(data["ratio"]) if "ratio" in data else 1.0 / float(data["measured_speedup"])
-        measured = Measured(plan, ratio, stats(data["latency"]), stats(data["dense_latency"]))
-        return cls(
-            plan,
-            evaluation,
-            measured,
-            float(data["objective"]),
-            float(data["margin"]),
-            bool(data["meets"]),
-            bool(data.get("remeasured", False)),
-            data.get("dense_at_fit"),
-        )
 
 
 @dataclass
@@ -180,9 +158,9 @@ def _objective(evaluator: Evaluator, e: Evaluation) -> float:
 
 
 def candidates(
-    evaluator: Evaluator, history: Sequence[tuple[Plan, Evaluation]], k: int | None
+    evaluator: Evaluator, history: Sequence[tuple[Plan, Evaluation]], k: int
 ) -> list[tuple[Plan, Evaluation]]:
-    """The ``k`` best distinct plans of a search that could meet the budget (all of them for ``k`` None).
+    """The ``k`` best distinct plans of a search that could meet the budget.
 
     Plans must have scored cleanly and meet the FLOPs and parameter terms (exact); their
     predicted latency may exceed the limit by up to :data:`SLACK` (the prediction can be
@@ -204,7 +182,7 @@ def candidates(
         seen.add(key)
         pool.append((plan, e))
     pool.sort(key=lambda pe: -_objective(evaluator, pe[1]))
-    return pool if k is None else pool[:k]
+    return pool[:k]
 
 
 def latency_margin(latency_ms: float | None, speedup: float | None, measured_ms: float, ratio: float) -> float:
@@ -259,7 +237,7 @@ def choose_finalist(
         saved = stored.get("finalists", [])
         if [f.get("plan") for f in saved] == [plan.to_dict() for plan, _ in pool]:
             logger.info("the %d finalists were measured earlier in this run: using those measurements", len(pool))
-            return _choice([Finalist.from_dict(d, plan, e) for d, (plan, e) in zip(saved, pool)])
+            return _choice([_restored(evaluator, d, plan, e) for d, (plan, e) in zip(saved, pool)])
         logger.warning("the stored finalists are not this search's: measuring them again")
     measured = evaluator.measure(
         [p for p, _ in pool], progress="finalists" if progress else None, rounds=MEASURE_ROUNDS
@@ -273,8 +251,7 @@ def choose_finalist(
                 [plan], rounds=REMEASURE_FACTOR * MEASURE_ROUNDS, sessions=REMEASURE_FACTOR * SESSIONS
             )
             margin, remeasured = _margin(evaluator, m), True
-        dense_at_fit = evaluator.latency_model.dense_ms if evaluator.latency_model is not None else None
-        finalist = Finalist(plan, e, m, _objective(evaluator, e), margin, margin >= 0.0, remeasured, dense_at_fit)
+        finalist = _finalist(evaluator, plan, e, m, remeasured)
         error = f"{finalist.error:+.1%}" if finalist.error is not None else "n/a"
         logger.info(
             "finalist %d: accuracy %.4f, predicted %s ms, measured %s, prediction error %s, %s",
@@ -287,6 +264,24 @@ def choose_finalist(
         )
         finalists.append(finalist)
     return _choice(finalists)
+
+
+def _finalist(evaluator: Evaluator, plan: Plan, e: Evaluation, m: Measured, remeasured: bool) -> Finalist:
+    """The finalist of ``plan`` measured as ``m``: objective, margin and verdict follow from the evaluator."""
+    margin = _margin(evaluator, m)
+    dense_at_fit = evaluator.latency_model.dense_ms if evaluator.latency_model is not None else None
+    return Finalist(plan, e, m, _objective(evaluator, e), margin, margin >= 0.0, remeasured, dense_at_fit)
+
+
+def _restored(evaluator: Evaluator, data: dict[str, Any], plan: Plan, e: Evaluation) -> Finalist:
+    """The finalist :meth:`Finalist.to_dict` wrote, rebuilt from its measurement (the rest follows from it)."""
+
+    def stats(d: dict[str, Any]) -> LatencyStats:
+        return LatencyStats(**{**d, "rounds": tuple(d.get("rounds", ()))})
+
+    latency, dense = stats(data["latency"]), stats(data["dense_latency"])
+    measured = Measured(plan, round_ratio(latency, dense), latency, dense)
+    return _finalist(evaluator, plan, e, measured, bool(data.get("remeasured", False)))
 
 
 def _choice(finalists: list[Finalist]) -> FinalistChoice:

@@ -616,7 +616,7 @@ def refine_outcome(
         ]
         pool = measured[: rc.top]
     else:  # nothing measured: only plans that meet every term as scored (a predicted latency included)
-        pool = [(plan, e) for plan, e in candidates(evaluator, outcome.result.history, None) if e.feasible][: rc.top]
+        pool = candidates(evaluator, [(plan, e) for plan, e in outcome.result.history if e.feasible], rc.top)
     if len(pool) < rc.top:
         logger.info("refining the %d distinct plan(s) that can ship (search.refine_top is %d)", len(pool), rc.top)
     if len(pool) < 2:
