@@ -439,14 +439,14 @@ def _open_run(args: argparse.Namespace, what: str) -> tuple[Any, Any] | None:
                 + (f"; got {', '.join(others)}" if others else "")
             )
         run = RunDirectory(args.resume, resume=True)
-        config = from_dict(run.config, f"'{run.path / 'config.yaml'}'")
+        stored = run.path / "config.yaml"
+        config = resolve(stored, given) if given else from_dict(run.config, f"'{stored}'")
+        if _printed(args, config):
+            return None
         if given:  # validated as flags, checked as a new run's would be, then stored for the next resume
-            config = resolve(run.path / "config.yaml", given)
-            if _printed(args, config):
-                return None
             preflight(config)
             run.amend(config.to_dict())
-        return None if _printed(args, config) else (run, config)
+        return run, config
     config = _resolve(args)
     if _printed(args, config):
         return None

@@ -49,8 +49,8 @@ class ExportPaths:
     checkpoint: Path | None
     torchscript: Path
     onnx: Path
-    torchscript_max_abs_diff: float = float("nan")
-    onnx_max_abs_diff: float = float("nan")
+    torchscript_max_abs_diff: float
+    onnx_max_abs_diff: float
 
 
 def check_onnx(model: nn.Module, path: str | os.PathLike[str], inputs: torch.Tensor) -> float:

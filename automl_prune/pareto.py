@@ -206,15 +206,14 @@ def read_plan_file(path: str | Path, point: int | None = None) -> tuple[Plan, in
     if point is not None:
         raise InvalidValueError(f"--point chooses a point of a Pareto front (pareto.json); '{path}' is a single plan")
     plan = Plan.from_dict(data)
-    for name in ("result.json", "export.json"):
-        beside = path.with_name(name)
-        if beside.is_file():
-            try:
-                run = json.loads(beside.read_text())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(run, dict) and _round_to(run.get("round_to")) is not None:
-                return plan, _round_to(run.get("round_to"))
+    for beside in (path.with_name("result.json"), path.with_name("export.json")):
+        try:
+            run = json.loads(beside.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        round_to = _round_to(run.get("round_to")) if isinstance(run, dict) else None
+        if round_to is not None:
+            return plan, round_to
     return plan, None
 
 

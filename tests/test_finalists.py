@@ -109,7 +109,7 @@ def test_without_measured_finalists_only_plans_predicted_to_meet_the_budget_are_
     refined: list[list[Plan]] = []
 
     class Captured(Exception):
-        pass
+        """Raised by the stand-in for `refine` once it has seen the candidates."""
 
     def capture(candidates, *args, **kwargs):
         refined.append([c.plan for c in candidates])
