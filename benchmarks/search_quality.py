@@ -14,7 +14,9 @@ printed); for every model, FLOPs budget, seed and strategy:
 
 A strategy named ``NAME+depth`` (``optuna+depth``) searches which residual blocks to remove
 (skip gates) as well as keep ratios, as a strategy that needs skip gates (``static_skip``) always
-does; its rows carry that name.
+does; its rows carry that name. A strategy named ``NAME@N`` (``static_skip@300``) searches with N
+cheap evaluations instead of ``--evaluations``, so searches of two lengths share one record and
+are paired with the same ``uniform`` and ``global`` fine-tunes.
 The choice of a plan never looks at the test set. The table gives mean +- std over seeds and
 the paired difference (same seed, same fine-tune arm) to ``uniform`` and to ``global``; a second
 table gives every seed's accuracy and differences, a third distilled minus labels-only accuracy of
@@ -77,6 +79,8 @@ PROTOCOL_STRATEGIES = ("uniform", "global", "random", "ddpg", "ppo", "reinforce"
 """The issue's strategies; a (model, budget) with fewer is reported as a reduced grid."""
 DEPTH = "+depth"
 """Suffix of a strategy that also searches which blocks to remove (skip gates), e.g. ``optuna+depth``."""
+LENGTH = "@"
+"""Separator of a strategy's own count of cheap evaluations, e.g. ``static_skip@300``."""
 ARMS = {"labels": 0.0, "distilled": 0.5}
 """Fine-tune arms: the distillation weight of each (temperature ``--distill-temperature``)."""
 
@@ -102,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--strategies",
         type=csv_list,
         default=list(PROTOCOL_STRATEGIES),
-        help=f"strategies; NAME{DEPTH} also searches which residual blocks to remove",
+        help=f"strategies; NAME{DEPTH} also searches which residual blocks to remove, NAME{LENGTH}N runs N evaluations",
     )
     p.add_argument("--evaluations", type=int_at_least(1), default=300, help="cheap evaluations per search")
     p.add_argument("--seeds", type=csv_ints, default=[0, 1, 2], help="search, refinement and fine-tune seeds")
@@ -133,6 +137,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in [*args.strategies, args.rank_strategy] if base_strategy(s) not in STRATEGIES]
     if unknown:
         p.error(STRATEGIES.unknown_message(unknown[0]))
+    for name in args.strategies:
+        try:
+            evaluations_of(name, args.evaluations)
+        except ValueError:
+            p.error(
+                f"bad strategy entry {name!r}: after {LENGTH!r} give a positive count of evaluations, e.g. optuna@300"
+            )
     bad_arms = [a for a in args.arms if a not in ARMS]
     if bad_arms:
         p.error(f"unknown fine-tune arm {bad_arms[0]!r}; valid arms: {', '.join(ARMS)}")
@@ -146,13 +157,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def base_strategy(name: str) -> str:
-    """The registered strategy behind a grid entry (``optuna+depth`` -> ``optuna``)."""
-    return name.removesuffix(DEPTH)
+    """The registered strategy behind a grid entry (``optuna+depth@300`` -> ``optuna``)."""
+    return name.partition(LENGTH)[0].removesuffix(DEPTH)
+
+
+def evaluations_of(name: str, default: int) -> int:
+    """The cheap evaluations of a grid entry: N for ``NAME@N``, else ``default``.
+
+    Raises:
+        ValueError: The count after ``@`` is not a positive integer.
+    """
+    _, sep, count = name.partition(LENGTH)
+    if not sep:
+        return default
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"not a positive count of evaluations: {count!r}")
+    return int(count)
 
 
 def searches_depth(name: str) -> bool:
     """Whether a grid entry's search space has skip gates (blocks to remove) besides keep ratios."""
-    return name.endswith(DEPTH) or STRATEGIES.get(base_strategy(name)).needs_skip_gates
+    return name.partition(LENGTH)[0].endswith(DEPTH) or STRATEGIES.get(base_strategy(name)).needs_skip_gates
 
 
 # --------------------------------------------------------------------------- state
@@ -257,7 +282,8 @@ def same_baseline(state: State, name: str, base: Any, epochs: float, data: DataS
 def search_cell(strategy: str, seed: int, ev: Evaluator, space: SearchSpace, args) -> dict[str, Any]:
     """One search: its best plan by the cheap score and its best distinct plans (for refinement)."""
     ev._cache.clear()  # every search pays for its own evaluations
-    result = get_strategy(base_strategy(strategy)).search(ev, space, max_evaluations=args.evaluations, seed=seed)
+    evaluations = evaluations_of(strategy, args.evaluations)
+    result = get_strategy(base_strategy(strategy)).search(ev, space, max_evaluations=evaluations, seed=seed)
     pool = best_distinct(ev, result.history, max(args.refine_top, 1))
     if not pool:  # no clean plan within the budget: the search's own best (reported as such)
         pool = [(result.best_plan, result.best_evaluation)]
@@ -540,6 +566,11 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         + (
             f" Strategies named NAME{DEPTH} (and static_skip) also chose residual blocks to remove."
             if any(searches_depth(r["strategy"]) for r in rows)
+            else ""
+        )
+        + (
+            f" A strategy named NAME{LENGTH}N searched with N cheap evaluations."
+            if any(LENGTH in r["strategy"] for r in rows)
             else ""
         ),
         "",
