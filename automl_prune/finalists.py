@@ -275,11 +275,7 @@ def _finalist(evaluator: Evaluator, plan: Plan, e: Evaluation, m: Measured, reme
 
 def _restored(evaluator: Evaluator, data: dict[str, Any], plan: Plan, e: Evaluation) -> Finalist:
     """The finalist :meth:`Finalist.to_dict` wrote, rebuilt from its measurement (the rest follows from it)."""
-
-    def stats(d: dict[str, Any]) -> LatencyStats:
-        return LatencyStats(**{**d, "rounds": tuple(d.get("rounds", ()))})
-
-    latency, dense = stats(data["latency"]), stats(data["dense_latency"])
+    latency, dense = LatencyStats.from_dict(data["latency"]), LatencyStats.from_dict(data["dense_latency"])
     measured = Measured(plan, round_ratio(latency, dense), latency, dense)
     return _finalist(evaluator, plan, e, measured, bool(data.get("remeasured", False)))
 

@@ -229,6 +229,11 @@ class LatencyStats:
         out["rounds"] = list(self.rounds)
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyStats:
+        """The statistics :meth:`to_dict` wrote."""
+        return cls(**{**data, "rounds": tuple(data.get("rounds", ()))})
+
 
 def round_ratio(numerator: LatencyStats, denominator: LatencyStats) -> float:
     """Median over rounds of ``numerator``'s round median over ``denominator``'s.
