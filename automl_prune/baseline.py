@@ -1,4 +1,9 @@
-"""Baseline models: train once, cache by what determines the result, reload instantly."""
+"""Baseline models: train once, cache by what determines the result, reload instantly.
+
+A baseline's training keeps a resume file beside its future checkpoint (``KEY.pt.resume``) while it
+runs, so a training that is interrupted (Ctrl-C, a lost machine) goes on where it stopped the next
+time the same baseline is asked for; the file goes once the checkpoint is written.
+"""
 
 from __future__ import annotations
 
@@ -67,6 +72,11 @@ def baseline_path(spec: ModelSpec, data: DataSplits, config: TrainConfig, cache_
     return baselines_dir(cache_dir) / f"{baseline_key(spec, data, config)}.pt"
 
 
+def resume_path(path: Path) -> Path:
+    """The resume file of the baseline whose checkpoint will be ``path``."""
+    return path.with_name(f"{path.name}.resume")
+
+
 def train_baseline(
     spec: ModelSpec,
     data: DataSplits,
@@ -75,6 +85,8 @@ def train_baseline(
     device: str | torch.device = "cpu",
 ) -> Baseline:
     """Return the baseline for (spec, data, config), training it only if it is not cached.
+
+    An interrupted training of the same baseline resumes from its resume file (see the module docstring).
 
     Args:
         spec: Model to train.
@@ -121,7 +133,8 @@ def _train_and_cache(
     """Train the baseline of (spec, data, config) and save it atomically at ``path``."""
     seed_everything(config.seed)
     model = build_model(spec).to(device)
-    result = train(model, data, config, description=f"train {spec.name}")
+    resume = resume_path(path)
+    result = train(model, data, config, description=f"train {spec.name}", checkpoint=resume)
     test_acc = evaluate_accuracy(result.model, data.test)
     result.model.cpu()
     info = CheckpointInfo(
@@ -136,6 +149,7 @@ def _train_and_cache(
         },
     )
     save_checkpoint(path, result.model, info)
+    resume.unlink(missing_ok=True)
     return Baseline(result.model, info, path, cached=False)
 
 

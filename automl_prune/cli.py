@@ -270,7 +270,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _resolve(args)
     if _printed(args, config):
         return 0
-    done = train_checkpoint(config, args.out)
+    try:
+        done = train_checkpoint(config, args.out)
+    except KeyboardInterrupt as exc:
+        print(
+            f"automl-prune: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; the training so far "
+            "is kept in the cache (saved after every epoch and every 5 minutes): the same command goes on from there",
+            file=sys.stderr,
+        )
+        return _interrupted_status(exc)
     _table(
         f"baseline {done.model} on {done.dataset}" + (" (cached)" if done.cached else ""),
         ["model", "epochs", "val acc", "test acc", "seconds", "checkpoint"],

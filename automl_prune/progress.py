@@ -57,6 +57,8 @@ class Progress:
         leave: Keep the terminal bar on screen when done.
         terminal: Force the terminal bar (True) or plain lines (False); default: whether
             standard error is a terminal.
+        initial: Units already done before this bar started (a resumed stage); they count
+            towards the total, not towards the rate.
     """
 
     def __init__(
@@ -68,11 +70,13 @@ class Progress:
         enabled: bool = True,
         leave: bool = True,
         terminal: bool | None = None,
+        initial: int = 0,
     ) -> None:
         self.total = total
         self.description = description
         self.unit = unit
-        self.n = 0
+        self.n = initial
+        self._initial = initial
         self.postfix: dict[str, Any] = {}
         self.enabled = enabled
         self.started = time.monotonic()
@@ -86,7 +90,7 @@ class Progress:
         if enabled and terminal:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=description, unit=unit, leave=leave)
+            self._bar = tqdm(total=total, desc=description, unit=unit, leave=leave, initial=initial)
 
     def __enter__(self) -> Progress:
         return self
@@ -111,7 +115,7 @@ class Progress:
     def line(self) -> str:
         """The plain progress line as it stands."""
         elapsed = time.monotonic() - self.started
-        rate = self.n / elapsed if elapsed > 0 else math.nan
+        rate = (self.n - self._initial) / elapsed if elapsed > 0 else math.nan
         parts = [f"{self.description}: {self.n}"]
         if self.total:
             parts[0] += f"/{self.total} {self.unit}s ({100.0 * self.n / self.total:.0f}%)"

@@ -6,6 +6,12 @@ Optionally adds the network-slimming L1 penalty on BatchNorm scales, and knowled
 distillation from a teacher (the dense model): the loss is
 ``(1 - w) * CE(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
 (Hinton et al.'s soft targets; :func:`distillation_loss`, :func:`student_loss`).
+
+A long training can keep a resume file (``train(..., checkpoint=PATH)``): everything the loop
+needs to go on (weights, optimiser momentum, schedule position, the best weights so far, the
+place in the current epoch's seeded batch order and the RNG state), written atomically after
+every epoch and every ``checkpoint_seconds``. Started again with the same file, the loop goes on
+from there and ends with the weights an uninterrupted run would have reached.
 """
 
 from __future__ import annotations
@@ -13,15 +19,19 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from automl_prune.data import DataSplits
-from automl_prune.errors import InvalidValueError
+from automl_prune.errors import CheckpointError, InvalidValueError
+from automl_prune.io import atomic_path
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.precision import autocast
 from automl_prune.progress import Progress
@@ -154,6 +164,8 @@ def train(
     description: str = "train",
     on_epoch_end: Callable[[int, nn.Module, float], None] | None = None,
     teacher: nn.Module | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_seconds: float = 300.0,
 ) -> TrainResult:
     """Train ``model`` in place on ``data.train``; return the best weights on ``data.search_val``.
 
@@ -164,9 +176,16 @@ def train(
         description: Progress bar label.
         on_epoch_end: Called with (epoch index, model, val accuracy) after each evaluated epoch.
         teacher: Teacher of the distillation term (``config.distill_weight > 0``); not modified.
+        checkpoint: Resume file: when it exists, training goes on from the state it holds (it must
+            have been written for the same ``config`` and architecture); the loop rewrites it after
+            every epoch and every ``checkpoint_seconds``. The caller removes it once the result is kept.
+        checkpoint_seconds: Seconds between two writes of the resume file inside an epoch.
 
     Returns:
         The trained model and its history.
+
+    Raises:
+        CheckpointError: ``checkpoint`` was written by another configuration or model.
     """
     if config.distill_weight > 0 and teacher is None:
         raise InvalidValueError("distill_weight > 0 needs a teacher model (the dense model)")
@@ -193,13 +212,48 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     best_acc, best_state = -1.0, None
     history: list[dict[str, float]] = []
-    step = 0
-    epoch = 0
-    bar = Progress(total_steps, description, "step", leave=False)
+    step = epoch = epoch_step = 0
+    running, seen = 0.0, 0
+    resume = Path(checkpoint) if checkpoint is not None else None
+    if resume is not None and resume.is_file():
+        state = _load_resume(resume, config, model, optimizer, scheduler)
+        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        running, seen = state["running"], state["seen"]
+        best_acc, best_state, history = state["best_acc"], state["best_state"], state["history"]
+        logger.info(
+            "%s: resuming at step %d of %d (epoch %d) from %s", description, step, total_steps, epoch + 1, resume
+        )
+
+    def save_resume() -> None:
+        if resume is None:
+            return
+        state = {
+            "format": RESUME_FORMAT,
+            "config": config.to_dict(),
+            "step": step,
+            "epoch": epoch,
+            "epoch_step": epoch_step,
+            "running": running,
+            "seen": seen,
+            "best_acc": best_acc,
+            "best_state": best_state,
+            "history": history,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        with atomic_path(resume) as tmp:
+            torch.save(state, tmp)
+
+    saved_at = time.monotonic()
+    bar = Progress(total_steps, description, "step", leave=False, initial=step)
     try:
         while step < total_steps:
             model.train()
-            running, seen = 0.0, 0
+            skip, epoch_step = epoch_step, 0  # batches of this epoch done before a resume
+            if not skip:
+                running, seen = 0.0, 0
             batches = data.train.batches(
                 config.batch_size,
                 shuffle=True,
@@ -207,6 +261,9 @@ def train(
                 drop_last=n_train >= config.batch_size,
             )
             for x, y in batches:
+                if epoch_step < skip:
+                    epoch_step += 1
+                    continue
                 if step >= total_steps:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -221,25 +278,70 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 step += 1
+                epoch_step += 1
                 running += loss.item() * len(y)
                 seen += len(y)
+                if resume is not None and time.monotonic() - saved_at >= checkpoint_seconds and step < total_steps:
+                    save_resume()
+                    saved_at = time.monotonic()
                 bar.update(1)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{running / max(seen, 1):.3f}")
             epoch += 1
+            epoch_step = 0
             record = {"epoch": epoch, "step": step, "train_loss": running / max(seen, 1)}
             if config.eval_every_epoch or step >= total_steps:
                 acc = evaluate_accuracy(model, data.search_val)
                 record["val_accuracy"] = acc
                 if acc > best_acc:
                     best_acc, best_state = acc, copy.deepcopy(model.state_dict())
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, model, acc)
                 logger.info("%s epoch %d: loss %.4f, val acc %.4f", description, epoch, record["train_loss"], acc)
             history.append(record)
+            save_resume()
+            saved_at = time.monotonic()
+            if on_epoch_end is not None and "val_accuracy" in record:
+                on_epoch_end(epoch, model, record["val_accuracy"])
     finally:
         bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model=model, val_accuracy=best_acc, history=history, steps=step)
+
+
+RESUME_FORMAT = 1
+"""Version of the resume file's layout (:func:`train`'s ``checkpoint``)."""
+
+
+def _load_resume(
+    path: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Load a resume file into ``model``, ``optimizer``, ``scheduler`` and the RNG; return its counters.
+
+    Raises:
+        CheckpointError: The file is unreadable, or was written for another configuration or model.
+    """
+    from automl_prune.weights import safe_load
+
+    state = safe_load(path, what="training resume file")
+    fix = f"delete '{path}' to train from the start"
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"'{path}' is not a training resume file of this version; {fix}")
+    if state["config"] != config.to_dict():
+        changed = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+        raise CheckpointError(
+            f"training resume file '{path}' was written with other training settings ({', '.join(changed)}); "
+            f"train with those settings again, or {fix}"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"training resume file '{path}' holds another model's weights; {fix}") from exc
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state
