@@ -275,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:
         print(
             f"automl-prune: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; the training so far "
-            "is kept in the cache (saved after every epoch and every 5 minutes): the same command goes on from there",
+            "is kept in the cache: the same command goes on from its last save",
             file=sys.stderr,
         )
         return _interrupted_status(exc)

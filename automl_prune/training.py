@@ -17,6 +17,7 @@ from there and ends with the weights an uninterrupted run would have reached.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -178,7 +179,7 @@ def train(
         teacher: Teacher of the distillation term (``config.distill_weight > 0``); not modified.
         checkpoint: Resume file: when it exists, training goes on from the state it holds (it must
             have been written for the same ``config`` and architecture); the loop rewrites it after
-            every epoch and every ``checkpoint_seconds``. The caller removes it once the result is kept.
+            every epoch but the last and every ``checkpoint_seconds``. The caller removes it once the result is kept.
         checkpoint_seconds: Seconds between two writes of the resume file inside an epoch.
 
     Returns:
@@ -251,8 +252,7 @@ def train(
     try:
         while step < total_steps:
             model.train()
-            skip, epoch_step = epoch_step, 0  # batches of this epoch done before a resume
-            if not skip:
+            if not epoch_step:  # else a resume inside this epoch: its first epoch_step batches are done
                 running, seen = 0.0, 0
             batches = data.train.batches(
                 config.batch_size,
@@ -260,10 +260,7 @@ def train(
                 seed=derive_seed(config.seed, "epoch", epoch),
                 drop_last=n_train >= config.batch_size,
             )
-            for x, y in batches:
-                if epoch_step < skip:
-                    epoch_step += 1
-                    continue
+            for x, y in itertools.islice(batches, epoch_step, None):
                 if step >= total_steps:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -297,8 +294,9 @@ def train(
                     best_acc, best_state = acc, copy.deepcopy(model.state_dict())
                 logger.info("%s epoch %d: loss %.4f, val acc %.4f", description, epoch, record["train_loss"], acc)
             history.append(record)
-            save_resume()
-            saved_at = time.monotonic()
+            if step < total_steps:  # the last state is the result itself, which the caller keeps
+                save_resume()
+                saved_at = time.monotonic()
             if on_epoch_end is not None and "val_accuracy" in record:
                 on_epoch_end(epoch, model, record["val_accuracy"])
     finally:
