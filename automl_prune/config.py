@@ -141,6 +141,10 @@ class SearchSection:
     refine_steps: list[int] = _opt(
         [50, 150, 450], "cumulative fine-tune steps at each refinement rung (the better half goes on)", ge=1
     )
+    refine_uniform: bool = _opt(
+        True,
+        "the uniform plan at the budget runs every refinement rung beside the finalists and ships if none beats it",
+    )
     only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
     init_policy: str | None = _opt(
         None,

@@ -597,7 +597,10 @@ def refine_outcome(
     The candidates are the finalists whose measurement meets a latency budget (outside the noise
     band when some do: :meth:`FinalistChoice.shippable`), or else the best
     distinct plans that meet every term as scored (a predicted latency against its tightened limit,
-    when no finalist was measured). Fewer than two: nothing to refine.
+    when no finalist was measured). Without measured finalists, ``search.refine_uniform`` adds the
+    uniform plan at the budget as a reference that runs every rung and ships if it leads the
+    last one (a finalist with its channel counts becomes the reference instead). Fewer than two
+    candidates: nothing to refine.
     """
     from automl_prune.finalists import candidates
     from automl_prune.refine import Candidate, refine
@@ -619,16 +622,24 @@ def refine_outcome(
         pool = candidates(evaluator, [(plan, e) for plan, e in outcome.result.history if e.feasible], rc.top)
     if len(pool) < rc.top:
         logger.info("refining the %d distinct plan(s) that can ship (search.refine_top is %d)", len(pool), rc.top)
-    if len(pool) < 2:
+    cands = [Candidate(plan, e) for plan, e in pool]
+    uniform = uniform_reference(config, evaluator) if choice is None and config.search.refine_uniform else None
+    if uniform is not None:  # it runs every rung: a finalist already, or one more candidate
+        key = evaluator.structure_key(uniform[0])
+        same = [c for c in cands if evaluator.structure_key(c.plan) == key]
+        if not same:
+            cands.append(Candidate(*uniform))
+        (same or cands[-1:])[0].reference = True
+    if len(cands) < 2:
         return outcome
     if stage is not None:
         stage(
-            f"      refining {len(pool)} plans: fine-tunes of {', '.join(map(str, rc.steps))} steps, "
-            "the better half going on (search.refine_top 0 turns it off)"
+            f"      refining {len(pool)} plans{' and the uniform plan' if len(cands) > len(pool) else ''}: fine-tunes of "
+            f"{', '.join(map(str, rc.steps))} steps, the better half going on (search.refine_top 0 turns it off)"
         )
-    starts = [evaluator.build(plan).cpu() for plan, _ in pool]  # trials move them to their own device
+    starts = [evaluator.build(c.plan).cpu() for c in cands]  # trials move them to their own device
     refinement = refine(
-        [Candidate(plan, e) for plan, e in pool],
+        cands,
         starts,
         evaluator.data.train,
         evaluator.data.search_val,
@@ -638,17 +649,39 @@ def refine_outcome(
         ray_address=config.parallel.ray_address,
     )
     chosen = refinement.candidates[refinement.chosen]
-    logger.info(
-        "refinement ships plan %d of %d: refined score %.4f (cheap score %.4f)",
-        refinement.chosen + 1,
-        len(pool),
-        refinement.score or float("nan"),
-        chosen.cheap,
-    )
+    if chosen.reference:
+        last = max(chosen.scores)
+        best = max(c.scores[last] for c in refinement.candidates if not c.reference and last in c.scores)
+        logger.warning(
+            "no searched plan beat the uniform plan after refinement (%.4f against the best searched %.4f on "
+            "search-val after %d steps): the uniform plan ships",
+            chosen.scores[last],
+            best,
+            last,
+        )
+    else:
+        logger.info(
+            "refinement ships plan %d of %d: refined score %.4f (cheap score %.4f)",
+            refinement.chosen + 1,
+            len(pool),
+            refinement.score or float("nan"),
+            chosen.cheap,
+        )
     if choice is not None:
         key = evaluator.structure_key(chosen.plan)
         choice.chosen = next(i for i, f in enumerate(choice.finalists) if evaluator.structure_key(f.plan) == key)
     return SearchOutcome(outcome.result, chosen.plan, chosen.evaluation, choice, refinement)
+
+
+def uniform_reference(config: Config, evaluator: Evaluator) -> tuple[Plan, Evaluation] | None:
+    """The uniform plan at the budget, the refinement's reference (None if it misses the budget as scored)."""
+    from automl_prune.strategy import make_strategy
+
+    result = make_strategy("uniform").search(evaluator, make_space(config, evaluator), 1, seed=config.seed)
+    if not result.best_evaluation.feasible:
+        logger.info("the uniform plan misses the budget as scored (%s): no reference", result.best_evaluation.reason)
+        return None
+    return result.best_plan, result.best_evaluation
 
 
 def cut_plan(

@@ -7,6 +7,12 @@ every candidate is trained to the first rung's step count and scored on the whol
 split, the better half goes on to the next rung's (cumulative) step count, and so on. The plan
 that ships is the best by the last rung's score: search-val only, never the test split.
 
+A *reference* candidate (the pipeline's uniform plan at the budget) runs every rung without
+being halved away, so the last rung holds it beside the searched survivors: a searched plan
+ships only where it beats the rule after the same fine-tune steps, and a search whose
+finalists all recover worse (plans that keep a residual stream at a few channels, say) ships
+the rule's plan instead.
+
 Each rung is one Ray Tune experiment whose trials are the surviving plans (one CPU each, so
 they run side by side on the local Ray instance or spread over a cluster joined by address);
 a trial reports its score and a Tune checkpoint of its weights and optimizer, and the next
@@ -119,11 +125,14 @@ class Candidate:
         plan: The plan.
         evaluation: Its evaluation by the search (the cheap score is ``evaluation.accuracy``).
         scores: Search-val accuracy after each rung it reached, by rung step count.
+        reference: A rule's plan that runs every rung (never halved away) for the searched
+            plans to beat; it ships when it leads at the last rung.
     """
 
     plan: Plan
     evaluation: Evaluation
     scores: dict[int, float] = field(default_factory=dict)
+    reference: bool = False
 
     @property
     def cheap(self) -> float:
@@ -137,6 +146,7 @@ class Candidate:
             "cheap_score": self.cheap,
             "flops_ratio": self.evaluation.flops_ratio,
             "scores": {str(k): v for k, v in self.scores.items()},
+            "reference": self.reference,
         }
 
 
@@ -176,6 +186,21 @@ class Refinement:
         last = self.config.steps[self.rungs_done - 1]
         return [i for i, c in enumerate(self.candidates) if last in c.scores]
 
+    def next_rung(self) -> list[int]:
+        """Candidates that run the next rung.
+
+        All of them at the first rung; after it, the better part (``config.keep``) of the searched
+        plans that ran the last rung, by its score, and every reference.
+        """
+        alive = self.alive()
+        if not self.rungs_done:
+            return alive
+        last = self.config.steps[self.rungs_done - 1]
+        searched = [i for i in alive if not self.candidates[i].reference]
+        ranked = sorted(searched, key=lambda i: (-self.candidates[i].scores[last], i))
+        kept = ranked[: self.config.survivors(len(searched))] if searched else []
+        return sorted(kept + [i for i in alive if self.candidates[i].reference])
+
     def choose(self) -> None:
         """Pick the best candidate at the highest completed rung."""
         alive = self.alive()
@@ -198,8 +223,8 @@ class Refinement:
 
 
 def _same_candidates(saved: dict[str, Any], config: RefineConfig, candidates: Sequence[Candidate]) -> bool:
-    plans = [c["plan"] for c in saved.get("candidates", [])]
-    return saved.get("config") == config.to_dict() and plans == [c.plan.to_dict() for c in candidates]
+    plans = [(c["plan"], c.get("reference", False)) for c in saved.get("candidates", [])]
+    return saved.get("config") == config.to_dict() and plans == [(c.plan.to_dict(), c.reference) for c in candidates]
 
 
 def load_refinement(path: Path, config: RefineConfig, candidates: list[Candidate]) -> Refinement:
@@ -412,11 +437,7 @@ def refine(
     try:
         models = {str(i): m.eval() for i, m in enumerate(starts)}
         for rung in range(refinement.rungs_done, len(config.steps)):
-            alive = refinement.alive()
-            if rung:
-                previous = config.steps[rung - 1]
-                ranked = sorted(alive, key=lambda i: (-candidates[i].scores[previous], i))
-                alive = sorted(ranked[: config.survivors(len(alive))])
+            alive = refinement.next_rung()
             logger.info(
                 "refinement rung %d/%d: %d plan(s) to %d steps",
                 rung + 1,
@@ -453,6 +474,16 @@ def plot_refinement(refinement: Refinement, path: Path) -> None:
         if points:
             xs, ys = zip(*points)
             ax.scatter(xs, ys, label=f"after {steps} steps", s=24 + 12 * rung)
+    for c in refinement.candidates:
+        if c.reference and c.scores:
+            ax.plot(
+                [c.cheap] * len(c.scores),
+                [c.scores[k] for k in sorted(c.scores)],
+                marker="s",
+                linestyle=":",
+                color="gray",
+                label="uniform plan (reference)",
+            )
     chosen = refinement.candidates[refinement.chosen]
     if chosen.scores:
         ax.scatter([chosen.cheap], [chosen.scores[max(chosen.scores)]], marker="*", s=220, color="black", label="ships")

@@ -570,9 +570,14 @@ def _refine_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         "## Refinement",
         "",
-        f"The {len(r['candidates'])} best distinct plans were fine-tuned briefly in rounds of successive halving "
+        f"The {sum(not c.get('reference') for c in r['candidates'])} best distinct plans were fine-tuned briefly in rounds of successive halving "
         f"(cumulative steps {', '.join(map(str, steps))}; the better half going on), scored on the whole search-val "
-        "split; the plan that ships is the best at the last rung (test images are never used to choose).",
+        "split; the plan that ships is the best at the last rung (test images are never used to choose)."
+        + (
+            " The uniform plan at the budget ran every rung as the reference the searched plans had to beat."
+            if any(c.get("reference") for c in r["candidates"])
+            else ""
+        ),
         "",
         "| plan | FLOPs ratio | cheap score | " + " | ".join(f"{s} steps" for s in steps) + " | |",
         "|---:|---:|---:|" + "---:|" * len(steps) + "---|",
@@ -580,7 +585,9 @@ def _refine_lines(report: dict[str, Any]) -> list[str]:
     for i, c in enumerate(r["candidates"]):
         scores = [f"{c['scores'][str(s)]:.4f}" if str(s) in c["scores"] else "" for s in steps]
         ratio = f"{c['flops_ratio']:.3f}" if c.get("flops_ratio") is not None else ""
-        mark = "ships" if i == r["chosen"] else ""
+        mark = ", ".join(
+            [*(["uniform plan (reference)"] if c.get("reference") else []), *(["ships"] if i == r["chosen"] else [])]
+        )
         lines.append(f"| {i + 1} | {ratio} | {c['cheap_score']:.4f} | " + " | ".join(scores) + f" | {mark} |")
     return [*lines, "", "![cheap score against refined score](refine.png)", ""]
 

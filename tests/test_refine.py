@@ -102,6 +102,35 @@ def test_refinement_picks_by_the_refined_score_logs_every_rung_and_resumes(
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "refine").iterdir()} == rung_dirs
 
 
+def test_the_reference_plan_runs_every_rung_and_ships_only_when_it_leads(trained_cnn, fashion_small) -> None:
+    """Successive halving drops searched plans only; the uniform reference reaches the last rung even when last."""
+    from automl_prune.refine import Refinement
+
+    evaluator = Evaluator(trained_cnn.model, fashion_small, Budget(flops=0.9), EvaluatorConfig(eval_size=500))
+    candidates = _candidates(evaluator, evaluator.graph)  # three searched plans
+    reference = Candidate(evaluator.graph.uniform_plan(0.3), evaluator.evaluate(evaluator.graph.uniform_plan(0.3)))
+    reference.reference = True
+    refinement = Refinement(RefineConfig(top=3, steps=(50, 150, 450)), [*candidates, reference])
+    assert refinement.next_rung() == [0, 1, 2, 3]
+    for c, score in zip(refinement.candidates, (0.80, 0.70, 0.75, 0.60)):  # the reference is last after 50 steps
+        c.scores[50] = score
+    refinement.rungs_done = 1
+    assert refinement.next_rung() == [0, 2, 3]  # two of three searched plans go on, and the reference
+    for i, score in ((0, 0.85), (2, 0.84), (3, 0.83)):
+        refinement.candidates[i].scores[150] = score
+    refinement.rungs_done = 2
+    assert refinement.next_rung() == [0, 3]
+    refinement.candidates[0].scores[450] = 0.86
+    refinement.candidates[3].scores[450] = 0.88
+    refinement.rungs_done = 3
+    refinement.choose()
+    assert refinement.chosen == 3 and refinement.score == 0.88  # the rule leads at the last rung: it ships
+    refinement.candidates[0].scores[450] = 0.89
+    refinement.choose()
+    assert refinement.chosen == 0  # a searched plan that beats it ships
+    assert [c["reference"] for c in refinement.to_dict()["candidates"]] == [False, False, False, True]
+
+
 def _interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], limit: float = 300) -> str:
     """Send SIGINT once ``ready()`` holds; return the command's stderr (it must have stopped within a minute)."""
     deadline = time.time() + limit
@@ -146,6 +175,10 @@ def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path
     assert report["finetune"]["distill_weight"] == 0.5
     md = (out / "report.md").read_text()
     assert "## Refinement" in md and "refine.png" in md and "the one the search scored" in md
+    # the uniform plan at the budget ran every rung beside the finalists (search.refine_uniform, on by default)
+    (reference,) = [c for c in refinement["candidates"] if c["reference"]]
+    assert set(reference["scores"]) == {"40", "50"} and "uniform plan (reference)" in md
+    assert len(refinement["candidates"]) <= 3 + 1
     # a run stopped after its refinement (no report yet) resumes without refining again
     (out / "report.json").unlink()
     proc = cli("-v", "search", "--resume", str(out))
