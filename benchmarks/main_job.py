@@ -23,8 +23,8 @@ from pathlib import Path
 from _common import cpu_model, load_average
 
 
-def run_once(args: list[str], out: Path, env: dict[str, str]) -> tuple[float, list[tuple[str, float]]]:
-    """Run the command; return its wall time and (stage line, seconds until the next stage)."""
+def run_once(args: list[str], out: Path, env: dict[str, str]) -> tuple[float, list[tuple[str, float]], list[str]]:
+    """Run the command; return its wall time, (stage line, seconds until the next stage) and its output lines."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "automl_prune.cli", "search", *args, "--out", str(out)],
@@ -34,15 +34,17 @@ def run_once(args: list[str], out: Path, env: dict[str, str]) -> tuple[float, li
         env=env,
     )
     stages: list[tuple[str, float]] = []
+    lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
         if line.startswith("[") or line.startswith("      refining"):  # stages, and refinement within the search
             stages.append((line.strip(), time.perf_counter()))
     if proc.wait() != 0:
         raise SystemExit(f"automl-prune search {' '.join(args)} failed with exit {proc.returncode}")
     end = time.perf_counter()
     marks = [t for _, t in stages] + [end]
-    return end - start, [(text, marks[i + 1] - marks[i]) for i, (text, _) in enumerate(stages)]
+    return end - start, [(text, marks[i + 1] - marks[i]) for i, (text, _) in enumerate(stages)], lines
 
 
 def main() -> None:
@@ -56,7 +58,7 @@ def main() -> None:
         print(f"command: automl-prune search {' '.join(extra)}".rstrip())
         for label, name in (("first run (baseline trained)", "first"), ("baseline cached", "cached")):
             out = Path(tmp) / name
-            wall, stages = run_once(extra, out, env)
+            wall, stages, lines = run_once(extra, out, env)
             print(f"\n{label}: {wall:.1f} s")
             for text, seconds in stages:
                 print(f"  {seconds:7.1f} s  {text}")
@@ -69,6 +71,8 @@ def main() -> None:
             + f"; budget met: {report['budget_met']}"
         )
         print(f"load average after: {load_average()}")
+        print("\noutput of the run with the baseline cached (runs/search stands for its directory):\n")
+        print("\n".join(line.replace(str(Path(tmp) / "cached"), "runs/search") for line in lines))
 
 
 if __name__ == "__main__":

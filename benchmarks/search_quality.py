@@ -12,6 +12,11 @@ printed); for every model, FLOPs budget, seed and strategy:
    recipe (``--finetune-epochs`` on all 55,000 images from the model the search scored), with
    labels only and with distillation from the dense model, tested on all 10,000 test images.
 
+The uniform plan is also refined alone, through every rung, on the same batches
+(``MODEL/flopsF/seedS/reference`` in the state). The pick ``refined+uniform`` is what the main
+job ships with ``search.refine_uniform`` (the uniform plan as a reference that runs every rung):
+the refinement's pick, or the uniform plan where its last-rung score is higher.
+
 A strategy named ``NAME+depth`` (``optuna+depth``) searches which residual blocks to remove
 (skip gates) as well as keep ratios, as a strategy that needs skip gates (``static_skip``) always
 does; its rows carry that name. A strategy named ``NAME@N`` (``static_skip@300``) searches with N
@@ -306,6 +311,25 @@ def refine_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: i
     }
 
 
+def reference_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: int, run_dir: Path, args) -> dict:
+    """The uniform plan's scores after every refinement rung (the reference the main job refines beside the finalists)."""
+    plan = Plan.from_dict(search["pool"][0]["plan"])
+    config = RefineConfig(top=1, steps=tuple(args.refine_steps), seed=seed)
+    refinement = refine(
+        [Candidate(plan, ev.evaluate(plan))], [ev.build(plan)], data.train, data.search_val, config, run_dir
+    )
+    return {"plan": plan.to_dict(), "scores": {str(k): v for k, v in refinement.candidates[0].scores.items()}}
+
+
+def reference_pick(refined: dict[str, Any], reference: dict[str, Any] | None) -> int | None:
+    """Index of the refinement's pick in its pool, or None where the uniform reference leads the last rung."""
+    chosen = refined["scores"][refined["chosen"]]
+    if reference is None or not chosen:
+        return refined["chosen"]
+    last = max(chosen, key=int)
+    return None if reference["scores"].get(last, -1.0) > chosen[last] else refined["chosen"]
+
+
 def run(args: argparse.Namespace, state: State) -> None:
     """Fill the state with every (model, budget, seed, strategy) of the grid."""
     data = load_dataset("fashion-mnist", args.data_dir, val_size=5000, seed=0)
@@ -339,6 +363,14 @@ def run(args: argparse.Namespace, state: State) -> None:
                         run_dir = args.work_dir / cell.replace("/", "_")
                         refined = state.get(f"{cell}/refine", refine_cell, search, ev, data, seed, run_dir, args)
                         chosen["refined"] = refined["chosen"]
+                        prefix = f"{name}/flops{fraction:g}/seed{seed}"
+                        if False not in spaces:
+                            spaces[False] = SearchSpace(ev, min_keep=args.min_keep, skip_gates=False)
+                        uniform = state.get(
+                            f"{prefix}/uniform/search", search_cell, "uniform", seed, ev, spaces[False], args
+                        )
+                        reference_dir = args.work_dir / f"{prefix.replace('/', '_')}_reference"
+                        state.get(f"{prefix}/reference", reference_cell, uniform, ev, data, seed, reference_dir, args)
                     plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
                     wanted = {(i, arm) for i in chosen.values() for arm in args.arms}
                     if strategy == args.rank_strategy and "refined" in chosen:
@@ -377,12 +409,19 @@ def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
         if len(parts) != 5 or parts[4] != "search":
             continue
         name, budget, seed, strategy = parts[:4]
-        choices = {"cheap": 0}
         refined = state.get(f"{name}/{budget}/{seed}/{strategy}/refine")
+        scores = refined["scores"] if refined is not None else [{} for _ in search["pool"]]
+        choices = {"cheap": (search["pool"][0], scores[0])}
         if refined is not None:
-            choices["refined"] = refined["chosen"]
-        for choice, index in choices.items():
-            c = search["pool"][index]
+            index = refined["chosen"]
+            choices["refined"] = (search["pool"][index], scores[index])
+            reference = state.get(f"{name}/{budget}/{seed}/reference")
+            uniform = state.get(f"{name}/{budget}/{seed}/uniform/search")
+            if reference is not None and uniform is not None:
+                index = reference_pick(refined, reference)
+                pick = (search["pool"][index], scores[index]) if index is not None else None
+                choices["refined+uniform"] = pick or (uniform["pool"][0], reference["scores"])
+        for choice, (c, rung_scores) in choices.items():
             plan = Plan.from_dict(c["plan"])
             for arm in ARMS:
                 test = state.get(f"{name}/{budget}/{seed}/finetune/{arm}/{plan_key(plan)}")
@@ -400,7 +439,7 @@ def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
                         "test": test,
                         "cheap": c["cheap"],
                         "flops_ratio": c["flops_ratio"],
-                        "refined": refined["scores"][index] if refined is not None else {},
+                        "refined": rung_scores,
                     }
                 )
     return rows
@@ -526,7 +565,7 @@ def distillation_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     pooled: dict[tuple, float] = {}  # each distinct plan once per (model, budget, seed)
     for r in rows:
         other = labels.get((r["model"], r["budget"], r["seed"], r["strategy"], r["choice"]))
-        if r["arm"] != "distilled" or other is None:
+        if r["arm"] != "distilled" or other is None or r["choice"] == "refined+uniform":  # its plans are in the others
             continue
         delta = 100.0 * (r["test"] - other["test"])
         groups.setdefault((r["model"], r["budget"], r["strategy"], r["choice"]), []).append(delta)
@@ -562,7 +601,8 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         f"round_to {args.round_to}; refinement of the best {args.refine_top} distinct plans in rungs of "
         f"{', '.join(map(str, args.refine_steps))} cumulative steps; fine-tune recipe {args.finetune_epochs:g} epoch "
         f"at lr {args.finetune_lr:g} ({_arms_text(args)}); test on all 10000 images. 'pick' is how the plan was chosen (cheap score or "
-        "refined score, both on search-val). Differences are paired by seed and fine-tune arm, in percentage points."
+        "refined score, both on search-val; refined+uniform: the refined pick, or the uniform plan where it scored "
+        "higher after the same rungs, what the main job ships). Differences are paired by seed and fine-tune arm, in percentage points."
         + (
             f" Strategies named NAME{DEPTH} (and static_skip) also chose residual blocks to remove."
             if any(searches_depth(r["strategy"]) for r in rows)
