@@ -534,7 +534,7 @@ def run_search(
                 first.setdefault(evaluator.structure_key(plan), i)
             for f in choice.finalists:
                 measured[first[evaluator.structure_key(f.plan)]] = f.measured_ms
-    outcome = refine_outcome(config, run, evaluator, outcome, stage)
+    outcome = refine_outcome(config, run, evaluator, outcome, stage, space)
     if outcome.finalists is not None:
         write_json(run.path / "finalists.json", outcome.finalists.to_dict())
     write_front(
@@ -590,7 +590,12 @@ def refine_config_of(config: Config) -> RefineConfig:
 
 
 def refine_outcome(
-    config: Config, run: RunDirectory, evaluator: Evaluator, outcome: SearchOutcome, stage: Stage | None = None
+    config: Config,
+    run: RunDirectory,
+    evaluator: Evaluator,
+    outcome: SearchOutcome,
+    stage: Stage | None = None,
+    space: SearchSpace | None = None,
 ) -> SearchOutcome:
     """Refine the best distinct plans that can ship (:mod:`automl_prune.refine`) and ship the best refined one.
 
@@ -599,7 +604,8 @@ def refine_outcome(
     distinct plans that meet every term as scored (a predicted latency against its tightened limit,
     when no finalist was measured). Without measured finalists, ``search.refine_uniform`` adds the
     uniform plan at the budget as a reference that runs every rung and ships if it leads the
-    last one (a finalist with its channel counts becomes the reference instead). Fewer than two
+    last one (a finalist with its channel counts becomes the reference instead); it is the uniform
+    plan of ``space``, the space searched (built from the config when not given). Fewer than two
     candidates: nothing to refine.
     """
     from automl_prune.finalists import candidates
@@ -623,13 +629,15 @@ def refine_outcome(
     if len(pool) < rc.top:
         logger.info("refining the %d distinct plan(s) that can ship (search.refine_top is %d)", len(pool), rc.top)
     cands = [Candidate(plan, e) for plan, e in pool]
-    uniform = uniform_reference(config, evaluator) if choice is None and config.search.refine_uniform else None
-    if uniform is not None:  # it runs every rung: a finalist already, or one more candidate
-        key = evaluator.structure_key(uniform[0])
-        same = [c for c in cands if evaluator.structure_key(c.plan) == key]
-        if not same:
-            cands.append(Candidate(*uniform))
-        (same or cands[-1:])[0].reference = True
+    if choice is None and config.search.refine_uniform:
+        uniform = uniform_reference(evaluator, space or make_space(config, evaluator), config.seed)
+        if uniform is not None:  # it runs every rung: a finalist already, or one more candidate
+            key = evaluator.structure_key(uniform[0])
+            reference = next((c for c in cands if evaluator.structure_key(c.plan) == key), None)
+            if reference is None:
+                reference = Candidate(*uniform)
+                cands.append(reference)
+            reference.reference = True
     if len(cands) < 2:
         return outcome
     if stage is not None:
@@ -673,11 +681,11 @@ def refine_outcome(
     return SearchOutcome(outcome.result, chosen.plan, chosen.evaluation, choice, refinement)
 
 
-def uniform_reference(config: Config, evaluator: Evaluator) -> tuple[Plan, Evaluation] | None:
-    """The uniform plan at the budget, the refinement's reference (None if it misses the budget as scored)."""
+def uniform_reference(evaluator: Evaluator, space: SearchSpace, seed: int) -> tuple[Plan, Evaluation] | None:
+    """The uniform plan of ``space``, the refinement's reference (None if it misses the budget as scored)."""
     from automl_prune.strategy import make_strategy
 
-    result = make_strategy("uniform").search(evaluator, make_space(config, evaluator), 1, seed=config.seed)
+    result = make_strategy("uniform").search(evaluator, space, 1, seed=seed)
     if not result.best_evaluation.feasible:
         logger.info("the uniform plan misses the budget as scored (%s): no reference", result.best_evaluation.reason)
         return None
