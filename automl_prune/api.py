@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from automl_prune.evaluator import Evaluator
 from automl_prune.io import write_json, write_text
 from automl_prune.models import ModelSpec
 from automl_prune.types import Plan
+
+if TYPE_CHECKING:
+    from automl_prune.refine import Refinement
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +152,9 @@ class PruningSearch:
         run_dir: Where the search wrote its evaluations, plan.json and result.json.
         plan: The plan that ships (best by the search, refined or measured when configured).
         score: Its search-val accuracy as the search scored it.
+        info: The checkpoint info of the dense model (of the fine-tuned one after :meth:`finetune`).
+        refinement: The refinement that chose ``plan`` (None when off); :meth:`finetune` starts from
+            its weights after the last rung (``finetune.from_refinement``).
     """
 
     model: nn.Module
@@ -159,6 +165,7 @@ class PruningSearch:
     plan: Plan
     score: float
     info: CheckpointInfo
+    refinement: Refinement | None = field(default=None, repr=False)
     _pruned: nn.Module | None = field(default=None, repr=False)
     _tuned: nn.Module | None = field(default=None, repr=False)
 
@@ -171,7 +178,8 @@ class PruningSearch:
     def finetune(self, epochs: float | None = None) -> nn.Module:
         """Fine-tune the pruned model on the training data (``finetune.*`` settings; ``epochs`` overrides).
 
-        Starts from the model the search scored and keeps the best epoch on the validation data.
+        Starts from the model the search scored (after the refinement's steps, when it ran) and keeps
+        the best epoch on the validation data.
         """
         from automl_prune.pipeline import prune_and_finetune
 
@@ -179,7 +187,9 @@ class PruningSearch:
         if epochs is not None:
             config = copy.deepcopy(config)
             config.finetune.epochs = float(epochs)
-        tuned, self.info = prune_and_finetune(config, self.model, self.info, self.plan, self.data, self.evaluator)
+        tuned, self.info = prune_and_finetune(
+            config, self.model, self.info, self.plan, self.data, self.evaluator, self.refinement
+        )
         self._tuned = tuned
         return tuned
 
@@ -355,4 +365,6 @@ def search(
     space = make_space(cfg, evaluator)
     outcome = run_search(cfg, run, evaluator, space, info.spec, progress=progress)
     logger.info("search done: plan with search-val score %.4f in %s", outcome.evaluation.accuracy, path)
-    return PruningSearch(model, data, cfg, evaluator, path, outcome.plan, outcome.evaluation.accuracy, info)
+    return PruningSearch(
+        model, data, cfg, evaluator, path, outcome.plan, outcome.evaluation.accuracy, info, outcome.refinement
+    )

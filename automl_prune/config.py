@@ -193,6 +193,11 @@ class FinetuneSection:
         le=1,
     )
     distill_temperature: float = _opt(4.0, "softmax temperature of the distillation term", gt=0)
+    from_refinement: bool = _opt(
+        True,
+        "start from the shipped plan's weights after its last refinement rung, its steps kept (false: from the "
+        "pruned model as the search scored it)",
+    )
 
 
 @dataclass

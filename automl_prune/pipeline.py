@@ -746,6 +746,7 @@ def prune_and_finetune(
     plan: Plan,
     data: DataSplits,
     evaluator: Evaluator | None = None,
+    refinement: Refinement | None = None,
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Cut ``plan`` out of the dense ``model`` and fine-tune it (distilling from ``model`` if configured).
 
@@ -753,10 +754,13 @@ def prune_and_finetune(
     model that is fine-tuned is the one the search scored: :meth:`Evaluator.build` (same criterion
     data, channel rounding, BN re-estimation and fitness steps), so its search-val accuracy right
     after pruning equals the search's score. Otherwise ``prune.criterion`` cuts the plan afresh.
+    Where ``refinement`` shipped this plan (and ``finetune.from_refinement`` is on), the fine-tune
+    starts from its weights after the last rung: the refinement's steps are kept, not redone.
 
     Returns:
         (the pruned, fine-tuned model, its checkpoint info; ``meta`` records the test accuracy
-        right after pruning, the search-val accuracy the search scored and the fine-tune settings).
+        right after pruning, the search-val accuracy the search scored, where the fine-tune
+        started and its settings).
     """
     from automl_prune.measure.accuracy import evaluate_accuracy
 
@@ -782,8 +786,38 @@ def prune_and_finetune(
         meta["as_scored"] = False
     meta["test_accuracy_before_finetune"] = evaluate_accuracy(pruned, data.test, limit=config.report.test_size)
     if config.finetune.epochs > 0:
+        if config.finetune.from_refinement and meta["as_scored"]:
+            meta["refined_start"] = start_from_refinement(pruned, plan, refinement, data)
         pruned, meta["finetune"] = finetune(config, pruned, data, teacher=model)
     return pruned.eval(), CheckpointInfo(info.spec, info.input_shape, plan, round_to, meta)
+
+
+def start_from_refinement(
+    pruned: nn.Module, plan: Plan, refinement: Refinement | None, data: DataSplits
+) -> dict[str, Any] | None:
+    """Load the refinement's weights of ``plan`` after its last rung into ``pruned`` (the model the search scored).
+
+    Returns:
+        The rung's step count, its refined score and the search-val accuracy of the loaded model
+        (the same images: equal to the score); None where the refinement did not ship ``plan``
+        or its checkpoint is gone (the fine-tune then starts from the pruned model).
+    """
+    from automl_prune.measure.accuracy import evaluate_accuracy
+
+    if refinement is None or not refinement.rungs_done or refinement.plan != plan:
+        return None
+    weights = refinement.chosen_weights(next(pruned.parameters()).device)
+    if weights is None:
+        logger.warning(
+            "the refinement's checkpoint of the shipped plan is gone: the fine-tune starts from the pruned model"
+        )
+        return None
+    pruned.load_state_dict(weights)
+    return {
+        "steps": refinement.chosen_steps,
+        "refined_score": refinement.score,
+        "search_val_accuracy": evaluate_accuracy(pruned, data.search_val),
+    }
 
 
 def _check_teacher(distill_weight: float, has_teacher: bool) -> None:
@@ -1002,7 +1036,7 @@ def run_job(config: Config, run: RunDirectory, stage: Stage = _log_stage, progre
         return JobResult(run.path, outcome, None)
     ft = f"fine-tune {config.finetune.epochs:g} epochs" if config.finetune.epochs > 0 else "no fine-tune"
     stage(f"[4/{total}] prune with {config.prune.criterion}, {ft}, export")
-    pruned, pruned_info = prune_and_finetune(config, model, info, outcome.plan, data, evaluator)
+    pruned, pruned_info = prune_and_finetune(config, model, info, outcome.plan, data, evaluator, outcome.refinement)
     paths = export_model(pruned, pruned_info, run.path, check_inputs=data.test.images[:8])
     export_model(model, info, run.path, stem="baseline", checkpoint=False, check_inputs=data.test.images[:8])
     write_json(

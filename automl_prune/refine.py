@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 REFINE_FILE = "refine.json"
 REFINE_PLOT = "refine.png"
+STATE_FILE = "state.pt"
 REFINE_DIR = "refine"
 """Ray Tune's experiment directories (one per rung), under the run directory."""
 
@@ -179,6 +180,19 @@ class Refinement:
         c = self.candidates[self.chosen]
         return c.scores[max(c.scores)] if c.scores else None
 
+    @property
+    def chosen_steps(self) -> int:
+        """Fine-tune steps behind the chosen plan's refined score (0 before any rung)."""
+        c = self.candidates[self.chosen]
+        return max(c.scores) if c.scores else 0
+
+    def chosen_weights(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+        """The chosen plan's weights after its last rung (None before any rung or when that checkpoint is gone)."""
+        directory = self.checkpoints.get(self.chosen)
+        if not self.rungs_done or not directory or not (Path(directory) / STATE_FILE).is_file():
+            return None
+        return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)["model"]
+
     def alive(self) -> list[int]:
         """Candidates that reached the last completed rung (all of them before the first)."""
         if self.rungs_done == 0:
@@ -253,7 +267,6 @@ def load_refinement(path: Path, config: RefineConfig, candidates: list[Candidate
 
 
 # ---------------------------------------------------------------------------- the Tune trial
-STATE_FILE = "state.pt"
 
 
 def _batches_from(train: TensorData, batch_size: int, seed: int, start: int) -> Any:

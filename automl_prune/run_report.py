@@ -289,6 +289,7 @@ def measure_run(run_dir: str | Path, config: Config, data: DataSplits) -> dict[s
         "pruned_before_finetune_test_accuracy": info.meta.get("test_accuracy_before_finetune"),
         "pruned_before_finetune_search_val_accuracy": info.meta.get("search_val_accuracy_after_prune"),
         "pruned_as_scored": info.meta.get("as_scored"),
+        "finetune_refined_start": info.meta.get("refined_start"),
         "chance_accuracy": 1.0 / data.num_classes,
         "finetune": info.meta.get("finetune"),
         "speedup": speedup,
@@ -473,6 +474,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if before is not None:
         ft = report.get("finetune")
         tail = f"after fine-tuning {ft['epochs']:g} epochs at lr {ft['lr']:g}" if ft else "(no fine-tune)"
+        start = report.get("finetune_refined_start")
+        if ft and start:
+            tail += (
+                f", from the refinement's weights after {start['steps']} steps ({start['search_val_accuracy']:.4f} "
+                "on search-val; finetune.from_refinement)"
+            )
         lines += [f"Test accuracy right after pruning: {before:.4f}; {new['test_accuracy']:.4f} {tail}.", ""]
     s = report["search"]
     if s.get("best_search_val_accuracy") is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +20,7 @@ from automl_prune.errors import InvalidValueError
 from automl_prune.evaluator import Evaluator, EvaluatorConfig
 from automl_prune.graph import LayerGraph
 from automl_prune.measure.accuracy import evaluate_accuracy
+from automl_prune.pipeline import start_from_refinement
 from automl_prune.refine import Candidate, RefineConfig, refine
 from automl_prune.training import TrainConfig, distillation_loss, train
 from automl_prune.types import Budget
@@ -71,7 +74,7 @@ def _candidates(evaluator: Evaluator, graph: LayerGraph) -> list[Candidate]:
 
 @pytest.mark.slow
 def test_refinement_picks_by_the_refined_score_logs_every_rung_and_resumes(
-    trained_cnn, fashion_small, tmp_path: Path
+    trained_cnn, fashion_small, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     model = trained_cnn.model
@@ -100,6 +103,17 @@ def test_refinement_picks_by_the_refined_score_logs_every_rung_and_resumes(
     )
     assert again.chosen == result.chosen and again.score == result.score
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "refine").iterdir()} == rung_dirs
+    # the final fine-tune can go on from the shipped plan's weights after its last rung
+    pruned = evaluator.build(result.plan)
+    start = start_from_refinement(pruned, result.plan, result, fashion_small)
+    assert start is not None and start["steps"] == 30
+    assert start["search_val_accuracy"] == pytest.approx(result.score, abs=1e-9)
+    other = next(c.plan for c in result.candidates if c.plan != result.plan)
+    assert start_from_refinement(evaluator.build(other), other, result, fashion_small) is None
+    shutil.rmtree(result.checkpoints[result.chosen])  # gone: the fine-tune starts from the pruned model
+    with caplog.at_level(logging.WARNING, logger="automl_prune.pipeline"):
+        assert start_from_refinement(evaluator.build(result.plan), result.plan, result, fashion_small) is None
+    assert "checkpoint of the shipped plan is gone" in caplog.text
 
 
 def test_the_reference_plan_runs_every_rung_and_ships_only_when_it_leads(trained_cnn, fashion_small) -> None:
@@ -173,8 +187,13 @@ def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path
     assert report["pruned_as_scored"] is True
     assert report["pruned_before_finetune_search_val_accuracy"] == pytest.approx(chosen["cheap_score"], abs=1e-9)
     assert report["finetune"]["distill_weight"] == 0.5
+    # the fine-tune went on from the shipped plan's weights after the last rung: same score on the same images
+    start = report["finetune_refined_start"]
+    assert start["steps"] == 50 and start["refined_score"] == refinement["refined_score"]
+    assert start["search_val_accuracy"] == pytest.approx(refinement["refined_score"], abs=1e-9)
     md = (out / "report.md").read_text()
     assert "## Refinement" in md and "refine.png" in md and "the one the search scored" in md
+    assert "from the refinement's weights after 50 steps" in md
     # the uniform plan at the budget ran every rung beside the finalists (search.refine_uniform, on by default)
     (reference,) = [c for c in refinement["candidates"] if c["reference"]]
     assert set(reference["scores"]) == {"40", "50"} and "uniform plan (reference)" in md
