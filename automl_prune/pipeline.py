@@ -806,7 +806,7 @@ def start_from_refinement(
 
     if refinement is None or not refinement.rungs_done or refinement.plan != plan:
         return None
-    weights = refinement.chosen_weights(next(pruned.parameters()).device)
+    weights = refinement.weights(refinement.chosen, next(pruned.parameters()).device)
     if weights is None:
         logger.warning(
             "the refinement's checkpoint of the shipped plan is gone: the fine-tune starts from the pruned model"

@@ -186,9 +186,9 @@ class Refinement:
         c = self.candidates[self.chosen]
         return max(c.scores) if c.scores else 0
 
-    def chosen_weights(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
-        """The chosen plan's weights after its last rung (None before any rung or when that checkpoint is gone)."""
-        directory = self.checkpoints.get(self.chosen)
+    def weights(self, index: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor] | None:
+        """Candidate ``index``'s weights after the last rung it ran (None before any rung or when that checkpoint is gone)."""
+        directory = self.checkpoints.get(index)
         if not self.rungs_done or not directory or not (Path(directory) / STATE_FILE).is_file():
             return None
         return torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)["model"]

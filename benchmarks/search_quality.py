@@ -70,7 +70,7 @@ from automl_prune.finalists import candidates as best_distinct
 from automl_prune.io import write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.models import ModelSpec
-from automl_prune.refine import Candidate, RefineConfig, refine
+from automl_prune.refine import Candidate, RefineConfig, Refinement, refine
 from automl_prune.search_spaces import SearchSpace
 from automl_prune.strategy import STRATEGIES, get_strategy
 from automl_prune.training import TrainConfig, train
@@ -86,8 +86,11 @@ DEPTH = "+depth"
 """Suffix of a strategy that also searches which blocks to remove (skip gates), e.g. ``optuna+depth``."""
 LENGTH = "@"
 """Separator of a strategy's own count of cheap evaluations, e.g. ``static_skip@300``."""
-ARMS = {"labels": 0.0, "distilled": 0.5}
+ARMS = {"labels": 0.0, "distilled": 0.5, "continued": 0.0}
 """Fine-tune arms: the distillation weight of each (temperature ``--distill-temperature``)."""
+CONTINUED = "continued"
+"""The arm that fine-tunes a refined plan from its weights after the refinement's last rung (labels only), as
+the main job does (``finetune.from_refinement``); uniform and global are refined alone for it."""
 
 
 # --------------------------------------------------------------------------- arguments
@@ -127,7 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refine-steps", type=csv_ints, default=[50, 150, 450], help="cumulative fine-tune steps per rung")
     p.add_argument("--finetune-epochs", type=float, default=1.0, help="epochs of the fine-tune recipe")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of the fine-tune recipe")
-    p.add_argument("--arms", type=csv_list, default=list(ARMS), help="fine-tune arms: labels, distilled")
+    p.add_argument("--arms", type=csv_list, default=list(ARMS), help="fine-tune arms: labels, distilled, continued")
     p.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--rank-strategy", default="random", help="whose refined candidates are all fine-tuned (Spearman)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (default: the dataset's default)")
@@ -215,9 +218,19 @@ def plan_key(plan: Plan) -> str:
 
 
 def finetune_test(
-    ev: Evaluator, plan: Plan, data: DataSplits, teacher: torch.nn.Module, arm: str, seed: int, args
+    ev: Evaluator,
+    plan: Plan,
+    data: DataSplits,
+    teacher: torch.nn.Module,
+    arm: str,
+    seed: int,
+    args,
+    start: dict[str, torch.Tensor] | None = None,
 ) -> float:
-    """Test accuracy of ``plan``'s scored model after the recipe's fine-tune in ``arm``."""
+    """Test accuracy of ``plan``'s scored model (with the weights ``start`` if given) after the recipe's fine-tune in ``arm``."""
+    model = ev.build(plan)
+    if start is not None:
+        model.load_state_dict(start)
     config = TrainConfig(
         epochs=args.finetune_epochs,
         lr=args.finetune_lr,
@@ -226,7 +239,7 @@ def finetune_test(
         distill_weight=ARMS[arm],
         distill_temperature=args.distill_temperature,
     )
-    tuned = train(ev.build(plan), data, config, description=f"finetune ({arm})", teacher=teacher).model
+    tuned = train(model, data, config, description=f"finetune ({arm})", teacher=teacher).model
     return evaluate_accuracy(tuned, data.test)
 
 
@@ -299,12 +312,16 @@ def search_cell(strategy: str, seed: int, ev: Evaluator, space: SearchSpace, arg
     }
 
 
-def refine_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: int, run_dir: Path, args) -> dict:
-    """The refinement of a search's pool: each candidate's rung scores and the chosen index."""
-    plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
+def refinement_of(plans: list[Plan], ev: Evaluator, data: DataSplits, seed: int, run_dir: Path, args) -> Refinement:
+    """The refinement of ``plans`` in ``run_dir`` (read back when it finished there, else run)."""
     cands = [Candidate(p, ev.evaluate(p)) for p in plans]
     config = RefineConfig(top=len(cands), steps=tuple(args.refine_steps), seed=seed)
-    refinement = refine(cands, [ev.build(p) for p in plans], data.train, data.search_val, config, run_dir)
+    return refine(cands, [ev.build(p) for p in plans], data.train, data.search_val, config, run_dir)
+
+
+def refine_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: int, run_dir: Path, args) -> dict:
+    """The refinement of a search's pool: each candidate's rung scores and the chosen index."""
+    refinement = refinement_of([Plan.from_dict(c["plan"]) for c in search["pool"]], ev, data, seed, run_dir, args)
     return {
         "chosen": refinement.chosen,
         "scores": [{str(k): v for k, v in c.scores.items()} for c in refinement.candidates],
@@ -312,13 +329,26 @@ def refine_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: i
 
 
 def reference_cell(search: dict[str, Any], ev: Evaluator, data: DataSplits, seed: int, run_dir: Path, args) -> dict:
-    """The uniform plan's scores after every refinement rung (the reference the main job refines beside the finalists)."""
+    """A rule's plan (uniform: the reference the main job refines beside the finalists) refined alone: its scores."""
     plan = Plan.from_dict(search["pool"][0]["plan"])
-    config = RefineConfig(top=1, steps=tuple(args.refine_steps), seed=seed)
-    refinement = refine(
-        [Candidate(plan, ev.evaluate(plan))], [ev.build(plan)], data.train, data.search_val, config, run_dir
-    )
+    refinement = refinement_of([plan], ev, data, seed, run_dir, args)
     return {"plan": plan.to_dict(), "scores": {str(k): v for k, v in refinement.candidates[0].scores.items()}}
+
+
+def refined_start(
+    plans: list[Plan], index: int, recorded: dict[str, float], ev: Evaluator, data: DataSplits, seed: int, run_dir, args
+) -> dict[str, torch.Tensor]:
+    """Plan ``index``'s weights after its last rung of the refinement of ``plans`` (refined again if its run is gone)."""
+    refinement = refinement_of(plans, ev, data, seed, run_dir, args)
+    scores = {str(k): v for k, v in refinement.candidates[index].scores.items()}
+    if scores != recorded:
+        logger.warning("%s: refined again with other scores (%s, recorded %s)", run_dir, scores, recorded)
+    weights = refinement.weights(index)
+    if weights is None:
+        raise SystemExit(
+            f"{run_dir}: the refinement holds no checkpoint of plan {index}; remove the directory and rerun"
+        )
+    return weights
 
 
 def reference_pick(refined: dict[str, Any], reference: dict[str, Any] | None) -> int | None:
@@ -372,12 +402,50 @@ def run(args: argparse.Namespace, state: State) -> None:
                         reference_dir = args.work_dir / f"{prefix.replace('/', '_')}_reference"
                         state.get(f"{prefix}/reference", reference_cell, uniform, ev, data, seed, reference_dir, args)
                     plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
-                    wanted = {(i, arm) for i in chosen.values() for arm in args.arms}
+                    wanted = {(i, arm) for i in chosen.values() for arm in args.arms if arm != CONTINUED}
                     if strategy == args.rank_strategy and "refined" in chosen:
                         wanted |= {(i, "labels") for i in range(len(plans))}
                     for i, arm in sorted(wanted):
                         key = f"{name}/flops{fraction:g}/seed{seed}/finetune/{arm}/{plan_key(plans[i])}"
                         state.get(key, finetune_test, ev, plans[i], data, model, arm, seed, args)
+                    if CONTINUED in args.arms:
+                        continued_cells(state, cell, search, ev, data, model, seed, args)
+
+
+def continued_cells(
+    state: State, cell: str, search: dict[str, Any], ev: Evaluator, data: DataSplits, teacher, seed: int, args
+) -> None:
+    """The ``continued`` arm of a grid entry: its shipped plans fine-tuned from their weights after the last rung.
+
+    uniform and global are refined alone (through every rung, on the same batches) for it; a
+    searched strategy's refined pick continues from its refinement, and where the uniform reference
+    leads that refinement's last rung (the ``refined+uniform`` pick), the uniform plan from its own.
+    """
+    prefix, _, strategy = cell.rpartition("/")
+    uniform_dir = args.work_dir / f"{prefix.replace('/', '_')}_reference"
+    todo: list[tuple[list[Plan], int, dict[str, float], Path]] = []
+    if base_strategy(strategy) in SINGLE_PLAN:
+        plan = Plan.from_dict(search["pool"][0]["plan"])
+        key, run_dir = f"{prefix}/reference", uniform_dir
+        if base_strategy(strategy) != "uniform":
+            key, run_dir = f"{cell}/reference", args.work_dir / f"{cell.replace('/', '_')}_reference"
+        record = state.get(key, reference_cell, search, ev, data, seed, run_dir, args)
+        todo.append(([plan], 0, record["scores"], run_dir))
+    else:
+        refined = state.data.get(f"{cell}/refine")
+        if refined is None:
+            return
+        plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
+        index = refined["chosen"]
+        todo.append((plans, index, refined["scores"][index], args.work_dir / cell.replace("/", "_")))
+        reference = state.data.get(f"{prefix}/reference")
+        if reference is not None and reference_pick(refined, reference) is None:
+            todo.append(([Plan.from_dict(reference["plan"])], 0, reference["scores"], uniform_dir))
+    for plans, index, recorded, run_dir in todo:
+        key = f"{prefix}/finetune/{CONTINUED}/{plan_key(plans[index])}"
+        if key not in state.data:
+            start = refined_start(plans, index, recorded, ev, data, seed, run_dir, args)
+            state.get(key, finetune_test, ev, plans[index], data, teacher, CONTINUED, seed, args, start)
 
 
 # --------------------------------------------------------------------------- report
@@ -396,6 +464,9 @@ def _arms_text(args: argparse.Namespace) -> str:
     return ", ".join(
         "labels only"
         if arm == "labels"
+        else "continued: labels only, from the plan's weights after the refinement's last rung (uniform and "
+        "global refined alone for it)"
+        if arm == CONTINUED
         else f"distilled from the dense model (w {ARMS[arm]:g}, T {args.distill_temperature:g})"
         for arm in args.arms
     )
@@ -424,6 +495,8 @@ def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
         for choice, (c, rung_scores) in choices.items():
             plan = Plan.from_dict(c["plan"])
             for arm in ARMS:
+                if arm == CONTINUED and choice == "cheap" and base_strategy(strategy) not in SINGLE_PLAN:
+                    continue  # a searched plan continues from its refinement only where that refinement picked it
                 test = state.get(f"{name}/{budget}/{seed}/finetune/{arm}/{plan_key(plan)}")
                 if test is None:
                     continue
