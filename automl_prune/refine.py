@@ -178,7 +178,7 @@ class Refinement:
     def score(self) -> float | None:
         """The chosen plan's refined score (None before any rung)."""
         c = self.candidates[self.chosen]
-        return c.scores[max(c.scores)] if c.scores else None
+        return c.scores[self.chosen_steps] if c.scores else None
 
     @property
     def chosen_steps(self) -> int:
