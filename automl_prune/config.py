@@ -31,7 +31,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 BUDGET_TERMS = ("flops", "params", "latency_ms", "speedup")
 RUNTIME_NAMES = ("onnxruntime", "torchscript", "torch")
 """The registered runtimes (kept equal to :data:`automl_prune.runtimes.RUNTIMES` by a test)."""
+REFINE_RULES = ("uniform", "global")
+"""The rules whose plan can run every refinement rung as a reference (``search.refine_rules``)."""
 
 
 @dataclass
@@ -141,9 +143,12 @@ class SearchSection:
     refine_steps: list[int] = _opt(
         [50, 150, 450], "cumulative fine-tune steps at each refinement rung (the better half goes on)", ge=1
     )
-    refine_uniform: bool = _opt(
-        True,
-        "the uniform plan at the budget runs every refinement rung beside the finalists and ships if none beats it",
+    refine_rules: list[str] = _opt(
+        ["uniform", "global"],
+        "rules whose plan at the budget runs every refinement rung beside the finalists and ships if none beats it "
+        "([] = none)",
+        choices=REFINE_RULES,
+        empty=True,
     )
     only: bool = _opt(False, "stop after the search (plan.json, result.json): no prune, fine-tune or report")
     init_policy: str | None = _opt(
@@ -410,7 +415,10 @@ def _describe(option: Option) -> str:
         text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
     limits = option.limits
     if "choices" in limits:
-        text = "one of " + ", ".join(limits["choices"])
+        listed = ", ".join(limits["choices"])
+        text = f"a list of names among {listed}" if typing.get_origin(tp) is list else f"one of {listed}"
+    if limits.get("empty"):
+        text += " (or [] for none)"
     bounds = []
     if "gt" in limits:
         bounds.append(f"> {limits['gt']:g}")
@@ -494,7 +502,7 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
         return dict(value)
     elif typing.get_origin(tp) is list:
         inner = typing.get_args(tp)[0]
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, list) or (not value and not option.limits.get("empty")):
             raise bad
         if inner is int and any(isinstance(v, bool) or not isinstance(v, int) for v in value):
             raise bad
@@ -503,6 +511,8 @@ def check_value(option: Option, value: Any, name: str | None = None) -> Any:
                 raise bad
             value = [str(v) for v in value]
         if "ge" in option.limits and any(v < option.limits["ge"] for v in value):
+            raise bad
+        if "choices" in option.limits and any(v not in option.limits["choices"] for v in value):
             raise bad
         if not option.limits.get("repeat") and len(set(value)) != len(value):
             raise InvalidValueError(f"{label} must not repeat an entry, got {raw!r}")
@@ -529,6 +539,10 @@ MIN_COUNT = 1000
 # --------------------------------------------------------------------------- building
 RENAMED_GROUPS = {"search.skipnet": "search.static_skip"}
 """Config groups under a former name (run directories written before the rename still load)."""
+REPLACED_KEYS: dict[str, tuple[str, Callable[[bool], Any]]] = {
+    "search.refine_uniform": ("search.refine_rules", lambda on: ["uniform"] if on else []),
+}
+"""Former true/false keys, each with the key that replaced it and the value it means there (old runs still load)."""
 
 
 def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
@@ -539,6 +553,8 @@ def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str
         if path in RENAMED_GROUPS:
             logger.info("%s: '%s' is now '%s'", source, path, RENAMED_GROUPS[path])
             path = RENAMED_GROUPS[path]
+        if path in REPLACED_KEYS:
+            path, value = _replaced(path, value, source)
         if path in GROUPS:
             if value is None:
                 continue
@@ -550,6 +566,15 @@ def _flatten(data: Mapping[str, Any], source: str, prefix: str = "") -> dict[str
         else:
             raise unknown_key_error(path, f"key in {source}:")
     return flat
+
+
+def _replaced(path: str, value: Any, source: str) -> tuple[str, Any]:
+    """A former key's (true/false) value as the key that replaced it and its value there."""
+    new, convert = REPLACED_KEYS[path]
+    if not isinstance(value, bool):
+        raise InvalidValueError(f"{source}: '{path}' (now '{new}') must be true or false, got {value!r}")
+    logger.info("%s: '%s: %s' is now '%s: %s'", source, path, str(value).lower(), new, convert(value))
+    return new, convert(value)
 
 
 def _apply(values: dict[str, Any], layer: dict[str, Any]) -> None:

@@ -602,11 +602,11 @@ def refine_outcome(
     The candidates are the finalists whose measurement meets a latency budget (outside the noise
     band when some do: :meth:`FinalistChoice.shippable`), or else the best
     distinct plans that meet every term as scored (a predicted latency against its tightened limit,
-    when no finalist was measured). Without measured finalists, ``search.refine_uniform`` adds the
-    uniform plan at the budget as a reference that runs every rung and ships if it leads the
-    last one (a finalist with its channel counts becomes the reference instead); it is the uniform
-    plan of ``space``, the space searched (built from the config when not given). Fewer than two
-    candidates: nothing to refine.
+    when no finalist was measured). Without measured finalists, each rule of ``search.refine_rules``
+    adds its plan at the budget as a reference that runs every rung and ships if it leads the
+    last one (a finalist, or an earlier rule's plan, with its channel counts becomes the reference
+    instead); the plans are the rules' on ``space``, the space searched (built from the config
+    when not given). Fewer than two candidates: nothing to refine.
     """
     from automl_prune.finalists import candidates
     from automl_prune.refine import Candidate, refine
@@ -629,20 +629,24 @@ def refine_outcome(
     if len(pool) < rc.top:
         logger.info("refining the %d distinct plan(s) that can ship (search.refine_top is %d)", len(pool), rc.top)
     cands = [Candidate(plan, e) for plan, e in pool]
-    if choice is None and config.search.refine_uniform:
-        uniform = uniform_reference(evaluator, space or make_space(config, evaluator), config.seed)
-        if uniform is not None:  # it runs every rung: a finalist already, or one more candidate
-            key = evaluator.structure_key(uniform[0])
+    if choice is None and config.search.refine_rules:
+        space = space or make_space(config, evaluator)
+        for rule, plan, evaluation in rule_references(config, evaluator, space):
+            key = evaluator.structure_key(plan)  # it runs every rung: a finalist already, or one more candidate
             reference = next((c for c in cands if evaluator.structure_key(c.plan) == key), None)
             if reference is None:
-                reference = Candidate(*uniform)
+                reference = Candidate(plan, evaluation)
                 cands.append(reference)
-            reference.reference = True
+            elif reference.reference:
+                logger.info("the %s plan is the %s plan: one reference", rule, reference.reference)
+            reference.reference = reference.reference or rule
     if len(cands) < 2:
         return outcome
     if stage is not None:
+        added = [c.reference for c in cands[len(pool) :]]
+        rules = f" and the {' and '.join(added)} plan{'s' if len(added) > 1 else ''}" if added else ""
         stage(
-            f"      refining {len(pool)} plans{' and the uniform plan' if len(cands) > len(pool) else ''}: fine-tunes of "
+            f"      refining {len(pool)} plans{rules}: fine-tunes of "
             f"{', '.join(map(str, rc.steps))} steps, the better half going on (search.refine_top 0 turns it off)"
         )
     starts = [evaluator.build(c.plan).cpu() for c in cands]  # trials move them to their own device
@@ -661,11 +665,13 @@ def refine_outcome(
         last = max(chosen.scores)
         best = max(c.scores[last] for c in refinement.candidates if not c.reference and last in c.scores)
         logger.warning(
-            "no searched plan beat the uniform plan after refinement (%.4f against the best searched %.4f on "
-            "search-val after %d steps): the uniform plan ships",
+            "no searched plan beat the %s plan after refinement (%.4f against the best searched %.4f on "
+            "search-val after %d steps): the %s plan ships",
+            chosen.reference,
             chosen.scores[last],
             best,
             last,
+            chosen.reference,
         )
     else:
         logger.info(
@@ -681,15 +687,24 @@ def refine_outcome(
     return SearchOutcome(outcome.result, chosen.plan, chosen.evaluation, choice, refinement)
 
 
-def uniform_reference(evaluator: Evaluator, space: SearchSpace, seed: int) -> tuple[Plan, Evaluation] | None:
-    """The uniform plan of ``space``, the refinement's reference (None if it misses the budget as scored)."""
+def rule_references(config: Config, evaluator: Evaluator, space: SearchSpace) -> list[tuple[str, Plan, Evaluation]]:
+    """Each rule of ``search.refine_rules`` with its plan on ``space``, the refinement's references.
+
+    A rule's plan is its one plan at the budget (``global`` with its ``search.global.*``
+    options); one that misses the budget as scored is left out, with a line in the log.
+    """
     from automl_prune.strategy import make_strategy
 
-    result = make_strategy("uniform").search(evaluator, space, 1, seed=seed)
-    if not result.best_evaluation.feasible:
-        logger.info("the uniform plan misses the budget as scored (%s): no reference", result.best_evaluation.reason)
-        return None
-    return result.best_plan, result.best_evaluation
+    out = []
+    for rule in config.search.refine_rules:
+        result = make_strategy(rule, config.search.options_of(rule)).search(evaluator, space, 1, seed=config.seed)
+        if not result.best_evaluation.feasible:
+            logger.info(
+                "the %s plan misses the budget as scored (%s): no reference", rule, result.best_evaluation.reason
+            )
+            continue
+        out.append((rule, result.best_plan, result.best_evaluation))
+    return out
 
 
 def cut_plan(

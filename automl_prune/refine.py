@@ -7,11 +7,11 @@ every candidate is trained to the first rung's step count and scored on the whol
 split, the better half goes on to the next rung's (cumulative) step count, and so on. The plan
 that ships is the best by the last rung's score: search-val only, never the test split.
 
-A *reference* candidate (the pipeline's uniform plan at the budget) runs every rung without
-being halved away, so the last rung holds it beside the searched survivors: a searched plan
-ships only where it beats the rule after the same fine-tune steps, and a search whose
-finalists all recover worse (plans that keep a residual stream at a few channels, say) ships
-the rule's plan instead.
+A *reference* candidate (the pipeline's plan of a rule at the budget: uniform, Torch-Pruning's
+global threshold) runs every rung without being halved away, so the last rung holds it beside
+the searched survivors: a searched plan ships only where it beats the rules after the same
+fine-tune steps, and a search whose finalists all recover worse (plans that keep a residual
+stream at a few channels, say) ships the best rule's plan instead.
 
 Each rung is one Ray Tune experiment whose trials are the surviving plans (one CPU each, so
 they run side by side on the local Ray instance or spread over a cluster joined by address);
@@ -126,14 +126,15 @@ class Candidate:
         plan: The plan.
         evaluation: Its evaluation by the search (the cheap score is ``evaluation.accuracy``).
         scores: Search-val accuracy after each rung it reached, by rung step count.
-        reference: A rule's plan that runs every rung (never halved away) for the searched
-            plans to beat; it ships when it leads at the last rung.
+        reference: The rule (``"uniform"``, ``"global"``) whose plan this is when it is a
+            reference, which runs every rung (never halved away) for the searched plans to
+            beat and ships when it leads at the last rung; ``""`` for a searched plan.
     """
 
     plan: Plan
     evaluation: Evaluation
     scores: dict[int, float] = field(default_factory=dict)
-    reference: bool = False
+    reference: str = ""
 
     @property
     def cheap(self) -> float:
@@ -236,8 +237,19 @@ class Refinement:
         }
 
 
+REFERENCE_COLOURS = {"uniform": "gray", "global": "saddlebrown"}
+"""Line colour of each rule's reference in ``refine.png``."""
+
+
+def reference_rule(saved: Any) -> str:
+    """A recorded candidate's reference rule (``refine.json`` held true/false while uniform was the only one)."""
+    if isinstance(saved, bool):
+        return "uniform" if saved else ""
+    return str(saved or "")
+
+
 def _same_candidates(saved: dict[str, Any], config: RefineConfig, candidates: Sequence[Candidate]) -> bool:
-    plans = [(c["plan"], c.get("reference", False)) for c in saved.get("candidates", [])]
+    plans = [(c["plan"], reference_rule(c.get("reference"))) for c in saved.get("candidates", [])]
     return saved.get("config") == config.to_dict() and plans == [(c.plan.to_dict(), c.reference) for c in candidates]
 
 
@@ -494,8 +506,8 @@ def plot_refinement(refinement: Refinement, path: Path) -> None:
                 [c.scores[k] for k in sorted(c.scores)],
                 marker="s",
                 linestyle=":",
-                color="gray",
-                label="uniform plan (reference)",
+                color=REFERENCE_COLOURS.get(c.reference, "gray"),
+                label=f"{c.reference} plan (reference)",
             )
     chosen = refinement.candidates[refinement.chosen]
     if chosen.scores:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from automl_prune.checkpoint import load_checkpoint
-from automl_prune.config import Config
+from automl_prune.config import REFINE_RULES, Config
 from automl_prune.data import DataSplits
 from automl_prune.errors import InvalidValueError
 from automl_prune.export import EXPORT_TOLERANCE
@@ -42,6 +42,7 @@ from automl_prune.graph import LayerGraph, count_cost
 from automl_prune.io import atomic_path, write_json, write_text
 from automl_prune.measure.accuracy import evaluate_accuracy
 from automl_prune.measure.latency import SESSIONS, LatencyStats, cpu_model_name, measure_interleaved, round_ratio
+from automl_prune.refine import reference_rule
 from automl_prune.report import best_so_far
 from automl_prune.runtimes import Runner, Runtime, get_runtime
 from automl_prune.types import Budget, Evaluation
@@ -574,15 +575,19 @@ def _refine_lines(report: dict[str, Any]) -> list[str]:
     if not r or not r.get("rungs_done"):
         return []
     steps = r["config"]["steps"][: r["rungs_done"]]
+    present = {reference_rule(c.get("reference")) for c in r["candidates"]}
+    rules = " and ".join(rule for rule in REFINE_RULES if rule in present)
+    plural = "s" if " and " in rules else ""
     lines = [
         "## Refinement",
         "",
-        f"The {sum(not c.get('reference') for c in r['candidates'])} best distinct plans were fine-tuned briefly in rounds of successive halving "
+        f"The search's best distinct plans{f' and the {rules} plan{plural} at the budget' if rules else ''} "
+        f"({len(r['candidates'])} plans) were fine-tuned briefly in rounds of successive halving "
         f"(cumulative steps {', '.join(map(str, steps))}; the better half going on), scored on the whole search-val "
         "split; the plan that ships is the best at the last rung (test images are never used to choose)."
         + (
-            " The uniform plan at the budget ran every rung as the reference the searched plans had to beat."
-            if any(c.get("reference") for c in r["candidates"])
+            f" The {rules} plan{plural} ran every rung as the reference the searched plans had to beat."
+            if rules
             else ""
         ),
         "",
@@ -593,7 +598,10 @@ def _refine_lines(report: dict[str, Any]) -> list[str]:
         scores = [f"{c['scores'][str(s)]:.4f}" if str(s) in c["scores"] else "" for s in steps]
         ratio = f"{c['flops_ratio']:.3f}" if c.get("flops_ratio") is not None else ""
         mark = ", ".join(
-            [*(["uniform plan (reference)"] if c.get("reference") else []), *(["ships"] if i == r["chosen"] else [])]
+            [
+                *([f"{reference_rule(c['reference'])} plan (reference)"] if c.get("reference") else []),
+                *(["ships"] if i == r["chosen"] else []),
+            ]
         )
         lines.append(f"| {i + 1} | {ratio} | {c['cheap_score']:.4f} | " + " | ".join(scores) + f" | {mark} |")
     return [*lines, "", "![cheap score against refined score](refine.png)", ""]

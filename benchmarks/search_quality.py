@@ -13,9 +13,12 @@ printed); for every model, FLOPs budget, seed and strategy:
    labels only and with distillation from the dense model, tested on all 10,000 test images.
 
 The uniform plan is also refined alone, through every rung, on the same batches
-(``MODEL/flopsF/seedS/reference`` in the state). The pick ``refined+uniform`` is what the main
-job ships with ``search.refine_uniform`` (the uniform plan as a reference that runs every rung):
-the refinement's pick, or the uniform plan where its last-rung score is higher.
+(``MODEL/flopsF/seedS/reference`` in the state), and so is the global plan where the
+``continued`` arm ran (``MODEL/flopsF/seedS/global/reference``). The pick ``refined+rules`` is
+what the main job ships with ``search.refine_rules`` at its default (the uniform and global
+plans as references that run every rung): the refinement's pick, or the rule's plan whose
+last-rung score is higher; ``refined+uniform`` is the same with the uniform plan alone (the
+earlier default).
 
 A strategy named ``NAME+depth`` (``optuna+depth``) searches which residual blocks to remove
 (skip gates) as well as keep ratios, as a strategy that needs skip gates (``static_skip``) always
@@ -351,13 +354,41 @@ def refined_start(
     return weights
 
 
-def reference_pick(refined: dict[str, Any], reference: dict[str, Any] | None) -> int | None:
-    """Index of the refinement's pick in its pool, or None where the uniform reference leads the last rung."""
-    chosen = refined["scores"][refined["chosen"]]
-    if reference is None or not chosen:
-        return refined["chosen"]
-    last = max(chosen, key=int)
-    return None if reference["scores"].get(last, -1.0) > chosen[last] else refined["chosen"]
+REFERENCES = {"refined+uniform": ("uniform",), "refined+rules": ("uniform", "global")}
+"""The main job's picks with the rules' plans as references (``search.refine_rules``): which rules run the rungs."""
+
+
+def reference_record(state: dict[str, Any], prefix: str, rule: str) -> dict[str, Any] | None:
+    """The record of ``rule``'s plan refined alone (plan and rung scores) for ``prefix``, or None."""
+    return state.get(f"{prefix}/reference" if rule == "uniform" else f"{prefix}/{rule}/reference")
+
+
+def reference_picks(
+    state: dict[str, Any], prefix: str, search: dict[str, Any], refined: dict[str, Any]
+) -> dict[str, tuple[dict[str, Any], dict[str, float], str]]:
+    """What the main job ships with each set of rules as references, by pick name.
+
+    Each value is (pool entry, rung scores, source): the refined pick (source ``""``), or the rule
+    whose plan, refined alone on the same batches, scores higher at the last rung (the first such
+    rule on a tie, as the main job orders them). A pick is left out where a rule's record is missing.
+    """
+    index = refined["chosen"]
+    chosen = (search["pool"][index], refined["scores"][index], "")
+    out = {}
+    for name, rules in REFERENCES.items():
+        records = [
+            (rule, reference_record(state, prefix, rule), state.get(f"{prefix}/{rule}/search")) for rule in rules
+        ]
+        if any(r is None or s is None for _, r, s in records):
+            continue
+        best = chosen
+        if chosen[1]:
+            last = max(chosen[1], key=int)
+            for rule, record, rule_search in records:
+                if record["scores"].get(last, -1.0) > best[1].get(last, -1.0):
+                    best = (rule_search["pool"][0], record["scores"], rule)
+        out[name] = best
+    return out
 
 
 def run(args: argparse.Namespace, state: State) -> None:
@@ -418,8 +449,9 @@ def continued_cells(
     """The ``continued`` arm of a grid entry: its shipped plans fine-tuned from their weights after the last rung.
 
     uniform and global are refined alone (through every rung, on the same batches) for it; a
-    searched strategy's refined pick continues from its refinement, and where the uniform reference
-    leads that refinement's last rung (the ``refined+uniform`` pick), the uniform plan from its own.
+    searched strategy's refined pick continues from its refinement, and where a rule's reference
+    leads that refinement's last rung (the ``refined+uniform`` and ``refined+rules`` picks), the
+    rule's plan from its own.
     """
     prefix, _, strategy = cell.rpartition("/")
     uniform_dir = args.work_dir / f"{prefix.replace('/', '_')}_reference"
@@ -438,9 +470,11 @@ def continued_cells(
         plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
         index = refined["chosen"]
         todo.append((plans, index, refined["scores"][index], args.work_dir / cell.replace("/", "_")))
-        reference = state.data.get(f"{prefix}/reference")
-        if reference is not None and reference_pick(refined, reference) is None:
-            todo.append(([Plan.from_dict(reference["plan"])], 0, reference["scores"], uniform_dir))
+        for entry, scores, rule in reference_picks(state.data, prefix, search, refined).values():
+            if rule:  # a rule's plan ships: it continues from its own refinement
+                suffix = "_reference" if rule == "uniform" else f"_{rule}_reference"
+                run_dir = args.work_dir / f"{prefix.replace('/', '_')}{suffix}"
+                todo.append(([Plan.from_dict(entry["plan"])], 0, scores, run_dir))
     for plans, index, recorded, run_dir in todo:
         key = f"{prefix}/finetune/{CONTINUED}/{plan_key(plans[index])}"
         if key not in state.data:
@@ -486,12 +520,10 @@ def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
         if refined is not None:
             index = refined["chosen"]
             choices["refined"] = (search["pool"][index], scores[index])
-            reference = state.get(f"{name}/{budget}/{seed}/reference")
-            uniform = state.get(f"{name}/{budget}/{seed}/uniform/search")
-            if reference is not None and uniform is not None:
-                index = reference_pick(refined, reference)
-                pick = (search["pool"][index], scores[index]) if index is not None else None
-                choices["refined+uniform"] = pick or (uniform["pool"][0], reference["scores"])
+            for pick, (entry, rung_scores, _) in reference_picks(
+                state, f"{name}/{budget}/{seed}", search, refined
+            ).items():
+                choices[pick] = (entry, rung_scores)
         for choice, (c, rung_scores) in choices.items():
             plan = Plan.from_dict(c["plan"])
             for arm in ARMS:
@@ -567,7 +599,8 @@ def _table_order(args: argparse.Namespace) -> Callable[[tuple[str, str, str, str
     """Sort key for :func:`_group_key` tuples: model, budget descending, arm (labels first), strategy order, pick."""
     order = {s: i for i, s in enumerate(args.strategies)}
     arms = {a: i for i, a in enumerate(ARMS)}
-    return lambda k: (k[0], -float(k[1][5:]), arms.get(k[4], -1), order.get(k[2], 99), k[3])
+    picks = {p: i for i, p in enumerate(("cheap", "refined", *REFERENCES))}
+    return lambda k: (k[0], -float(k[1][5:]), arms.get(k[4], -1), order.get(k[2], 99), picks.get(k[3], 99), k[3])
 
 
 def _paired(row: dict[str, Any], ref: str, index: dict[tuple, dict[str, Any]]) -> float | None:
@@ -638,7 +671,7 @@ def distillation_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
     pooled: dict[tuple, float] = {}  # each distinct plan once per (model, budget, seed)
     for r in rows:
         other = labels.get((r["model"], r["budget"], r["seed"], r["strategy"], r["choice"]))
-        if r["arm"] != "distilled" or other is None or r["choice"] == "refined+uniform":  # its plans are in the others
+        if r["arm"] != "distilled" or other is None or r["choice"] in REFERENCES:  # its plans are in the others
             continue
         delta = 100.0 * (r["test"] - other["test"])
         groups.setdefault((r["model"], r["budget"], r["strategy"], r["choice"]), []).append(delta)
@@ -675,7 +708,8 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         f"{', '.join(map(str, args.refine_steps))} cumulative steps; fine-tune recipe {args.finetune_epochs:g} epoch "
         f"at lr {args.finetune_lr:g} ({_arms_text(args)}); test on all 10000 images. 'pick' is how the plan was chosen (cheap score or "
         "refined score, both on search-val; refined+uniform: the refined pick, or the uniform plan where it scored "
-        "higher after the same rungs, what the main job ships). Differences are paired by seed and fine-tune arm, in percentage points."
+        "higher after the same rungs; refined+rules: the same with the uniform and global plans, what the main job "
+        "ships). Differences are paired by seed and fine-tune arm, in percentage points."
         + (
             f" Strategies named NAME{DEPTH} (and static_skip) also chose residual blocks to remove."
             if any(searches_depth(r["strategy"]) for r in rows)

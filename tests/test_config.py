@@ -194,3 +194,19 @@ def test_the_static_skip_search_is_named_for_what_it_is(tmp_path: Path) -> None:
     assert old.search.static_skip.compute_penalty == 0.2
     with pytest.raises(UnknownNameError, match="now 'static_skip'.*`automl-prune skipnet`"):
         check_names(from_dict({"search": {"strategy": "skipnet"}}))
+
+
+def test_the_refinement_rules_are_a_list_of_known_rules_and_may_be_empty(tmp_path: Path) -> None:
+    assert Config().search.refine_rules == ["uniform", "global"]
+    assert resolve(None, {"search.refine_rules": "[]"}).search.refine_rules == []
+    assert resolve(None, {"search.refine_rules": "global"}).search.refine_rules == ["global"]
+    with pytest.raises(
+        InvalidValueError,
+        match="refine_rules must be a list of names among uniform, global \\(or \\[\\] for none\\), got 'uniform,random'",
+    ):
+        resolve(None, {"search.refine_rules": "uniform,random"})
+    # a run directory written while the uniform plan was the one reference (a true/false key) still loads
+    assert from_dict({"search": {"refine_uniform": True}}, "runs/old/config.yaml").search.refine_rules == ["uniform"]
+    assert from_dict({"search": {"refine_uniform": False}}, "runs/old/config.yaml").search.refine_rules == []
+    with pytest.raises(InvalidValueError, match="'search.refine_uniform' \\(now 'search.refine_rules'\\) must be true"):
+        from_dict({"search": {"refine_uniform": "yes please"}}, "c.yaml")

@@ -112,17 +112,21 @@ def test_without_measured_finalists_only_plans_predicted_to_meet_the_budget_are_
         """Raised by the stand-in for `refine` once it has seen the candidates."""
 
     def capture(candidates, *args, **kwargs):
-        refined.append([c.plan for c in candidates])
+        refined.append([c for c in candidates])
         raise Captured
 
     monkeypatch.setattr(refine, "refine", capture)
     config = resolve(None, {"budget.speedup": "1.3", "search.finalists": "0", "search.refine_top": "4"})
     with pytest.raises(Captured):
         refine_outcome(config, RunDirectory(tmp_path / "run", config.to_dict()), honest, SearchOutcome(result, plan, e))
-    (plans,) = refined
+    (candidates,) = refined
     feasible = {honest.structure_key(p) for p, e in history if e.feasible}
-    assert plans and all(honest.structure_key(p) in feasible for p in plans)
-    assert honest.structure_key(over) not in {honest.structure_key(p) for p in plans}
+    searched = [c.plan for c in candidates if not c.reference]
+    assert searched and all(honest.structure_key(p) in feasible for p in searched)
+    assert honest.structure_key(over) not in {honest.structure_key(c.plan) for c in candidates}
+    # the rules' plans (search.refine_rules) join as references only where they too are predicted to meet it
+    assert [c.reference for c in candidates if c.reference] == ["uniform", "global"]
+    assert all(c.evaluation.feasible and c.evaluation.latency_ms <= limit for c in candidates)
 
 
 def test_a_finalist_meeting_the_budget_outside_the_noise_is_preferred(honest: Evaluator, history) -> None:

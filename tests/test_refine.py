@@ -123,7 +123,7 @@ def test_the_reference_plan_runs_every_rung_and_ships_only_when_it_leads(trained
     evaluator = Evaluator(trained_cnn.model, fashion_small, Budget(flops=0.9), EvaluatorConfig(eval_size=500))
     candidates = _candidates(evaluator, evaluator.graph)  # three searched plans
     reference = Candidate(evaluator.graph.uniform_plan(0.3), evaluator.evaluate(evaluator.graph.uniform_plan(0.3)))
-    reference.reference = True
+    reference.reference = "uniform"
     refinement = Refinement(RefineConfig(top=3, steps=(50, 150, 450)), [*candidates, reference])
     assert refinement.next_rung() == [0, 1, 2, 3]
     for c, score in zip(refinement.candidates, (0.80, 0.70, 0.75, 0.60)):  # the reference is last after 50 steps
@@ -142,7 +142,33 @@ def test_the_reference_plan_runs_every_rung_and_ships_only_when_it_leads(trained
     refinement.candidates[0].scores[450] = 0.89
     refinement.choose()
     assert refinement.chosen == 0  # a searched plan that beats it ships
-    assert [c["reference"] for c in refinement.to_dict()["candidates"]] == [False, False, False, True]
+    assert [c["reference"] for c in refinement.to_dict()["candidates"]] == ["", "", "", "uniform"]
+
+
+def test_a_refinement_recorded_with_a_true_false_reference_still_resumes(trained_cnn, fashion_small, tmp_path) -> None:
+    """refine.json held ``reference: true`` while the uniform plan was the only reference: it reads as that rule."""
+    from automl_prune.refine import REFINE_FILE, Refinement, load_refinement
+
+    evaluator = Evaluator(trained_cnn.model, fashion_small, Budget(flops=0.9), EvaluatorConfig(eval_size=500))
+    config = RefineConfig(top=3, steps=(50, 150))
+    candidates = _candidates(evaluator, evaluator.graph)
+    candidates[2].reference = "uniform"
+    for c, score in zip(candidates, (0.70, 0.60, 0.65)):
+        c.scores[50] = score
+    checkpoint = tmp_path / "rung0_plan0"
+    checkpoint.mkdir()
+    saved = Refinement(config, candidates, 1, 0, {0: str(checkpoint)}).to_dict()
+    for c in saved["candidates"]:
+        c["reference"] = bool(c["reference"])  # as the earlier version wrote it
+    (tmp_path / REFINE_FILE).write_text(json.dumps(saved))
+    fresh = _candidates(evaluator, evaluator.graph)
+    fresh[2].reference = "uniform"
+    loaded = load_refinement(tmp_path / REFINE_FILE, config, fresh)
+    assert loaded.rungs_done == 1 and [c.scores for c in loaded.candidates] == [{50: 0.70}, {50: 0.60}, {50: 0.65}]
+    assert loaded.next_rung() == [0, 2]  # the better searched plan and the reference go on
+    fresh = _candidates(evaluator, evaluator.graph)
+    fresh[2].reference = "global"  # another rule: refined again
+    assert load_refinement(tmp_path / REFINE_FILE, config, fresh).rungs_done == 0
 
 
 def _interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool], limit: float = 300) -> str:
@@ -194,10 +220,14 @@ def test_the_main_job_refines_then_fine_tunes_the_model_it_scored(tmp_path: Path
     md = (out / "report.md").read_text()
     assert "## Refinement" in md and "refine.png" in md and "the one the search scored" in md
     assert "from the refinement's weights after 50 steps" in md
-    # the uniform plan at the budget ran every rung beside the finalists (search.refine_uniform, on by default)
-    (reference,) = [c for c in refinement["candidates"] if c["reference"]]
-    assert set(reference["scores"]) == {"40", "50"} and "uniform plan (reference)" in md
-    assert len(refinement["candidates"]) <= 3 + 1
+    # the uniform and global plans at the budget ran every rung beside the finalists (search.refine_rules)
+    references = {c["reference"]: c for c in refinement["candidates"] if c["reference"]}
+    assert set(references) == {"uniform", "global"}
+    assert all(set(c["scores"]) == {"40", "50"} for c in references.values())
+    assert references["uniform"]["plan"] != references["global"]["plan"]
+    assert "uniform plan (reference)" in md and "global plan (reference)" in md
+    assert "The uniform and global plans ran every rung as the reference" in md
+    assert len(refinement["candidates"]) <= 3 + 2
     # a run stopped after its refinement (no report yet) resumes without refining again
     (out / "report.json").unlink()
     proc = cli("-v", "search", "--resume", str(out))
