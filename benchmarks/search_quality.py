@@ -358,9 +358,19 @@ REFERENCES = {"refined+uniform": ("uniform",), "refined+rules": ("uniform", "glo
 """The main job's picks with the rules' plans as references (``search.refine_rules``): which rules run the rungs."""
 
 
+def reference_key(prefix: str, rule: str) -> str:
+    """State key of ``rule``'s plan refined alone for ``prefix`` (its run directory is the key with ``_`` for ``/``)."""
+    return f"{prefix}/reference" if rule == "uniform" else f"{prefix}/{rule}/reference"
+
+
+def reference_dir(args: argparse.Namespace, key: str) -> Path:
+    """The run directory of the refinement recorded under ``key`` (a :func:`reference_key`)."""
+    return args.work_dir / key.replace("/", "_")
+
+
 def reference_record(state: dict[str, Any], prefix: str, rule: str) -> dict[str, Any] | None:
     """The record of ``rule``'s plan refined alone (plan and rung scores) for ``prefix``, or None."""
-    return state.get(f"{prefix}/reference" if rule == "uniform" else f"{prefix}/{rule}/reference")
+    return state.get(reference_key(prefix, rule))
 
 
 def reference_picks(
@@ -430,8 +440,8 @@ def run(args: argparse.Namespace, state: State) -> None:
                         uniform = state.get(
                             f"{prefix}/uniform/search", search_cell, "uniform", seed, ev, spaces[False], args
                         )
-                        reference_dir = args.work_dir / f"{prefix.replace('/', '_')}_reference"
-                        state.get(f"{prefix}/reference", reference_cell, uniform, ev, data, seed, reference_dir, args)
+                        key = reference_key(prefix, "uniform")
+                        state.get(key, reference_cell, uniform, ev, data, seed, reference_dir(args, key), args)
                     plans = [Plan.from_dict(c["plan"]) for c in search["pool"]]
                     wanted = {(i, arm) for i in chosen.values() for arm in args.arms if arm != CONTINUED}
                     if strategy == args.rank_strategy and "refined" in chosen:
@@ -454,15 +464,12 @@ def continued_cells(
     rule's plan from its own.
     """
     prefix, _, strategy = cell.rpartition("/")
-    uniform_dir = args.work_dir / f"{prefix.replace('/', '_')}_reference"
     todo: list[tuple[list[Plan], int, dict[str, float], Path]] = []
     if base_strategy(strategy) in SINGLE_PLAN:
         plan = Plan.from_dict(search["pool"][0]["plan"])
-        key, run_dir = f"{prefix}/reference", uniform_dir
-        if base_strategy(strategy) != "uniform":
-            key, run_dir = f"{cell}/reference", args.work_dir / f"{cell.replace('/', '_')}_reference"
-        record = state.get(key, reference_cell, search, ev, data, seed, run_dir, args)
-        todo.append(([plan], 0, record["scores"], run_dir))
+        key = reference_key(prefix, "uniform" if base_strategy(strategy) == "uniform" else strategy)
+        record = state.get(key, reference_cell, search, ev, data, seed, reference_dir(args, key), args)
+        todo.append(([plan], 0, record["scores"], reference_dir(args, key)))
     else:
         refined = state.data.get(f"{cell}/refine")
         if refined is None:
@@ -472,8 +479,7 @@ def continued_cells(
         todo.append((plans, index, refined["scores"][index], args.work_dir / cell.replace("/", "_")))
         for entry, scores, rule in reference_picks(state.data, prefix, search, refined).values():
             if rule:  # a rule's plan ships: it continues from its own refinement
-                suffix = "_reference" if rule == "uniform" else f"_{rule}_reference"
-                run_dir = args.work_dir / f"{prefix.replace('/', '_')}{suffix}"
+                run_dir = reference_dir(args, reference_key(prefix, rule))
                 todo.append(([Plan.from_dict(entry["plan"])], 0, scores, run_dir))
     for plans, index, recorded, run_dir in todo:
         key = f"{prefix}/finetune/{CONTINUED}/{plan_key(plans[index])}"
