@@ -32,7 +32,8 @@ the same plan and seed, and a last one which seeds, strategies and fine-tune arm
 per (model, budget), marking a grid run with fewer strategies than the protocol's as reduced. For the
 ``--rank-strategy`` search of every (budget, seed), every refined candidate is also fine-tuned
 (labels only), giving the Spearman rank correlation of the cheap score and of the first-rung
-refined score with the fine-tuned test accuracy.
+refined score with the fine-tuned test accuracy; over the plans of the ``continued`` arm (what
+ships), the same for the cheap and the last-rung score.
 
 Every unit of work (a search, a refinement, a fine-tune) is stored in ``--state`` as it ends, so
 an interrupted run continues where it stopped and a grid can be filled over several sessions;
@@ -580,8 +581,33 @@ def rank_rows(
     return out
 
 
+def continued_rank_rows(
+    state: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[tuple[str, str], list[tuple[float, float | None, float]]]:
+    """Per (model, budget): (cheap score, last-rung score, test) of every plan fine-tuned in the ``continued`` arm.
+
+    A plan counts once per seed. The last-rung score is that of the refinement the plan continued
+    from: its strategy's, or for ``uniform`` and ``global`` their plan's refined alone.
+    """
+    out: dict[tuple[str, str], list[tuple[float, float | None, float]]] = {}
+    seen: set[tuple[str, str, str, str]] = set()
+    for r in rows:
+        ident = (r["model"], r["budget"], r["seed"], r["plan"])
+        if r["arm"] != CONTINUED or ident in seen:
+            continue
+        seen.add(ident)
+        scores = r["refined"]
+        if not scores and base_strategy(r["strategy"]) in SINGLE_PLAN:
+            prefix = f"{r['model']}/{r['budget']}/{r['seed']}"
+            record = reference_record(state, prefix, base_strategy(r["strategy"]))
+            scores = record["scores"] if record is not None else {}
+        last = scores[max(scores, key=int)] if scores else None
+        out.setdefault((r["model"], r["budget"]), []).append((r["cheap"], last, r["test"]))
+    return out
+
+
 def _spearman_cells(triples: list[tuple[float, float | None, float]]) -> str:
-    """``plans | cheap rho | first-rung rho`` table cells of (cheap, first-rung, test) triples.
+    """``plans | cheap rho | rung rho`` table cells of (cheap, rung score, test) triples.
 
     A correlation of fewer than three plans reads ``-`` (too few to rank).
     """
@@ -594,6 +620,19 @@ def _spearman_cells(triples: list[tuple[float, float | None, float]]) -> str:
 
     with_rung = [(t[1], t[2]) for t in triples if t[1] is not None]
     return f"{len(triples)} ({len(with_rung)} refined) | {rho([(t[0], t[2]) for t in triples])} | {rho(with_rung)}"
+
+
+def _spearman_rows(by_budget: dict[tuple[str, str], list[tuple[float, float | None, float]]]) -> list[str]:
+    """Spearman table rows per (model, budget), and a pooled row per model with several budgets."""
+    lines = []
+    for model in sorted({m for m, _ in by_budget}):
+        budgets = sorted((b for m, b in by_budget if m == model), key=lambda b: -float(b[5:]))
+        sets = [(b[5:], by_budget[(model, b)]) for b in budgets]
+        if len(sets) > 1:
+            sets.append(("all (pooled)", [t for _, triples in sets for t in triples]))
+        for label, triples in sets:
+            lines.append(f"| {model} | {label} | {_spearman_cells(triples)} |")
+    return lines
 
 
 def _group_key(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
@@ -761,14 +800,19 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         "| model | budget | plans | Spearman: cheap score | Spearman: first-rung refined score |",
         "|---|---|---:|---:|---:|",
     ]
-    by_budget = rank_rows(state, args)
-    for model in sorted({m for m, _ in by_budget}):
-        budgets = sorted((b for m, b in by_budget if m == model), key=lambda b: -float(b[5:]))
-        sets = [(b[5:], by_budget[(model, b)]) for b in budgets]
-        if len(sets) > 1:
-            sets.append(("all (pooled)", [t for _, triples in sets for t in triples]))
-        for label, triples in sets:
-            lines.append(f"| {model} | {label} | {_spearman_cells(triples)} |")
+    lines += _spearman_rows(rank_rows(state, args))
+    continued = continued_rank_rows(state, rows)
+    if continued:
+        lines += [
+            "",
+            "Rank correlation with the test accuracy of what ships (the continued arm: each plan fine-tuned from its "
+            "weights after the last rung), per model and budget, a plan counted once per seed; last-rung scores of "
+            "different seeds come from refinements on different batches:",
+            "",
+            "| model | budget | plans | Spearman: cheap score | Spearman: last-rung refined score |",
+            "|---|---|---:|---:|---:|",
+            *_spearman_rows(continued),
+        ]
     lines += ["", "Dense baselines (search-val accuracy after each epoch; test accuracy at the end):", ""]
     for key, value in state.items():
         if key.endswith("/baseline"):
