@@ -364,6 +364,11 @@ def reference_key(prefix: str, rule: str) -> str:
     return f"{prefix}/reference" if rule == "uniform" else f"{prefix}/{rule}/reference"
 
 
+def single_plan_rule(strategy: str) -> str:
+    """The rule whose refined-alone record a single-plan strategy (``uniform``, ``global``) continues from."""
+    return "uniform" if base_strategy(strategy) == "uniform" else strategy
+
+
 def reference_dir(args: argparse.Namespace, key: str) -> Path:
     """The run directory of the refinement recorded under ``key`` (a :func:`reference_key`)."""
     return args.work_dir / key.replace("/", "_")
@@ -468,9 +473,10 @@ def continued_cells(
     todo: list[tuple[list[Plan], int, dict[str, float], Path]] = []
     if base_strategy(strategy) in SINGLE_PLAN:
         plan = Plan.from_dict(search["pool"][0]["plan"])
-        key = reference_key(prefix, "uniform" if base_strategy(strategy) == "uniform" else strategy)
-        record = state.get(key, reference_cell, search, ev, data, seed, reference_dir(args, key), args)
-        todo.append(([plan], 0, record["scores"], reference_dir(args, key)))
+        key = reference_key(prefix, single_plan_rule(strategy))
+        run_dir = reference_dir(args, key)
+        record = state.get(key, reference_cell, search, ev, data, seed, run_dir, args)
+        todo.append(([plan], 0, record["scores"], run_dir))
     else:
         refined = state.data.get(f"{cell}/refine")
         if refined is None:
@@ -514,7 +520,11 @@ def _arms_text(args: argparse.Namespace) -> str:
 
 
 def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per (model, budget, seed, strategy, choice, arm) that has its fine-tuned test accuracy."""
+    """One row per (model, budget, seed, strategy, choice, arm) that has its fine-tuned test accuracy.
+
+    A row's ``refined`` holds the rung scores of its plan: from its strategy's refinement, or for a
+    single-plan strategy from its plan refined alone (empty where neither ran).
+    """
     rows = []
     for key, search in state.items():
         parts = key.split("/")
@@ -523,6 +533,9 @@ def rows_of(state: dict[str, Any], args: argparse.Namespace) -> list[dict[str, A
         name, budget, seed, strategy = parts[:4]
         refined = state.get(f"{name}/{budget}/{seed}/{strategy}/refine")
         scores = refined["scores"] if refined is not None else [{} for _ in search["pool"]]
+        if refined is None and base_strategy(strategy) in SINGLE_PLAN:
+            alone = reference_record(state, f"{name}/{budget}/{seed}", single_plan_rule(strategy))
+            scores = [alone["scores"] if alone is not None else {}]
         choices = {"cheap": (search["pool"][0], scores[0])}
         if refined is not None:
             index = refined["chosen"]
@@ -581,13 +594,11 @@ def rank_rows(
     return out
 
 
-def continued_rank_rows(
-    state: dict[str, Any], rows: list[dict[str, Any]]
-) -> dict[tuple[str, str], list[tuple[float, float | None, float]]]:
+def continued_rank_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[float, float | None, float]]]:
     """Per (model, budget): (cheap score, last-rung score, test) of every plan fine-tuned in the ``continued`` arm.
 
-    A plan counts once per seed. The last-rung score is that of the refinement the plan continued
-    from: its strategy's, or for ``uniform`` and ``global`` their plan's refined alone.
+    A plan counts once per seed; its last-rung score is that of the refinement it continued from
+    (the row's ``refined``).
     """
     out: dict[tuple[str, str], list[tuple[float, float | None, float]]] = {}
     seen: set[tuple[str, str, str, str]] = set()
@@ -597,10 +608,6 @@ def continued_rank_rows(
             continue
         seen.add(ident)
         scores = r["refined"]
-        if not scores and base_strategy(r["strategy"]) in SINGLE_PLAN:
-            prefix = f"{r['model']}/{r['budget']}/{r['seed']}"
-            record = reference_record(state, prefix, base_strategy(r["strategy"]))
-            scores = record["scores"] if record is not None else {}
         last = scores[max(scores, key=int)] if scores else None
         out.setdefault((r["model"], r["budget"]), []).append((r["cheap"], last, r["test"]))
     return out
@@ -801,7 +808,7 @@ def markdown(state: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---:|---:|---:|",
     ]
     lines += _spearman_rows(rank_rows(state, args))
-    continued = continued_rank_rows(state, rows)
+    continued = continued_rank_rows(rows)
     if continued:
         lines += [
             "",
